@@ -1,0 +1,47 @@
+"""spear_jax: exact gradient inversion of batches (SPEAR) in JAX.
+
+References:
+  Dimitrov, Baader, Mueller, Vechev. SPEAR: Exact Gradient Inversion of
+  Batches in Federated Learning. NeurIPS 2024.
+  https://arxiv.org/abs/2403.03945
+"""
+
+from spear_jax._attack import default_max_proposals as default_max_proposals
+from spear_jax._attack import invert as invert
+from spear_jax._attack import structure_floor as structure_floor
+from spear_jax._certificate import relu_certificate as relu_certificate
+from spear_jax._config import AttackConfig as AttackConfig
+from spear_jax._linalg import Tolerances as Tolerances
+from spear_jax._linalg import factorize as factorize
+from spear_jax._linalg import null_vector as null_vector
+from spear_jax._linalg import polish_direction as polish_direction
+from spear_jax._linalg import resolve_tolerances as resolve_tolerances
+from spear_jax._proposals import propose_block as propose_block
+from spear_jax._proposals import propose_direction as propose_direction
+from spear_jax._sampling import sample_rows as sample_rows
+from spear_jax._selection import recover_batch as recover_batch
+from spear_jax._selection import select_independent as select_independent
+from spear_jax._types import InversionResult as InversionResult
+from spear_jax._types import InversionStats as InversionStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "AttackConfig",
+  "InversionResult",
+  "InversionStats",
+  "Tolerances",
+  "default_max_proposals",
+  "factorize",
+  "invert",
+  "null_vector",
+  "polish_direction",
+  "propose_block",
+  "propose_direction",
+  "recover_batch",
+  "relu_certificate",
+  "resolve_tolerances",
+  "sample_rows",
+  "select_independent",
+  "structure_floor",
+]

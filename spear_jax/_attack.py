@@ -1,0 +1,388 @@
+"""SPEAR end to end: factorise, sample, filter, select, rescale, certify.
+
+:func:`invert` is the entry point. The sampling loop runs in Python over
+jitted blocks of proposals so that it can stop as soon as a selection is
+certified, respect budgets, log progress and be interrupted.
+"""
+
+import functools
+import math
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spear_jax import _validation
+from spear_jax._certificate import relu_certificate
+from spear_jax._config import AttackConfig
+from spear_jax._linalg import factorize, polish_direction, resolve_tolerances
+from spear_jax._proposals import propose_block
+from spear_jax._selection import (
+  CandidatePool,
+  empty_pool,
+  merge_candidates,
+  recover_batch,
+  select_independent,
+)
+from spear_jax._types import (
+  Array,
+  Float,
+  InversionResult,
+  InversionStats,
+  PRNGKeyArray,
+)
+
+__all__ = ["default_max_proposals", "invert", "structure_floor"]
+
+METHODS = ("spear",)
+
+
+def structure_floor(b: int, num_alive: int) -> int:
+  """Fewest zeros a candidate must have to be more than a generic proposal.
+
+  A generic (wrong) proposal has exactly the ``b - 1`` forced zeros of its
+  sampled rows; the floor asks for ``max(3, 2%`` of the alive rows``)`` more.
+  """
+  return (b - 1) + max(3, math.ceil(0.02 * num_alive))
+
+
+def default_max_proposals(b: int) -> int:
+  r"""Automatic sampling budget: ``100 * 2^(b-1) * H_b``, at least ``10^6``.
+
+  ``2^(b-1) H_b`` is the coupon-collector expectation of the number of
+  proposals when every column of ``D`` is half zeros (SPEAR Lemma 5.2, as
+  reconstructed in the notes); the factor 100 leaves room for columns with
+  fewer zeros.
+  """
+  harmonic = sum(1.0 / k for k in range(1, b + 1))
+  return int(max(1e6, 100 * 2.0 ** (b - 1) * harmonic))
+
+
+@functools.partial(
+  jax.jit, static_argnames=("block_size", "chunk_size", "max_out")
+)
+def _screen_block(
+  key, l_mxb, alive_rows_m, alive_m, num_alive, screen_tol, floor, *,
+  block_size, chunk_size, max_out,
+):
+  """A block of proposals, compacted to (a random subset of) the passers."""
+  directions, zeros = propose_block(
+    key, l_mxb, alive_rows_m, alive_m, num_alive, screen_tol,
+    block_size=block_size, chunk_size=chunk_size,
+  )
+  passed = zeros >= floor
+  (index,) = jnp.nonzero(passed, size=max_out, fill_value=0)
+  valid = jnp.arange(max_out) < jnp.sum(passed)
+  return directions[index], valid, jnp.sum(passed)
+
+
+@jax.jit
+def _polish_many(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
+  return jax.vmap(polish_direction, in_axes=(0, None, None, None, None))(
+    directions_kxb, l_mxb, alive_m, screen_tol, zero_tol
+  )
+
+
+def _threshold(config, pool, b, num_alive, floor):
+  if config.tau is not None:
+    return max(floor, math.ceil(config.tau * num_alive))
+  if pool.zeros.shape[0] == 0:
+    return floor
+  top = np.sort(pool.zeros)[::-1][:b]
+  return max(floor, math.ceil(config.tau_relative * float(np.median(top))))
+
+
+def _selection(pool, threshold, tol, b):
+  """Stage 1: sparsest first, keep the independent ones."""
+  order = np.argsort(-pool.zeros, kind="stable")
+  eligible = pool.zeros[order] >= threshold
+  selected, count = select_independent(
+    jnp.asarray(pool.directions[order]), jnp.asarray(eligible),
+    jnp.asarray(tol.independence, pool.directions.dtype),
+  )
+  count = int(count)
+  return order[np.asarray(selected)[:count]]
+
+
+def _complete(directions_sxb: np.ndarray, b: int) -> np.ndarray:
+  """Completes ``s < b`` independent directions to a basis (columns)."""
+  s = directions_sxb.shape[0]
+  if s == b:
+    return directions_sxb.T
+  rng = np.random.default_rng(0)
+  filler = rng.standard_normal((b - s, b)).astype(directions_sxb.dtype)
+  basis, _ = np.linalg.qr(np.concatenate([directions_sxb, filler]).T)
+  return np.concatenate([directions_sxb.T, basis[:, s:]], axis=1)
+
+
+class _Problem:
+  """Arrays and tolerances shared by the steps of one inversion."""
+
+  def __init__(self, l_mxb, r_bxn, bias_grad, weight, bias, tol, alive):
+    self.l_mxb, self.r_bxn, self.bias_grad = l_mxb, r_bxn, bias_grad
+    self.weight, self.bias, self.tol, self.alive = weight, bias, tol, alive
+    self.dtype = l_mxb.dtype
+
+  def scalar(self, value):
+    return jnp.asarray(value, self.dtype)
+
+  def reconstruct(self, directions_bxb):
+    inputs, grad_z, q = recover_batch(
+      jnp.asarray(directions_bxb), self.l_mxb, self.r_bxn, self.bias_grad
+    )
+    if self.weight is None:
+      verified = jnp.zeros((q.shape[0],), bool)
+    else:
+      verified = relu_certificate(
+        inputs, grad_z, self.weight, self.bias, self.scalar(self.tol.zero),
+        self.scalar(self.tol.certificate),
+      )
+    return inputs, grad_z, q, verified
+
+
+def _swap_stage(problem, pool, chosen, threshold, budget):
+  """Stage 2: swap in unselected candidates while more samples verify.
+
+  A sparse mixture of two columns of ``Q`` can outrank a true column in
+  stage 1 only when their zero sets are nearly nested; it then spoils the
+  two samples it mixes. For each unverified sample we try replacing its
+  direction by every other eligible candidate (sparsest first) and keep the
+  first swap that increases the number of verified samples.
+  """
+  b = chosen.shape[0]
+  dirs = pool.directions
+  best = problem.reconstruct(dirs[chosen].T)
+  best_count = int(np.sum(np.asarray(best[3])))
+  others = [
+    int(c) for c in np.argsort(-pool.zeros, kind="stable")
+    if pool.zeros[c] >= threshold and c not in set(chosen.tolist())
+  ]
+  trials = 0
+  improved = True
+  while improved and best_count < b and trials < budget:
+    improved = False
+    verified = np.asarray(best[3])
+    for slot in np.flatnonzero(~verified):
+      for c in others:
+        trial = chosen.copy()
+        trial[slot] = c
+        basis = dirs[trial]
+        if np.linalg.matrix_rank(basis, tol=problem.tol.independence) < b:
+          continue
+        trials += 1
+        result = problem.reconstruct(basis.T)
+        count = int(np.sum(np.asarray(result[3])))
+        if count > best_count:
+          others = [o for o in others if o != c] + [int(chosen[slot])]
+          chosen, best, best_count, improved = trial, result, count, True
+          break
+        if trials >= budget:
+          break
+      if improved or trials >= budget:
+        break
+  return chosen, best
+
+
+def invert(
+  weight_grad: Float[Array, "m n"],
+  bias_grad: Float[Array, " m"],
+  *,
+  key: PRNGKeyArray,
+  method: str = "spear",
+  batch_size: int | None = None,
+  weight: Float[Array, "m n"] | None = None,
+  bias: Float[Array, " m"] | None = None,
+  config: AttackConfig | None = None,
+) -> InversionResult:
+  r"""Recovers the private batch from one linear layer's gradients (SPEAR).
+
+  For ``Z = W X + beta`` followed by ReLU, the shared gradients are
+  ``weight_grad = D X^T`` and ``bias_grad = D 1`` with ``D = dL/dZ``.
+  SPEAR factorises ``weight_grad = L R``, samples ``(b-1)``-row submatrices
+  of ``L`` whose kernels propose columns of ``Q`` (``D = L Q``), keeps the
+  proposals whose ``L q`` is sparse, selects ``b`` independent ones, fixes
+  their scales with ``bias_grad`` and returns ``X^T = Q^{-1} R``. When the
+  layer's ``weight`` and ``bias`` are given, every sample is certified by
+  the ReLU pattern and sampling stops at the first certified selection.
+
+  Args:
+    weight_grad: ``dL/dW`` in the paper's ``(m, n)`` layout (use
+      :func:`spear_jax.paper_layout` for flax's ``(n, m)`` kernels).
+    bias_grad: ``dL/dbeta``.
+    key: PRNG key of the sampler.
+    method: ``"spear"``.
+    batch_size: ``b``; ``None`` estimates it as the numerical rank of
+      ``weight_grad``.
+    weight: the layer's weight ``W`` (``m x n``), for the certificate.
+    bias: the layer's bias ``beta``, for the certificate.
+    config: an :class:`AttackConfig`; ``None`` uses the defaults.
+
+  Returns:
+    An :class:`InversionResult`. ``success`` is ``True`` when ``b``
+    independent directions were found and (with ``weight`` and ``bias``)
+    every sample is verified. Otherwise the best partial reconstruction is
+    returned with honest ``verified`` flags.
+
+  Raises:
+    ValueError: on invalid input: wrong shapes or ndim, non-finite or
+      all-zero gradients, a gradient without low-rank structure, or a
+      ``batch_size`` that its rank contradicts.
+
+  Examples:
+    >>> import jax, numpy as np, spear_jax
+    >>> rng = np.random.default_rng(0)
+    >>> m, n, b = 40, 30, 3
+    >>> x = rng.standard_normal((n, b)); w = rng.standard_normal((m, n))
+    >>> d = (w @ x > 0) * rng.standard_normal((m, b))
+    >>> res = spear_jax.invert(jax.numpy.asarray(d @ x.T),
+    ...                        jax.numpy.asarray(d.sum(1)),
+    ...                        key=jax.random.key(0))
+    >>> bool(res.success), res.inputs.shape
+    (True, (3, 30))
+
+  References:
+    Dimitrov, Baader, Mueller, Vechev. SPEAR: Exact Gradient Inversion of
+    Batches in Federated Learning. NeurIPS 2024.
+    https://arxiv.org/abs/2403.03945
+  """
+  start = time.perf_counter()
+  config = AttackConfig() if config is None else config
+  if method not in METHODS:
+    raise ValueError(
+      f"Unknown method {method!r}; available: {', '.join(METHODS)}."
+    )
+  weight_grad, bias_grad, weight, bias = _validation.check_inputs(
+    weight_grad, bias_grad, weight, bias, batch_size
+  )
+  m, n = weight_grad.shape
+  dtype = weight_grad.dtype
+  tol = resolve_tolerances(config, dtype, m, n)
+  l_mxb, r_bxn, rank, _ = factorize(weight_grad, batch_size, tol.rank_rtol)
+  b = _validation.check_rank(rank, batch_size, m, n)
+  if batch_size is None:
+    l_mxb, r_bxn = l_mxb[:, :b], r_bxn[:b]
+
+  row_scale = np.max(np.abs(np.asarray(weight_grad)), axis=1)
+  alive_np = row_scale > float(jnp.finfo(dtype).eps) * row_scale.max()
+  num_alive = int(alive_np.sum())
+  if num_alive < b:
+    raise ValueError(
+      f"only {num_alive} neurons have a nonzero gradient, fewer than the "
+      f"batch size {b}."
+    )
+  alive = jnp.asarray(alive_np)
+  alive_rows = jnp.asarray(
+    np.concatenate([np.flatnonzero(alive_np), np.zeros(m - num_alive, int)])
+    .astype(np.int32)
+  )
+  problem = _Problem(l_mxb, r_bxn, bias_grad, weight, bias, tol, alive)
+  floor = structure_floor(b, num_alive)
+  if config.tau is not None:
+    floor = max(floor, math.ceil(config.tau * num_alive))
+  max_proposals = (
+    default_max_proposals(b) if config.max_proposals is None
+    else config.max_proposals
+  )
+  block_size = config.block_size
+  chunk_size = min(config.chunk_size, block_size)
+  max_out = min(config.max_candidates_per_block, block_size)
+
+  pool = empty_pool(b, np.dtype(dtype))
+  proposals = blocks = 0
+  chosen = np.zeros((0,), int)
+  result = None
+  stop_reason = "max_proposals"
+  last_log = start
+  threshold = floor
+  try:
+    while True:
+      key, block_key = jax.random.split(key)
+      dirs, valid, _ = _screen_block(
+        block_key, l_mxb, alive_rows, alive, jnp.asarray(num_alive),
+        problem.scalar(tol.screen), jnp.asarray(floor),
+        block_size=block_size, chunk_size=chunk_size, max_out=max_out,
+      )
+      proposals += block_size
+      blocks += 1
+      valid = np.asarray(valid)
+      num_new = 0
+      if valid.any():
+        polished, zeros = _polish_many(
+          dirs, l_mxb, alive, problem.scalar(tol.screen),
+          problem.scalar(tol.zero),
+        )
+        polished, zeros = np.asarray(polished)[valid], np.asarray(zeros)[valid]
+        keep = zeros >= floor
+        pool, num_new = merge_candidates(
+          pool, polished[keep], zeros[keep], tol.dedup, config.pool_capacity
+        )
+      if num_new:
+        threshold = _threshold(config, pool, b, num_alive, floor)
+        chosen = _selection(pool, threshold, tol, b)
+        if chosen.shape[0] == b:
+          result = problem.reconstruct(pool.directions[chosen].T)
+          if weight is None:
+            stop_reason = "recovered"
+            break
+          if not np.all(np.asarray(result[3])):
+            chosen, result = _swap_stage(
+              problem, pool, chosen, threshold, budget=4 * b * b
+            )
+          if np.all(np.asarray(result[3])):
+            stop_reason = "certified"
+            break
+      now = time.perf_counter()
+      if now - last_log >= config.log_every_s:
+        last_log = now
+        logging.info(
+          "SPEAR b=%d: %d proposals (%.0f/s), %d candidates, %d/%d "
+          "directions, threshold %d/%d zeros",
+          b, proposals, proposals / (now - start), pool.zeros.shape[0],
+          chosen.shape[0], b, threshold, num_alive,
+        )
+      if proposals >= max_proposals:
+        stop_reason = "max_proposals"
+        break
+      if (
+        config.time_budget_s is not None
+        and now - start >= config.time_budget_s
+      ):
+        stop_reason = "time_budget"
+        break
+  except KeyboardInterrupt:
+    stop_reason = "interrupted"
+    logging.warning("SPEAR interrupted; returning the best partial result.")
+
+  if result is None or chosen.shape[0] < b:
+    basis = _complete(pool.directions[chosen], b)
+    result = problem.reconstruct(basis)
+  inputs, grad_z, q, verified = result
+  recovered = chosen.shape[0] == b
+  success = bool(recovered and (weight is None or np.all(np.asarray(verified))))
+  column_norm = jnp.linalg.norm(grad_z, axis=0)
+  sparsity = jnp.sum(
+    (jnp.abs(grad_z) <= tol.zero * column_norm[None, :]) & alive[:, None],
+    axis=0,
+  )
+  stats = InversionStats(
+    proposals=proposals,
+    candidates=int(pool.zeros.shape[0]),
+    blocks=blocks,
+    seconds=time.perf_counter() - start,
+    rank=b,
+    alive_rows=num_alive,
+    threshold=int(threshold),
+    tau=threshold / num_alive,
+    stop_reason=stop_reason,
+  )
+  return InversionResult(
+    inputs=inputs,
+    grad_z=grad_z,
+    verified=verified,
+    success=success,
+    directions=q,
+    sparsity=sparsity,
+    stats=stats,
+  )

@@ -1,0 +1,73 @@
+"""Static configuration of the attack, closed over by the jitted kernels."""
+
+import dataclasses
+
+__all__ = ["AttackConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+  """Python-level settings of SPEAR.
+
+  Tolerances default to ``None`` and are resolved from the dtype of the
+  gradient (see :func:`spear_jax.resolve_tolerances`).
+
+  Attributes:
+    block_size: proposals sampled per jitted call (``N``); the paper
+      evaluates ``10^4`` in parallel.
+    chunk_size: proposals processed together inside a block; small chunks
+      keep the ``b x b`` eliminations in cache on CPUs.
+    max_candidates_per_block: at most this many filter-passing proposals of a
+      block are polished and merged into the pool (a uniformly random subset
+      of them, so frequent directions cannot crowd out rare ones).
+    max_proposals: sampling budget; ``None`` means unlimited.
+    time_budget_s: wall-time budget in seconds; ``None`` means unlimited.
+    tau: sparsity threshold as a fraction of alive rows. ``None`` (default)
+      adapts it to the data: half the median zero count of the ``b``
+      sparsest distinct candidates found so far, and never below the
+      structure floor ``(b - 1) + max(3, 0.02 M)``.
+    tau_relative: the fraction of the typical zero count used by the
+      adaptive rule.
+    rank_rtol: relative singular-value cutoff for the numerical rank.
+    screen_tol: zero tolerance used while screening proposals.
+    zero_tol: zero tolerance after polishing a candidate.
+    dedup_tol: two unit directions are the same if ``|<u, v>| >= 1 - tol``.
+    independence_tol: a direction is independent of a selection if its
+      residual after projecting out the selection has at least this norm.
+    certificate_tol: relative slack of the ReLU certificate.
+    pool_capacity: maximum number of distinct candidates kept.
+    swap_rounds: rounds of the second (swap) stage of the greedy selection.
+    log_every_s: progress is logged at most this often (seconds).
+  """
+
+  block_size: int = 8192
+  chunk_size: int = 64
+  max_candidates_per_block: int = 256
+  max_proposals: int | None = None
+  time_budget_s: float | None = None
+  tau: float | None = None
+  tau_relative: float = 0.5
+  rank_rtol: float | None = None
+  screen_tol: float | None = None
+  zero_tol: float | None = None
+  dedup_tol: float | None = None
+  independence_tol: float | None = None
+  certificate_tol: float | None = None
+  pool_capacity: int = 512
+  swap_rounds: int = 2
+  log_every_s: float = 5.0
+
+  def __post_init__(self):
+    if self.block_size < 1 or self.chunk_size < 1:
+      raise ValueError("block_size and chunk_size must be positive.")
+    if self.block_size % self.chunk_size:
+      raise ValueError(
+        f"block_size ({self.block_size}) must be a multiple of chunk_size "
+        f"({self.chunk_size})."
+      )
+    if self.tau is not None and not 0.0 < self.tau < 1.0:
+      raise ValueError(f"tau must lie in (0, 1), got {self.tau}.")
+    if self.max_proposals is not None and self.max_proposals < 1:
+      raise ValueError("max_proposals must be positive.")
+    if self.time_budget_s is not None and self.time_budget_s <= 0:
+      raise ValueError("time_budget_s must be positive.")

@@ -1,0 +1,244 @@
+"""Exact linear algebra of SPEAR: factorisation, rank, null vectors, polish.
+
+Every step that decides correctness runs at ``Precision.HIGHEST`` and uses
+tolerances resolved from the dtype (:func:`resolve_tolerances`).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spear_jax._config import AttackConfig
+from spear_jax._types import Array, Bool, Float, Int
+
+_HI = jax.lax.Precision.HIGHEST
+
+__all__ = [
+  "Tolerances",
+  "factorize",
+  "null_vector",
+  "numerical_rank",
+  "polish_direction",
+  "resolve_tolerances",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerances:
+  """Tolerances of one inversion, resolved from the dtype.
+
+  With ``eps = finfo(dtype).eps`` the defaults are (float64 / float32):
+
+  * ``rank_rtol = 10 max(m, n) eps``: singular values below
+    ``rank_rtol * s_max`` count as zero.
+  * ``screen = eps^(1/2)`` (1.5e-8 / 3.5e-4): an entry of the unit vector
+    ``L q`` is a zero while screening proposals.
+  * ``zero = eps^(2/3)`` (3.7e-11 / 2.4e-5): an entry of ``L q`` is a zero
+    after polishing.
+  * ``dedup = eps^(1/2)``: unit directions with ``|<u, v>| >= 1 - dedup``
+    are the same.
+  * ``independence = eps^(1/3)`` (6.1e-6 / 4.9e-3): minimum residual norm of
+    a unit direction outside the span of the selection.
+  * ``certificate = eps^(1/2)``: relative slack of the ReLU certificate.
+  """
+
+  rank_rtol: float
+  screen: float
+  zero: float
+  dedup: float
+  independence: float
+  certificate: float
+
+
+def resolve_tolerances(
+  config: AttackConfig, dtype, m: int, n: int
+) -> Tolerances:
+  """Fills the ``None`` tolerances of ``config`` from ``dtype``.
+
+  Args:
+    config: the attack configuration.
+    dtype: floating dtype of the computation.
+    m: rows of the weight gradient.
+    n: columns of the weight gradient.
+
+  Returns:
+    A :class:`Tolerances`.
+  """
+  eps = float(jnp.finfo(dtype).eps)
+
+  def pick(value, default):
+    return float(default if value is None else value)
+
+  return Tolerances(
+    rank_rtol=pick(config.rank_rtol, 10.0 * max(m, n) * eps),
+    screen=pick(config.screen_tol, eps ** (1 / 2)),
+    zero=pick(config.zero_tol, eps ** (2 / 3)),
+    dedup=pick(config.dedup_tol, eps ** (1 / 2)),
+    independence=pick(config.independence_tol, eps ** (1 / 3)),
+    certificate=pick(config.certificate_tol, eps ** (1 / 2)),
+  )
+
+
+@jax.jit
+def _svd(grad_mxn):
+  return jnp.linalg.svd(grad_mxn, full_matrices=False)
+
+
+def numerical_rank(
+  singular_values: Float[Array, " r"], rtol: float
+) -> int:
+  r"""Numerical rank: the number of singular values above ``rtol * s_max``.
+
+  .. math:: \operatorname{rank} = \#\{k : s_k > \mathrm{rtol}\, s_1\}
+
+  Args:
+    singular_values: singular values in descending order.
+    rtol: relative cutoff.
+
+  Returns:
+    The rank as a Python int.
+  """
+  s = np.asarray(singular_values)
+  if s.size == 0 or s[0] <= 0:
+    return 0
+  return int(np.sum(s > rtol * s[0]))
+
+
+def factorize(
+  weight_grad: Float[Array, "m n"], rank: int | None, rtol: float
+) -> tuple[Float[Array, "m b"], Float[Array, "b n"], int, Float[Array, " r"]]:
+  r"""Low-rank factorisation ``weight_grad = L R`` (Theorem 3.1 of SPEAR).
+
+  With the truncated SVD ``weight_grad = U_b S_b V_b^T`` we take
+  ``L = U_b`` (orthonormal columns, so ``L^+ = L^T``) and ``R = S_b V_b^T``.
+  Then ``D = L Q`` and ``X^T = Q^{-1} R`` for a unique invertible ``Q``.
+
+  Args:
+    weight_grad: the shared weight gradient ``D X^T``.
+    rank: the batch size ``b``, or ``None`` to use the numerical rank.
+    rtol: relative singular-value cutoff of the numerical rank.
+
+  Returns:
+    ``(l, r, numerical_rank, singular_values)``; ``l`` and ``r`` use
+    ``rank`` columns/rows when it is given, else the numerical rank.
+
+  References:
+    Dimitrov et al., SPEAR: Exact Gradient Inversion of Batches in Federated
+    Learning, NeurIPS 2024, https://arxiv.org/abs/2403.03945.
+  """
+  with jax.default_matmul_precision("highest"):
+    u, s, vt = _svd(weight_grad)
+  num_rank = numerical_rank(s, rtol)
+  b = num_rank if rank is None else rank
+  l_mxb = u[:, :b]
+  r_bxn = s[:b, None] * vt[:b]
+  return l_mxb, r_bxn, num_rank, s
+
+
+def _householder_null(rows_kxb_batch: Array) -> Array:
+  """Householder null vector of ``rows[..., i, :, *batch]``, batch trailing.
+
+  The batch axes trail so that every reduction runs across the contiguous
+  batch (vector lanes) rather than within one small vector.
+  """
+  k, b = rows_kxb_batch.shape[:2]
+  batch = rows_kxb_batch.shape[2:]
+  columns = [rows_kxb_batch[i] for i in range(k)]  # columns of A^T
+  reflectors = []
+  for j in range(k):
+    x = columns[j][j:]
+    sign = jnp.where(x[0] >= 0, 1.0, -1.0).astype(x.dtype)
+    alpha = -sign * jnp.sqrt(jnp.sum(x * x, axis=0))
+    v = x.at[0].add(-alpha)
+    v = v / jnp.sqrt(jnp.sum(v * v, axis=0))
+    reflectors.append(v)
+    for i in range(j + 1, k):
+      y = columns[i][j:]
+      columns[i] = columns[i].at[j:].set(y - 2.0 * jnp.sum(v * y, axis=0) * v)
+  q = jnp.zeros((b, *batch), rows_kxb_batch.dtype).at[-1].set(1.0)
+  for j in reversed(range(k)):
+    y = q[j:]
+    v = reflectors[j]
+    q = q.at[j:].set(y - 2.0 * jnp.sum(v * y, axis=0) * v)
+  return q
+
+
+@jax.custom_batching.custom_vmap
+def null_vector(rows_kxb: Float[Array, "k b"]) -> Float[Array, " b"]:
+  r"""Unit vector spanning the kernel of a ``(b-1) x b`` matrix.
+
+  Householder QR of ``A^T = H_1 \cdots H_k [R; 0]``; the last column of
+  ``H_1 \cdots H_k`` is orthogonal to every row of ``A``. Householder
+  reflections are backward stable without pivoting, so the kernel is
+  accurate to ``O(eps cond(A))``, and there is no data-dependent control
+  flow. Under ``vmap`` a custom batching rule runs the same elimination with
+  the batch as the trailing (vector-lane) axis, which measured 2x faster on
+  CPU than JAX's generic batching of the per-column updates (BUILD_NOTES.md).
+
+  Args:
+    rows_kxb: ``k = b - 1`` sampled rows of ``L``.
+
+  Returns:
+    ``q`` with ``||q|| = 1`` and ``rows_kxb @ q ~ 0``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> q = null_vector(jnp.array([[1.0, 0.0]]))
+    >>> bool(jnp.allclose(jnp.abs(q), jnp.array([0.0, 1.0])))
+    True
+  """
+  k, b = rows_kxb.shape
+  if k != b - 1:
+    raise ValueError(f"null_vector needs a (b-1) x b matrix, got {k} x {b}.")
+  return _householder_null(rows_kxb)
+
+
+@null_vector.def_vmap
+def _null_vector_vmap(axis_size, in_batched, rows_nxkxb):
+  del axis_size
+  (batched,) = in_batched
+  if not batched:
+    return null_vector(rows_nxkxb), False
+  q_bxn = _householder_null(jnp.moveaxis(rows_nxkxb, 0, -1))
+  return jnp.moveaxis(q_bxn, -1, 0), True
+
+
+def polish_direction(
+  direction: Float[Array, " b"],
+  l_mxb: Float[Array, "m b"],
+  alive_m: Bool[Array, " m"],
+  screen_tol: Float[Array, ""],
+  zero_tol: Float[Array, ""],
+) -> tuple[Float[Array, " b"], Int[Array, ""]]:
+  r"""Snaps an approximate sparse direction to the exact one.
+
+  With ``Z = {j alive : |(L q)_j| <= screen_tol}`` the exact direction is the
+  right singular vector of ``L_Z`` with the smallest singular value, i.e.
+  the eigenvector of ``L^T diag(1_Z) L`` with the smallest eigenvalue. The
+  polished direction is then counted with the tighter ``zero_tol``.
+
+  Args:
+    direction: a unit direction, e.g. a proposal's null vector.
+    l_mxb: the left factor ``L``.
+    alive_m: mask of alive rows.
+    screen_tol: zero tolerance defining ``Z``.
+    zero_tol: zero tolerance of the returned count.
+
+  Returns:
+    ``(direction, zeros)``: the polished unit direction and its number of
+    zeros over alive rows.
+  """
+  v_m = jnp.dot(l_mxb, direction, precision=_HI)
+  in_zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
+  masked_mxb = l_mxb * in_zero_set[:, None].astype(l_mxb.dtype)
+  gram_bxb = jnp.dot(masked_mxb.T, masked_mxb, precision=_HI)
+  _, eigvecs_bxb = jnp.linalg.eigh(gram_bxb)
+  polished = eigvecs_bxb[:, 0]
+  # Keep the sign of the input so that duplicates line up.
+  sign = jnp.where(jnp.dot(polished, direction, precision=_HI) < 0, -1.0, 1.0)
+  polished = sign.astype(polished.dtype) * polished
+  v_m = jnp.dot(l_mxb, polished, precision=_HI)
+  zeros = jnp.sum((jnp.abs(v_m) <= zero_tol) & alive_m)
+  return polished, zeros

@@ -1,0 +1,93 @@
+"""Array aliases, the notation glossary and the result types of the attack.
+
+Notation (the SPEAR paper's, used in every signature and docstring):
+
+* ``m``: output width of the attacked linear layer (number of neurons).
+* ``n``: input width of the attacked layer (e.g. 3072 for 32x32x3 images).
+* ``b``: batch size, the number of private inputs; also the rank of the
+  weight gradient.
+* ``M``: number of alive rows, neurons whose gradient row is not identically
+  zero over the batch (``M <= m``).
+* ``k``: number of sampled rows of a submatrix, ``k = b - 1``.
+* ``N``: number of proposal directions in one sampled block.
+* ``P``: capacity of the candidate pool.
+* ``W`` (``m x n``) and ``beta`` (``m``): the layer's weight and bias.
+* ``X`` (``n x b``): the private batch, samples as columns. The library
+  returns ``X^T`` (``b x n``), one sample per row.
+* ``D = dL/dZ`` (``m x b``): gradient of the loss at the pre-activations.
+* ``weight_grad = D X^T`` (``m x n``) and ``bias_grad = D 1`` (``m``).
+* ``L`` (``m x b``, orthonormal columns) and ``R`` (``b x n``): the low-rank
+  factorisation ``weight_grad = L R``; ``D = L Q`` and ``X^T = Q^-1 R`` for
+  an unknown invertible ``Q`` (``b x b``).
+"""
+
+from typing import NamedTuple
+
+import jax
+from jaxtyping import Array, Bool, Float, Int
+
+PRNGKeyArray = jax.Array
+
+__all__ = [
+  "Array",
+  "Bool",
+  "Float",
+  "Int",
+  "InversionResult",
+  "InversionStats",
+  "PRNGKeyArray",
+]
+
+
+class InversionStats(NamedTuple):
+  """Bookkeeping of one inversion.
+
+  Attributes:
+    proposals: number of sampled submatrices (proposal directions) drawn.
+    candidates: number of distinct directions that passed the sparsity filter.
+    blocks: number of sampled blocks of proposals.
+    seconds: wall time of the whole inversion.
+    rank: the batch size used (given, or the numerical rank of the
+      gradient).
+    alive_rows: number of neurons whose gradient row is not identically zero.
+    threshold: final sparsity threshold, as a count of zeros over alive rows.
+    tau: the threshold as a fraction of alive rows.
+    stop_reason: ``"certified"``, ``"recovered"`` (no weight given to
+      certify), ``"max_proposals"``, ``"time_budget"`` or ``"max_blocks"``.
+  """
+
+  proposals: int
+  candidates: int
+  blocks: int
+  seconds: float
+  rank: int
+  alive_rows: int
+  threshold: int
+  tau: float
+  stop_reason: str
+
+
+class InversionResult(NamedTuple):
+  """What :func:`spear_jax.invert` recovered.
+
+  Attributes:
+    inputs: the recovered batch ``X^T``, one sample per row, in an arbitrary
+      order (the gradient does not reveal the order).
+    grad_z: the recovered ``D = dL/dZ``, column ``i`` belonging to
+      ``inputs[i]``.
+    verified: per sample, whether the ReLU certificate holds (requires the
+      layer's ``weight`` and ``bias``; all ``False`` without them).
+    success: whether ``b`` independent directions were found and, when the
+      layer's weights were given, every sample is verified.
+    directions: the recovered ``Q`` (``b x b``), ``grad_z = L Q``.
+    sparsity: number of zeros of each column of ``grad_z`` over alive rows.
+    stats: an :class:`InversionStats`.
+  """
+
+  inputs: Float[Array, "b n"]
+  grad_z: Float[Array, "m b"]
+  verified: Bool[Array, " b"]
+  success: bool
+  directions: Float[Array, "b b"]
+  sparsity: Int[Array, " b"]
+  stats: InversionStats

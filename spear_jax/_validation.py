@@ -1,0 +1,103 @@
+"""Checks of user input: one clear ``ValueError`` per problem."""
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["check_inputs", "check_rank"]
+
+
+def _as_float_array(value, name: str) -> jnp.ndarray:
+  try:
+    array = np.asarray(value)
+  except Exception as err:  # noqa: BLE001 - any conversion failure is bad input
+    raise ValueError(f"{name} is not an array: {err}") from None
+  if array.dtype == object or not (
+    np.issubdtype(array.dtype, np.number) or array.dtype == bool
+  ):
+    raise ValueError(f"{name} must be numeric, got dtype {array.dtype}.")
+  if np.iscomplexobj(array):
+    raise ValueError(f"{name} must be real, got dtype {array.dtype}.")
+  out = jnp.asarray(value)
+  if not jnp.issubdtype(out.dtype, jnp.floating) or out.dtype.itemsize < 4:
+    out = out.astype(jnp.result_type(float))
+  return out
+
+
+def _check_finite(array, name):
+  if not bool(jnp.all(jnp.isfinite(array))):
+    raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def check_inputs(weight_grad, bias_grad, weight, bias, batch_size):
+  """Validates shapes, dtypes and values; returns JAX arrays of one dtype.
+
+  Raises:
+    ValueError: with a one-line message naming the offending argument.
+  """
+  weight_grad = _as_float_array(weight_grad, "weight_grad")
+  bias_grad = _as_float_array(bias_grad, "bias_grad")
+  if weight_grad.ndim != 2:
+    raise ValueError(
+      f"weight_grad must be 2-D (m, n), got shape {tuple(weight_grad.shape)}."
+    )
+  m, n = weight_grad.shape
+  if m < 2 or n < 1:
+    raise ValueError(f"weight_grad shape {(m, n)} is too small.")
+  if bias_grad.shape != (m,):
+    raise ValueError(
+      f"bias_grad must have shape ({m},) to match weight_grad {(m, n)}, got "
+      f"{tuple(bias_grad.shape)}."
+    )
+  dtype = jnp.promote_types(weight_grad.dtype, bias_grad.dtype)
+  weight_grad, bias_grad = weight_grad.astype(dtype), bias_grad.astype(dtype)
+  _check_finite(weight_grad, "weight_grad")
+  _check_finite(bias_grad, "bias_grad")
+  if not bool(jnp.any(weight_grad != 0)):
+    raise ValueError("weight_grad is all zeros: nothing to invert.")
+  if (weight is None) != (bias is None):
+    raise ValueError("give both weight and bias (for the certificate) or neither.")
+  if weight is not None:
+    weight = _as_float_array(weight, "weight").astype(dtype)
+    bias = _as_float_array(bias, "bias").astype(dtype)
+    if weight.shape != (m, n):
+      raise ValueError(
+        f"weight must have shape {(m, n)} like weight_grad, got "
+        f"{tuple(weight.shape)} (flax kernels are (n, m): transpose them)."
+      )
+    if bias.shape != (m,):
+      raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}.")
+    _check_finite(weight, "weight")
+    _check_finite(bias, "bias")
+  if batch_size is not None:
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size:
+      raise ValueError(f"batch_size must be an integer, got {batch_size!r}.")
+    if not 1 <= batch_size < min(m, n):
+      raise ValueError(
+        f"batch_size must lie in [1, {min(m, n) - 1}] for a {m} x {n} "
+        f"gradient, got {batch_size}."
+      )
+  return weight_grad, bias_grad, weight, bias
+
+
+def check_rank(rank: int, batch_size: int | None, m: int, n: int) -> int:
+  """Checks the numerical rank against the shape and the requested ``b``.
+
+  Returns:
+    The batch size to use.
+
+  Raises:
+    ValueError: if the gradient has full rank (no low-rank structure) or
+      its rank contradicts ``batch_size``.
+  """
+  if rank >= min(m, n):
+    raise ValueError(
+      f"weight_grad has full numerical rank {rank} = min(m, n): no low-rank "
+      "structure to invert (noisy, aggregated, or a batch at least as large "
+      "as the layer)."
+    )
+  if batch_size is not None and batch_size != rank:
+    raise ValueError(
+      f"batch_size={batch_size} contradicts the numerical rank {rank} of "
+      "weight_grad."
+    )
+  return rank

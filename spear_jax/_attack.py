@@ -94,12 +94,20 @@ def _threshold(config, pool, b, num_alive, floor):
   return max(floor, math.ceil(config.tau_relative * float(np.median(top))))
 
 
-def _selection(pool, threshold, tol, b):
-  """Stage 1: sparsest first, keep the independent ones."""
+def _selection(pool, threshold, tol, b, capacity):
+  """Stage 1: sparsest first, keep the independent ones.
+
+  The pool is padded to ``capacity`` rows so that one compilation of
+  :func:`select_independent` serves the whole run.
+  """
   order = np.argsort(-pool.zeros, kind="stable")
-  eligible = pool.zeros[order] >= threshold
+  size = order.shape[0]
+  directions = np.zeros((capacity, b), pool.directions.dtype)
+  directions[:size] = pool.directions[order]
+  eligible = np.zeros((capacity,), bool)
+  eligible[:size] = pool.zeros[order] >= threshold
   selected, count = select_independent(
-    jnp.asarray(pool.directions[order]), jnp.asarray(eligible),
+    jnp.asarray(directions), jnp.asarray(eligible),
     jnp.asarray(tol.independence, pool.directions.dtype),
   )
   count = int(count)
@@ -142,45 +150,50 @@ class _Problem:
     return inputs, grad_z, q, verified
 
 
-def _swap_stage(problem, pool, chosen, threshold, budget):
+def _swap_stage(problem, pool, chosen, threshold, budget, tried):
   """Stage 2: swap in unselected candidates while more samples verify.
 
   A sparse mixture of two columns of ``Q`` can outrank a true column in
-  stage 1 only when their zero sets are nearly nested; it then spoils the
-  two samples it mixes. For each unverified sample we try replacing its
-  direction by every other eligible candidate (sparsest first) and keep the
-  first swap that increases the number of verified samples.
+  stage 1 when their zero sets are nearly nested; it then spoils the
+  samples it mixes. For each unverified sample we try replacing its
+  direction by another eligible candidate (sparsest first) and keep a swap
+  that increases the number of verified samples. Selections already
+  evaluated (``tried``, shared across calls) are skipped, and at most
+  ``budget`` new selections are evaluated per call.
   """
   b = chosen.shape[0]
   dirs = pool.directions
   best = problem.reconstruct(dirs[chosen].T)
   best_count = int(np.sum(np.asarray(best[3])))
+  tried.add(frozenset(chosen.tolist()))
+  in_selection = set(chosen.tolist())
   others = [
     int(c) for c in np.argsort(-pool.zeros, kind="stable")
-    if pool.zeros[c] >= threshold and c not in set(chosen.tolist())
+    if pool.zeros[c] >= threshold and int(c) not in in_selection
   ]
   trials = 0
   improved = True
   while improved and best_count < b and trials < budget:
     improved = False
-    verified = np.asarray(best[3])
-    for slot in np.flatnonzero(~verified):
-      for c in others:
-        trial = chosen.copy()
-        trial[slot] = c
-        basis = dirs[trial]
-        if np.linalg.matrix_rank(basis, tol=problem.tol.independence) < b:
-          continue
-        trials += 1
-        result = problem.reconstruct(basis.T)
-        count = int(np.sum(np.asarray(result[3])))
-        if count > best_count:
-          others = [o for o in others if o != c] + [int(chosen[slot])]
-          chosen, best, best_count, improved = trial, result, count, True
-          break
-        if trials >= budget:
-          break
-      if improved or trials >= budget:
+    failing = np.flatnonzero(~np.asarray(best[3]))
+    for slot, c in ((s, c) for s in failing for c in others):
+      trial = chosen.copy()
+      trial[slot] = c
+      signature = frozenset(trial.tolist())
+      if signature in tried:
+        continue
+      tried.add(signature)
+      basis = dirs[trial]
+      if np.linalg.matrix_rank(basis, tol=problem.tol.independence) < b:
+        continue
+      trials += 1
+      result = problem.reconstruct(basis.T)
+      count = int(np.sum(np.asarray(result[3])))
+      if count > best_count:
+        others = [o for o in others if o != c] + [int(chosen[slot])]
+        chosen, best, best_count, improved = trial, result, count, True
+        break
+      if trials >= budget:
         break
   return chosen, best
 
@@ -296,6 +309,7 @@ def invert(
   stop_reason = "max_proposals"
   last_log = start
   threshold = floor
+  tried = set()
   try:
     while True:
       key, block_key = jax.random.split(key)
@@ -320,7 +334,7 @@ def invert(
         )
       if num_new:
         threshold = _threshold(config, pool, b, num_alive, floor)
-        chosen = _selection(pool, threshold, tol, b)
+        chosen = _selection(pool, threshold, tol, b, config.pool_capacity)
         if chosen.shape[0] == b:
           result = problem.reconstruct(pool.directions[chosen].T)
           if weight is None:
@@ -328,7 +342,7 @@ def invert(
             break
           if not np.all(np.asarray(result[3])):
             chosen, result = _swap_stage(
-              problem, pool, chosen, threshold, budget=4 * b * b
+              problem, pool, chosen, threshold, budget=2 * b, tried=tried
             )
           if np.all(np.asarray(result[3])):
             stop_reason = "certified"

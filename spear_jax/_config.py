@@ -23,9 +23,9 @@ class AttackConfig:
     max_proposals: sampling budget; ``None`` means unlimited.
     time_budget_s: wall-time budget in seconds; ``None`` means unlimited.
     tau: sparsity threshold as a fraction of alive rows. ``None`` (default)
-      adapts it to the data: half the median zero count of the ``b``
-      sparsest distinct candidates found so far, and never below the
-      structure floor ``(b - 1) + max(3, 0.02 M)``.
+      adapts it to the data: ``tau_relative`` times the median zero count of
+      the ``b`` sparsest distinct candidates found so far, and never below
+      the structure floor ``(b - 1) + max(3, 0.02 M)``.
     tau_relative: the fraction of the typical zero count used by the
       adaptive rule.
     rank_rtol: relative singular-value cutoff for the numerical rank.
@@ -46,7 +46,7 @@ class AttackConfig:
   max_proposals: int | None = None
   time_budget_s: float | None = None
   tau: float | None = None
-  tau_relative: float = 0.5
+  tau_relative: float = 0.6
   rank_rtol: float | None = None
   screen_tol: float | None = None
   zero_tol: float | None = None

@@ -76,6 +76,8 @@ def load_gradients(path: str) -> dict:
 
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file.")
+  if not zipfile.is_zipfile(path):
+    raise InputError(f"{path}: not an .npz archive.")
   try:
     with np.load(path, allow_pickle=False) as data:
       if not hasattr(data, "files"):

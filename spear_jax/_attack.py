@@ -27,8 +27,7 @@ from spear_jax._selection import (
   select_independent,
 )
 from spear_jax._types import (
-  Array,
-  Float,
+  ArrayLike,
   InversionResult,
   InversionStats,
   PRNGKeyArray,
@@ -199,14 +198,14 @@ def _swap_stage(problem, pool, chosen, threshold, budget, tried):
 
 
 def invert(
-  weight_grad: Float[Array, "m n"],
-  bias_grad: Float[Array, " m"],
+  weight_grad: ArrayLike,
+  bias_grad: ArrayLike,
   *,
   key: PRNGKeyArray,
   method: str = "spear",
   batch_size: int | None = None,
-  weight: Float[Array, "m n"] | None = None,
-  bias: Float[Array, " m"] | None = None,
+  weight: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
   config: AttackConfig | None = None,
 ) -> InversionResult:
   r"""Recovers the private batch from one linear layer's gradients (SPEAR).
@@ -220,10 +219,13 @@ def invert(
   layer's ``weight`` and ``bias`` are given, every sample is certified by
   the ReLU pattern and sampling stops at the first certified selection.
 
+  Inputs are validated here (not by type annotations) so that every bad
+  input gets one clear ``ValueError``.
+
   Args:
-    weight_grad: ``dL/dW`` in the paper's ``(m, n)`` layout (use
+    weight_grad: ``dL/dW``, shape ``(m, n)`` in the paper's layout (use
       :func:`spear_jax.paper_layout` for flax's ``(n, m)`` kernels).
-    bias_grad: ``dL/dbeta``.
+    bias_grad: ``dL/dbeta``, shape ``(m,)``.
     key: PRNG key of the sampler.
     method: ``"spear"``.
     batch_size: ``b``; ``None`` estimates it as the numerical rank of
@@ -310,8 +312,18 @@ def invert(
   last_log = start
   threshold = floor
   tried = set()
+  if b == 1:
+    # One sample: Q is 1 x 1 and only its scale, fixed by bias_grad, is
+    # unknown. There is nothing to sample.
+    pool = CandidatePool(np.ones((1, 1), np.dtype(dtype)),
+                         np.zeros((1,), np.int64), np.ones((1,), np.int64))
+    chosen = np.zeros((1,), int)
+    result = problem.reconstruct(pool.directions.T)
+    verified_all = bool(np.all(np.asarray(result[3])))
+    stop_reason = "recovered" if weight is None else (
+      "certified" if verified_all else "not_certified")
   try:
-    while True:
+    while b > 1:
       key, block_key = jax.random.split(key)
       dirs, valid, _ = _screen_block(
         block_key, l_mxb, alive_rows, alive, jnp.asarray(num_alive),

@@ -168,20 +168,20 @@ def client_update(
   features = inputs_bxn
   for j in range(layer):
     w_j, b_j = layer_parameters(params, j)
-    features = jax.nn.relu(features @ w_j.T + b_j)
+    features = jax.nn.relu(features @ w_j.T + b_j[None, :])
 
   def loss_from_z(z_bxm):
     x = jax.nn.relu(z_bxm)
     for j in range(layer + 1, len(model.widths)):
       w_j, b_j = layer_parameters(params, j)
-      x = jax.nn.relu(x @ w_j.T + b_j)
+      x = jax.nn.relu(x @ w_j.T + b_j[None, :])
     head = params["params"][f"Dense_{len(model.widths)}"]
-    logits = x @ head["kernel"] + head["bias"]
+    logits = x @ head["kernel"] + head["bias"][None, :]
     return optax.softmax_cross_entropy_with_integer_labels(
       logits, labels_b
     ).mean()
 
-  grad_z_bxm = jax.grad(loss_from_z)(features @ weight.T + bias)
+  grad_z_bxm = jax.grad(loss_from_z)(features @ weight.T + bias[None, :])
   return ClientUpdate(
     weight_grad=weight_grad,
     bias_grad=bias_grad,

@@ -46,7 +46,7 @@ class AttackConfig:
   max_proposals: int | None = None
   time_budget_s: float | None = None
   tau: float | None = None
-  tau_relative: float = 0.6
+  tau_relative: float = 0.5
   rank_rtol: float | None = None
   screen_tol: float | None = None
   zero_tol: float | None = None

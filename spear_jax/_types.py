@@ -27,9 +27,11 @@ import jax
 from jaxtyping import Array, Bool, Float, Int
 
 PRNGKeyArray = jax.Array
+ArrayLike = jax.typing.ArrayLike
 
 __all__ = [
   "Array",
+  "ArrayLike",
   "Bool",
   "Float",
   "Int",
@@ -53,7 +55,9 @@ class InversionStats(NamedTuple):
     threshold: final sparsity threshold, as a count of zeros over alive rows.
     tau: the threshold as a fraction of alive rows.
     stop_reason: ``"certified"``, ``"recovered"`` (no weight given to
-      certify), ``"max_proposals"``, ``"time_budget"`` or ``"max_blocks"``.
+      certify), ``"max_proposals"``, ``"time_budget"``, ``"interrupted"`` or
+      ``"not_certified"`` (``b = 1`` whose only sample fails the
+      certificate).
   """
 
   proposals: int

@@ -179,14 +179,16 @@ def _polish(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
   Returns:
     ``(polished (k, b), zeros (k,))``.
   """
-  v_kxm = directions_kxb @ l_mxb.T
-  in_zero_set = (np.abs(v_kxm) <= screen_tol) & alive_m[None, :]
-  masked_kxmxb = l_mxb[None, :, :] * in_zero_set[:, :, None]
-  gram_kxbxb = np.swapaxes(masked_kxmxb, 1, 2) @ masked_kxmxb
-  _, eigvecs = np.linalg.eigh(gram_kxbxb)
-  polished = eigvecs[:, :, 0]
-  sign = np.where(np.sum(polished * directions_kxb, axis=1) < 0, -1.0, 1.0)
-  polished = polished * sign[:, None].astype(polished.dtype)
+  polished = directions_kxb
+  for _ in range(3):  # refit on the zero set three times, as the library
+    v_kxm = polished @ l_mxb.T
+    in_zero_set = (np.abs(v_kxm) <= screen_tol) & alive_m[None, :]
+    masked_kxmxb = l_mxb[None, :, :] * in_zero_set[:, :, None]
+    gram_kxbxb = np.swapaxes(masked_kxmxb, 1, 2) @ masked_kxmxb
+    _, eigvecs = np.linalg.eigh(gram_kxbxb)
+    refit = eigvecs[:, :, 0]
+    sign = np.where(np.sum(refit * directions_kxb, axis=1) < 0, -1.0, 1.0)
+    polished = refit * sign[:, None].astype(refit.dtype)
   v_kxm = polished @ l_mxb.T
   zeros = np.sum((np.abs(v_kxm) <= zero_tol) & alive_m[None, :], axis=1)
   return polished, zeros
@@ -200,9 +202,17 @@ def _merge(pool_dirs, pool_zeros, dirs, zeros, dedup_tol, capacity):
   """
   if dirs.shape[0] == 0:
     return pool_dirs, pool_zeros, 0
+  pool_dirs, pool_zeros = pool_dirs.copy(), pool_zeros.copy()
   if pool_dirs.shape[0]:
-    is_known = np.any(np.abs(dirs @ pool_dirs.T) >= 1.0 - dedup_tol, axis=1)
+    sim = np.abs(dirs @ pool_dirs.T)
+    is_known = np.any(sim >= 1.0 - dedup_tol, axis=1)
+    for i in np.flatnonzero(is_known):  # keep the sparser copy
+      j = int(np.argmax(sim[i]))
+      if zeros[i] > pool_zeros[j]:
+        pool_dirs[j], pool_zeros[j] = dirs[i], zeros[i]
     dirs, zeros = dirs[~is_known], zeros[~is_known]
+  order = np.argsort(-zeros, kind="stable")
+  dirs, zeros = dirs[order], zeros[order]
   keep = np.ones(dirs.shape[0], bool)
   if dirs.shape[0] > 1:
     sim = np.abs(dirs @ dirs.T) >= 1.0 - dedup_tol
@@ -225,6 +235,8 @@ def _threshold(pool_zeros, b, floor, tau_relative):
   if pool_zeros.shape[0] == 0:
     return floor
   top = np.sort(pool_zeros)[::-1][:b]
+  if tau_relative is None:
+    tau_relative = 1e-3 ** (1.0 / (b - 1))
   return max(floor, math.ceil(tau_relative * float(np.median(top))))
 
 
@@ -318,7 +330,7 @@ def invert_numpy(
   max_candidates_per_block=256,
   max_proposals=None,
   time_budget_s=None,
-  tau_relative=0.6,
+  tau_relative=None,
   pool_capacity=512,
 ) -> dict:
   r"""Recovers the batch from one linear layer's gradients (SPEAR, NumPy).
@@ -343,7 +355,7 @@ def invert_numpy(
       :func:`default_max_proposals`.
     time_budget_s: wall-time budget in seconds, or ``None``.
     tau_relative: fraction of the typical zero count of the adaptive
-      threshold.
+      threshold; ``None`` uses ``1e-3 ** (1 / (b - 1))`` as the library.
     pool_capacity: maximum number of distinct candidates kept.
 
   Returns:
@@ -363,7 +375,7 @@ def invert_numpy(
   eps = float(np.finfo(dtype).eps)
   screen_tol = eps ** 0.5
   zero_tol = eps ** (2 / 3)
-  dedup_tol = eps ** 0.5
+  dedup_tol = eps ** (2 / 3)
   indep_tol = eps ** (1 / 3)
   cert_slack = eps ** 0.5
 
@@ -405,7 +417,14 @@ def invert_numpy(
   threshold = floor
   tried = set()
   stop_reason = "max_proposals"
-  while True:
+  if b == 1:  # Q is 1 x 1: only the scale is unknown, nothing to sample
+    pool_dirs = np.ones((1, 1), dtype)
+    pool_zeros = np.zeros((1,), np.int64)
+    chosen = np.zeros((1,), np.int64)
+    result = problem.reconstruct(pool_dirs.T)
+    stop_reason = "recovered" if weight is None else (
+      "certified" if np.all(result[3]) else "not_certified")
+  while b > 1:
     dirs, zeros = _propose(rng, l_alive, num_alive, b, block_size, screen_tol)
     proposals += block_size
     blocks += 1

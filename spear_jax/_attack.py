@@ -90,7 +90,10 @@ def _threshold(config, pool, b, num_alive, floor):
   if pool.zeros.shape[0] == 0:
     return floor
   top = np.sort(pool.zeros)[::-1][:b]
-  return max(floor, math.ceil(config.tau_relative * float(np.median(top))))
+  relative = config.tau_relative
+  if relative is None:
+    relative = config.min_hit_ratio ** (1.0 / (b - 1))
+  return max(floor, math.ceil(relative * float(np.median(top))))
 
 
 def _selection(pool, threshold, tol, b, capacity):

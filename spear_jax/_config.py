@@ -27,7 +27,12 @@ class AttackConfig:
       the ``b`` sparsest distinct candidates found so far, and never below
       the structure floor ``(b - 1) + max(3, 0.02 M)``.
     tau_relative: the fraction of the typical zero count used by the
-      adaptive rule.
+      adaptive rule; ``None`` resolves it to ``min_hit_ratio^(1/(b-1))``.
+    min_hit_ratio: a column whose zero fraction is ``r`` times the typical
+      one is sampled ``r^(b-1)`` times as often; the adaptive threshold only
+      gives up on columns that would be sampled less than ``min_hit_ratio``
+      times as often as a typical one (0.1 for b = 4, 0.63 for b = 16, 0.69
+      for b = 20), because finding those is out of reach anyway.
     rank_rtol: relative singular-value cutoff for the numerical rank.
     screen_tol: zero tolerance used while screening proposals.
     zero_tol: zero tolerance after polishing a candidate.
@@ -46,7 +51,8 @@ class AttackConfig:
   max_proposals: int | None = None
   time_budget_s: float | None = None
   tau: float | None = None
-  tau_relative: float = 0.5
+  tau_relative: float | None = None
+  min_hit_ratio: float = 1e-3
   rank_rtol: float | None = None
   screen_tol: float | None = None
   zero_tol: float | None = None

@@ -37,8 +37,8 @@ class Tolerances:
     ``L q`` is a zero while screening proposals.
   * ``zero = eps^(2/3)`` (3.7e-11 / 2.4e-5): an entry of ``L q`` is a zero
     after polishing.
-  * ``dedup = eps^(1/2)``: unit directions with ``|<u, v>| >= 1 - dedup``
-    are the same.
+  * ``dedup = eps^(2/3)``: unit directions with ``|<u, v>| >= 1 - dedup``
+    are the same (polished duplicates agree to ``O(eps)``).
   * ``independence = eps^(1/3)`` (6.1e-6 / 4.9e-3): minimum residual norm of
     a unit direction outside the span of the selection.
   * ``certificate = eps^(1/2)``: relative slack of the ReLU certificate.
@@ -75,7 +75,7 @@ def resolve_tolerances(
     rank_rtol=pick(config.rank_rtol, 10.0 * max(m, n) * eps),
     screen=pick(config.screen_tol, eps ** (1 / 2)),
     zero=pick(config.zero_tol, eps ** (2 / 3)),
-    dedup=pick(config.dedup_tol, eps ** (1 / 2)),
+    dedup=pick(config.dedup_tol, eps ** (2 / 3)),
     independence=pick(config.independence_tol, eps ** (1 / 3)),
     certificate=pick(config.certificate_tol, eps ** (1 / 2)),
   )

@@ -59,8 +59,9 @@ def merge_candidates(
 
   Two unit directions are the same if ``|<u, v>| >= 1 - dedup_tol`` (a
   direction and its negative are the same column of ``Q`` up to the scale
-  that the bias gradient fixes). When the pool exceeds ``capacity`` the
-  least sparse candidates are dropped.
+  that the bias gradient fixes). Of two copies the sparser one is kept: a
+  nearby mixture must not shadow the exact column. When the pool exceeds
+  ``capacity`` the least sparse candidates are dropped.
 
   Args:
     pool: the current pool.
@@ -78,14 +79,21 @@ def merge_candidates(
   hits = pool.hits.copy()
   if dirs.shape[0] == 0:
     return pool, 0
-  if pool.directions.shape[0]:
-    sim = np.abs(dirs @ pool.directions.T)
-    match = sim >= 1.0 - dedup_tol
-    is_known = match.any(axis=1)
-    np.add.at(hits, np.argmax(sim, axis=1)[is_known], 1)
+  pool_dirs, pool_zeros = pool.directions.copy(), pool.zeros.copy()
+  if pool_dirs.shape[0]:
+    sim = np.abs(dirs @ pool_dirs.T)
+    is_known = (sim >= 1.0 - dedup_tol).any(axis=1)
+    for i in np.flatnonzero(is_known):
+      j = int(np.argmax(sim[i]))
+      hits[j] += 1
+      if zeros[i] > pool_zeros[j]:  # the sparser copy is the better fit
+        pool_dirs[j], pool_zeros[j] = dirs[i], zeros[i]
     dirs, zeros = dirs[~is_known], zeros[~is_known]
   # Deduplicate the new directions among themselves: keep the first of each
   # group, count the rest as hits of it.
+  # Sparsest first, so that the copy kept of each group is the sparsest.
+  order = np.argsort(-zeros, kind="stable")
+  dirs, zeros = dirs[order], zeros[order]
   keep = np.ones(dirs.shape[0], bool)
   new_hits = np.ones(dirs.shape[0], np.int64)
   if dirs.shape[0] > 1:
@@ -98,8 +106,8 @@ def merge_candidates(
         keep[dup] = False
   dirs, zeros, new_hits = dirs[keep], zeros[keep], new_hits[keep]
   merged = CandidatePool(
-    directions=np.concatenate([pool.directions, dirs]),
-    zeros=np.concatenate([pool.zeros, zeros]),
+    directions=np.concatenate([pool_dirs, dirs]),
+    zeros=np.concatenate([pool_zeros, zeros]),
     hits=np.concatenate([hits, new_hits]),
   )
   if merged.zeros.shape[0] > capacity:

@@ -1,0 +1,145 @@
+"""The ``scripts/invert.py`` command line: exit codes, outputs, messages."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+import helpers
+
+_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts",
+                       "invert.py")
+
+
+def _run(*args):
+  proc = subprocess.run(
+    [sys.executable, _SCRIPT, *args], capture_output=True, text=True,
+    timeout=300, check=False,
+  )
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+class InvertCliTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.dir = tempfile.mkdtemp()
+    self.problem = helpers.relu_layer_problem(17, 60, 40, 5)
+
+  def _npz(self, name="in.npz", **arrays):
+    path = os.path.join(self.dir, name)
+    np.savez(path, **arrays)
+    return path
+
+  def test_success_with_certificate(self):
+    p = self.problem
+    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"],
+                     weight=p["weight"], bias=p["bias"])
+    out = os.path.join(self.dir, "out.npz")
+    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
+                                "--seed=3", "--block_size=1024")
+    self.assertEqual(code, 0, stderr)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    self.assertTrue(summary["success"])
+    self.assertEqual(summary["verified"], 5)
+    with np.load(out) as result:
+      self.assertEqual(result["inputs"].shape, (5, 40))
+      self.assertTrue(result["verified"].all())
+      order = helpers.match_rows(result["inputs"], p["inputs"])
+      np.testing.assert_allclose(result["inputs"], p["inputs"][order],
+                                 atol=1e-10)
+
+  def test_float32_without_certificate(self):
+    p = self.problem
+    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"])
+    out = os.path.join(self.dir, "out32.npz")
+    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
+                                "--dtype=float32", "--block_size=1024")
+    self.assertEqual(code, 0, stderr)
+    with np.load(out) as result:
+      self.assertEqual(result["inputs"].dtype, np.float32)
+      self.assertFalse(result["verified"].any())
+      order = helpers.match_rows(result["inputs"], p["inputs"])
+      np.testing.assert_allclose(result["inputs"], p["inputs"][order],
+                                 atol=1e-3)
+
+  def test_budget_exhausted_exits_1_and_writes_partial(self):
+    p = helpers.relu_layer_problem(18, 200, 100, 14)
+    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"],
+                     weight=p["weight"], bias=p["bias"])
+    out = os.path.join(self.dir, "partial.npz")
+    code, stdout, _ = _run(f"--gradients={path}", f"--output={out}",
+                           "--max_proposals=64", "--block_size=64")
+    self.assertEqual(code, 1)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    self.assertFalse(summary["success"])
+    self.assertEqual(summary["stop_reason"], "max_proposals")
+    with np.load(out) as result:
+      self.assertEqual(result["inputs"].shape, (14, 100))
+      self.assertFalse(result["verified"].all())
+
+  @parameterized.named_parameters(
+    ("missing_key", "missing bias_grad"),
+    ("wrong_ndim", "must be 2-D"),
+    ("nan", "NaN"),
+    ("all_zero", "all zeros"),
+    ("full_rank", "full numerical rank"),
+    ("bias_shape", "bias_grad must have shape"),
+    ("not_npz", "not an .npz"),
+    ("no_file", "no such file"),
+    ("rank_contradiction", "contradicts"),
+  )
+  def test_invalid_input_exits_2(self, message):
+    p = self.problem
+    case = self._testMethodName.split("_exits_2_")[-1]
+    grads = dict(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"])
+    extra = []
+    if case == "missing_key":
+      path = self._npz(weight_grad=p["weight_grad"])
+    elif case == "wrong_ndim":
+      path = self._npz(weight_grad=p["weight_grad"][None],
+                       bias_grad=p["bias_grad"])
+    elif case == "nan":
+      bad = p["weight_grad"].copy()
+      bad[0, 0] = np.nan
+      path = self._npz(weight_grad=bad, bias_grad=p["bias_grad"])
+    elif case == "all_zero":
+      path = self._npz(weight_grad=0 * p["weight_grad"],
+                       bias_grad=p["bias_grad"])
+    elif case == "full_rank":
+      path = self._npz(weight_grad=np.random.default_rng(0).standard_normal(
+        (60, 40)), bias_grad=p["bias_grad"])
+    elif case == "bias_shape":
+      path = self._npz(weight_grad=p["weight_grad"], bias_grad=np.ones(3))
+    elif case == "not_npz":
+      path = os.path.join(self.dir, "notes.txt")
+      with open(path, "w") as f:
+        f.write("not an archive")
+    elif case == "no_file":
+      path = os.path.join(self.dir, "absent.npz")
+    else:
+      path = self._npz(**grads)
+      extra = ["--batch_size=3"]
+    out = os.path.join(self.dir, "never.npz")
+    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
+                                *extra)
+    self.assertEqual(code, 2, stderr)
+    self.assertIn(message, stderr)
+    self.assertNotIn("Traceback", stderr)
+    self.assertEqual(stdout, "")
+    self.assertFalse(os.path.exists(out))
+
+  def test_missing_flag_exits_2(self):
+    code, _, stderr = _run("--output=/tmp/x.npz")
+    self.assertEqual(code, 2)
+    self.assertIn("gradients", stderr)
+    self.assertNotIn("Traceback", stderr)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -338,12 +338,15 @@ def invert(
       valid = np.asarray(valid)
       num_new = 0
       if valid.any():
-        polished, zeros = _polish_many(
+        polished, zeros, leverage = _polish_many(
           dirs, l_mxb, alive, problem.scalar(tol.screen),
           problem.scalar(tol.zero),
         )
         polished, zeros = np.asarray(polished)[valid], np.asarray(zeros)[valid]
-        keep = zeros >= floor
+        # Mixtures of several columns of Q are recognisable (see
+        # polish_direction) and never enter the pool.
+        mixture = np.asarray(leverage)[valid] >= 1.0 - tol.leverage
+        keep = (zeros >= floor) & ~mixture
         pool, num_new = merge_candidates(
           pool, polished[keep], zeros[keep], tol.dedup, config.pool_capacity
         )

@@ -40,6 +40,8 @@ class AttackConfig:
     independence_tol: a direction is independent of a selection if its
       residual after projecting out the selection has at least this norm.
     certificate_tol: relative slack of the ReLU certificate.
+    leverage_tol: a candidate is a mixture of columns when a row of its zero
+      set has leverage at least ``1 - leverage_tol``.
     pool_capacity: maximum number of distinct candidates kept.
     swap_rounds: rounds of the second (swap) stage of the greedy selection.
     log_every_s: progress is logged at most this often (seconds).
@@ -59,6 +61,7 @@ class AttackConfig:
   dedup_tol: float | None = None
   independence_tol: float | None = None
   certificate_tol: float | None = None
+  leverage_tol: float | None = None
   pool_capacity: int = 512
   swap_rounds: int = 2
   log_every_s: float = 5.0

@@ -42,6 +42,9 @@ class Tolerances:
   * ``independence = eps^(1/3)`` (6.1e-6 / 4.9e-3): minimum residual norm of
     a unit direction outside the span of the selection.
   * ``certificate = eps^(1/2)``: relative slack of the ReLU certificate.
+  * ``leverage = eps^(1/3)``: a candidate whose zero set has a row of
+    leverage at least ``1 - leverage`` is a mixture of several columns
+    (:func:`polish_direction`).
   """
 
   rank_rtol: float
@@ -50,6 +53,7 @@ class Tolerances:
   dedup: float
   independence: float
   certificate: float
+  leverage: float
 
 
 def resolve_tolerances(
@@ -78,6 +82,7 @@ def resolve_tolerances(
     dedup=pick(config.dedup_tol, eps ** (2 / 3)),
     independence=pick(config.independence_tol, eps ** (1 / 3)),
     certificate=pick(config.certificate_tol, eps ** (1 / 2)),
+    leverage=pick(config.leverage_tol, eps ** (1 / 3)),
   )
 
 
@@ -213,8 +218,8 @@ def polish_direction(
   screen_tol: Float[Array, ""],
   zero_tol: Float[Array, ""],
   iterations: int = 3,
-) -> tuple[Float[Array, " b"], Int[Array, ""]]:
-  r"""Snaps an approximate sparse direction to the exact one.
+) -> tuple[Float[Array, " b"], Int[Array, ""], Float[Array, ""]]:
+  r"""Snaps an approximate sparse direction to the exact one; spots mixtures.
 
   With ``Z = {j alive : |(L q)_j| <= screen_tol}`` the exact direction is the
   right singular vector of ``L_Z`` with the smallest singular value, i.e.
@@ -223,6 +228,23 @@ def polish_direction(
   screened into ``Z`` pulls the first fit only slightly, stays visibly
   nonzero in it and drops out of the next ``Z``. The polished direction is
   then counted with the tighter ``zero_tol``.
+
+  Mixture test. A sparse wrong direction mixes ``k >= 2`` columns of ``Q``:
+  its zeros are the rows where all ``k`` columns vanish, which annihilate a
+  ``k``-dimensional subspace containing ``q``, plus ``k - 1`` sampled rows
+  that pinned ``q`` inside it. Each of those pinning rows is the only row of
+  ``Z`` with a component along some direction orthogonal to ``q``: its
+  statistical leverage within ``Z`` (restricted to the complement of ``q``)
+  is exactly one. For a true column the rows of ``Z`` are many and in
+  general position, so every leverage is about ``(b - 1) / |Z|``. With the
+  eigenpairs ``(lambda_k, e_k)`` of ``L_Z^T L_Z``,
+
+  .. math:: h_j = \sum_{k \ge 2} (L_j e_k)^2 / \lambda_k, \qquad
+     \text{mixture} \iff \max_{j \in Z} h_j \approx 1.
+
+  A zero set whose second eigenvalue vanishes (``lambda_2 <= sqrt(eps)
+  lambda_max``: the exact intersection of several columns' zero sets, a
+  null space of dimension two or more) gets leverage ``inf``.
 
   Args:
     direction: a unit direction, e.g. a proposal's null vector.
@@ -233,8 +255,9 @@ def polish_direction(
     iterations: number of refits.
 
   Returns:
-    ``(direction, zeros)``: the polished unit direction and its number of
-    zeros over alive rows.
+    ``(direction, zeros, max_leverage)``: the polished unit direction, its
+    number of zeros over alive rows, and the largest leverage of a row of
+    its zero set (close to one for a mixture).
   """
   polished = direction
   for _ in range(iterations):
@@ -248,5 +271,20 @@ def polish_direction(
     sign = jnp.where(jnp.dot(refit, direction, precision=_HI) < 0, -1.0, 1.0)
     polished = sign.astype(refit.dtype) * refit
   v_m = jnp.dot(l_mxb, polished, precision=_HI)
-  zeros = jnp.sum((jnp.abs(v_m) <= zero_tol) & alive_m)
-  return polished, zeros
+  is_zero = (jnp.abs(v_m) <= zero_tol) & alive_m
+  zeros = jnp.sum(is_zero)
+  eigvals_b, eigvecs_bxb = jnp.linalg.eigh(
+    jnp.dot(masked_mxb.T, masked_mxb, precision=_HI)
+  )
+  coords_mxb = jnp.dot(l_mxb, eigvecs_bxb, precision=_HI)[:, 1:]
+  tiny = jnp.finfo(l_mxb.dtype).tiny
+  leverage_m = jnp.sum(
+    coords_mxb**2 / jnp.maximum(eigvals_b[1:], tiny)[None, :], axis=1
+  )
+  max_leverage = jnp.max(jnp.where(in_zero_set, leverage_m, 0.0))
+  # A zero set that leaves a 2-D null space (the exact intersection of two
+  # columns' zero sets) does not pin the direction down at all.
+  eps = jnp.finfo(l_mxb.dtype).eps
+  degenerate = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
+  max_leverage = jnp.where(degenerate, jnp.inf, max_leverage)
+  return polished, zeros, max_leverage

@@ -73,12 +73,47 @@ class PolishTest(chex.TestCase):
     q_true /= np.linalg.norm(q_true)
     noisy = q_true + 1e-10 * rng.standard_normal(b)
     noisy /= np.linalg.norm(noisy)
-    polished, zeros = self.variant(spear_jax.polish_direction)(
+    polished, zeros, leverage = self.variant(spear_jax.polish_direction)(
       jnp.asarray(noisy), jnp.asarray(l_mxb), jnp.ones(m, bool),
       jnp.asarray(1e-8), jnp.asarray(1e-12),
     )
     np.testing.assert_allclose(np.asarray(polished), q_true, atol=1e-13)
     self.assertEqual(int(zeros), int(np.sum(d_mxb[:, 2] == 0)))
+    self.assertLess(float(leverage), 0.9)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_mixture_of_two_columns_has_unit_leverage(self):
+    # A 2-mixture pinned by one row outside the common zero set: that row
+    # is the only one with a component along the rest of the plane.
+    rng = np.random.default_rng(8)
+    m, b = 120, 6
+    d_mxb = (rng.random((m, b)) < 0.5) * rng.standard_normal((m, b))
+    # Correlated, not nested, zero patterns of columns 0 and 1.
+    active = np.where(d_mxb[:, 0] != 0, rng.random(m) < 0.8,
+                      rng.random(m) < 0.2)
+    d_mxb[:, 1] = active * rng.standard_normal(m)
+    l_mxb, s, vt = np.linalg.svd(d_mxb, full_matrices=False)
+    q_mxb = s[:, None] * vt  # D = L Q
+    both_zero = np.flatnonzero((d_mxb[:, 0] == 0) & (d_mxb[:, 1] == 0))
+    pin = np.flatnonzero((d_mxb[:, 0] != 0) & (d_mxb[:, 1] != 0))[0]
+    # Mixture direction vanishing on the pinning row as well.
+    coef = np.array([d_mxb[pin, 1], -d_mxb[pin, 0]])
+    mix = q_mxb[:, :2] @ coef
+    mix /= np.linalg.norm(mix)
+    polish = self.variant(spear_jax.polish_direction)
+    _, zeros, leverage = polish(
+      jnp.asarray(mix), jnp.asarray(l_mxb), jnp.ones(m, bool),
+      jnp.asarray(1e-8), jnp.asarray(1e-12),
+    )
+    self.assertEqual(int(zeros), both_zero.size + 1)
+    self.assertGreater(float(leverage), 1.0 - 1e-6)
+    for column in range(b):
+      q = q_mxb[:, column] / np.linalg.norm(q_mxb[:, column])
+      _, _, leverage = polish(
+        jnp.asarray(q), jnp.asarray(l_mxb), jnp.ones(m, bool),
+        jnp.asarray(1e-8), jnp.asarray(1e-12),
+      )
+      self.assertLess(float(leverage), 0.9)
 
 
 if __name__ == "__main__":

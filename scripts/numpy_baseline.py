@@ -191,7 +191,20 @@ def _polish(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
     polished = refit * sign[:, None].astype(refit.dtype)
   v_kxm = polished @ l_mxb.T
   zeros = np.sum((np.abs(v_kxm) <= zero_tol) & alive_m[None, :], axis=1)
-  return polished, zeros
+  if l_mxb.shape[1] < 2:
+    return polished, zeros, np.zeros(zeros.shape)
+  # Mixture test: the largest leverage of a zero-set row in the complement
+  # of the direction (1 for the rows that pinned a mixture), or inf when the
+  # zero set leaves a null space of dimension two or more.
+  eigvals, eigvecs = np.linalg.eigh(
+    np.swapaxes(masked_kxmxb, 1, 2) @ masked_kxmxb)
+  coords = (l_mxb[None, :, :] @ eigvecs)[:, :, 1:]
+  lam = np.maximum(eigvals[:, 1:], np.finfo(l_mxb.dtype).tiny)
+  leverage = np.sum(coords**2 / lam[:, None, :], axis=2)
+  max_leverage = np.max(np.where(in_zero_set, leverage, 0.0), axis=1)
+  eps = np.finfo(l_mxb.dtype).eps
+  degenerate = eigvals[:, 1] <= np.sqrt(eps) * eigvals[:, -1]
+  return polished, zeros, np.where(degenerate, np.inf, max_leverage)
 
 
 def _merge(pool_dirs, pool_zeros, dirs, zeros, dedup_tol, capacity):
@@ -431,10 +444,10 @@ def invert_numpy(
     passers = np.flatnonzero(zeros >= floor)[:max_candidates_per_block]
     num_new = 0
     if passers.size:
-      polished, new_zeros = _polish(
+      polished, new_zeros, leverage = _polish(
         dirs[passers], l_mxb, alive, screen_tol, zero_tol
       )
-      keep = new_zeros >= floor
+      keep = (new_zeros >= floor) & (leverage < 1.0 - eps ** (1 / 3))
       pool_dirs, pool_zeros, num_new = _merge(
         pool_dirs, pool_zeros, polished[keep], new_zeros[keep].astype(np.int64),
         dedup_tol, pool_capacity,

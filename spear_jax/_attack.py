@@ -99,14 +99,15 @@ def _threshold(config, pool, b, num_alive, floor):
 def _selection(pool, threshold, tol, b, capacity):
   """Stage 1: sparsest first, keep the independent ones.
 
-  The pool is padded to ``capacity`` rows so that one compilation of
-  :func:`select_independent` serves the whole run.
+  The pool is padded to a power of two (at most ``capacity``) so that a few
+  compilations of :func:`select_independent` serve every run.
   """
   order = np.argsort(-pool.zeros, kind="stable")
   size = order.shape[0]
-  directions = np.zeros((capacity, b), pool.directions.dtype)
+  padded = min(capacity, max(8, 1 << max(size - 1, 1).bit_length()))
+  directions = np.zeros((padded, b), pool.directions.dtype)
   directions[:size] = pool.directions[order]
-  eligible = np.zeros((capacity,), bool)
+  eligible = np.zeros((padded,), bool)
   eligible[:size] = pool.zeros[order] >= threshold
   selected, count = select_independent(
     jnp.asarray(directions), jnp.asarray(eligible),
@@ -315,6 +316,7 @@ def invert(
   last_log = start
   threshold = floor
   tried = set()
+  last_signature = None
   if b == 1:
     # One sample: Q is 1 x 1 and only its scale, fixed by bias_grad, is
     # unknown. There is nothing to sample.
@@ -325,27 +327,39 @@ def invert(
     verified_all = bool(np.all(np.asarray(result[3])))
     stop_reason = "recovered" if weight is None else (
       "certified" if verified_all else "not_certified")
+  def dispatch(key):
+    """Starts a block asynchronously; returns (next key, block outputs)."""
+    key, block_key = jax.random.split(key)
+    return key, _screen_block(
+      block_key, l_mxb, alive_rows, alive, jnp.asarray(num_alive),
+      problem.scalar(tol.screen), jnp.asarray(floor),
+      block_size=block_size, chunk_size=chunk_size, max_out=max_out,
+    )
+
+  pending = None
   try:
     while b > 1:
-      key, block_key = jax.random.split(key)
-      dirs, valid, _ = _screen_block(
-        block_key, l_mxb, alive_rows, alive, jnp.asarray(num_alive),
-        problem.scalar(tol.screen), jnp.asarray(floor),
-        block_size=block_size, chunk_size=chunk_size, max_out=max_out,
-      )
+      # Keep one block in flight while the host merges the previous one.
+      if pending is None:
+        key, pending = dispatch(key)
+      dirs, valid, _ = pending
+      key, pending = dispatch(key)
       proposals += block_size
       blocks += 1
-      valid = np.asarray(valid)
+      num_valid = int(np.sum(np.asarray(valid)))  # valid rows come first
       num_new = 0
-      if valid.any():
+      if num_valid:
+        # Polish only the passers, padded to a power of two (few shapes).
+        bucket = min(max_out, max(8, 1 << (num_valid - 1).bit_length()))
         polished, zeros, leverage = _polish_many(
-          dirs, l_mxb, alive, problem.scalar(tol.screen),
+          dirs[:bucket], l_mxb, alive, problem.scalar(tol.screen),
           problem.scalar(tol.zero),
         )
-        polished, zeros = np.asarray(polished)[valid], np.asarray(zeros)[valid]
+        polished = np.asarray(polished)[:num_valid]
+        zeros = np.asarray(zeros)[:num_valid]
         # Mixtures of several columns of Q are recognisable (see
         # polish_direction) and never enter the pool.
-        mixture = np.asarray(leverage)[valid] >= 1.0 - tol.leverage
+        mixture = np.asarray(leverage)[:num_valid] >= 1.0 - tol.leverage
         keep = (zeros >= floor) & ~mixture
         pool, num_new = merge_candidates(
           pool, polished[keep], zeros[keep], tol.dedup, config.pool_capacity
@@ -353,7 +367,9 @@ def invert(
       if num_new:
         threshold = _threshold(config, pool, b, num_alive, floor)
         chosen = _selection(pool, threshold, tol, b, config.pool_capacity)
-        if chosen.shape[0] == b:
+        signature = pool.directions[np.sort(chosen)].tobytes()
+        if chosen.shape[0] == b and signature != last_signature:
+          last_signature = signature
           result = problem.reconstruct(pool.directions[chosen].T)
           if weight is None:
             stop_reason = "recovered"

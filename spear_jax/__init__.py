@@ -10,7 +10,19 @@ from spear_jax._attack import default_max_proposals as default_max_proposals
 from spear_jax._attack import invert as invert
 from spear_jax._attack import structure_floor as structure_floor
 from spear_jax._certificate import relu_certificate as relu_certificate
+from spear_jax._client import MLP as MLP
+from spear_jax._client import ClientUpdate as ClientUpdate
+from spear_jax._client import client_update as client_update
+from spear_jax._client import init_mlp as init_mlp
+from spear_jax._client import layer_gradient as layer_gradient
+from spear_jax._client import layer_parameters as layer_parameters
+from spear_jax._client import paper_layout as paper_layout
 from spear_jax._config import AttackConfig as AttackConfig
+from spear_jax._data import ImageSet as ImageSet
+from spear_jax._data import load_bundled as load_bundled
+from spear_jax._data import sample_batch as sample_batch
+from spear_jax._metrics import hungarian as hungarian
+from spear_jax._metrics import match_and_score as match_and_score
 from spear_jax._linalg import Tolerances as Tolerances
 from spear_jax._linalg import factorize as factorize
 from spear_jax._linalg import null_vector as null_vector
@@ -28,19 +40,31 @@ __version__ = "0.1.0"
 
 __all__ = [
   "AttackConfig",
+  "ClientUpdate",
+  "ImageSet",
+  "MLP",
   "InversionResult",
   "InversionStats",
   "Tolerances",
+  "client_update",
   "default_max_proposals",
   "factorize",
+  "hungarian",
+  "init_mlp",
   "invert",
+  "layer_gradient",
+  "layer_parameters",
+  "load_bundled",
+  "match_and_score",
   "null_vector",
+  "paper_layout",
   "polish_direction",
   "propose_block",
   "propose_direction",
   "recover_batch",
   "relu_certificate",
   "resolve_tolerances",
+  "sample_batch",
   "sample_rows",
   "select_independent",
   "structure_floor",

@@ -36,6 +36,7 @@ from spear_jax._types import (
 __all__ = ["default_max_proposals", "invert", "structure_floor"]
 
 METHODS = ("spear",)
+_POLISH_CHUNK = 32
 
 
 def structure_floor(b: int, num_alive: int) -> int:
@@ -99,12 +100,14 @@ def _threshold(config, pool, b, num_alive, floor):
 def _selection(pool, threshold, tol, b, capacity):
   """Stage 1: sparsest first, keep the independent ones.
 
-  The pool is padded to a power of two (at most ``capacity``) so that a few
-  compilations of :func:`select_independent` serve every run.
+  The pool is padded to the power of two at or above ``max(2 b, size)``
+  (at most ``capacity``); after the mixture test the pool rarely outgrows
+  ``2 b``, so one compilation of :func:`select_independent` serves a run.
   """
   order = np.argsort(-pool.zeros, kind="stable")
   size = order.shape[0]
-  padded = min(capacity, max(8, 1 << max(size - 1, 1).bit_length()))
+  padded = max(2 * b, size)
+  padded = min(capacity, 1 << (padded - 1).bit_length())
   directions = np.zeros((padded, b), pool.directions.dtype)
   directions[:size] = pool.directions[order]
   eligible = np.zeros((padded,), bool)
@@ -307,6 +310,7 @@ def invert(
   block_size = config.block_size
   chunk_size = min(config.chunk_size, block_size)
   max_out = min(config.max_candidates_per_block, block_size)
+  max_out = max(_POLISH_CHUNK, max_out - max_out % _POLISH_CHUNK)
 
   pool = empty_pool(b, np.dtype(dtype))
   proposals = blocks = 0
@@ -348,18 +352,35 @@ def invert(
       blocks += 1
       num_valid = int(np.sum(np.asarray(valid)))  # valid rows come first
       num_new = 0
+      if num_valid and pool.zeros.shape[0]:
+        # Most passers re-find a known column: count those as hits without
+        # polishing them (the raw null vectors are accurate to O(eps cond)).
+        raw = np.asarray(dirs[:num_valid])
+        similarity = np.abs(raw @ pool.directions.T)
+        known = np.max(similarity, axis=1) >= 1.0 - tol.screen
+        np.add.at(pool.hits, np.argmax(similarity[known], axis=1), 1)
+        if np.any(known):
+          dirs = jnp.asarray(np.concatenate(
+            [raw[~known], np.zeros((max_out - np.sum(~known), b), raw.dtype)]
+          ))
+          num_valid = int(np.sum(~known))
       if num_valid:
-        # Polish only the passers, padded to a power of two (few shapes).
-        bucket = min(max_out, max(8, 1 << (num_valid - 1).bit_length()))
-        polished, zeros, leverage = _polish_many(
-          dirs[:bucket], l_mxb, alive, problem.scalar(tol.screen),
-          problem.scalar(tol.zero),
+        # Polish only the passers, in chunks of one fixed size (one
+        # compilation, no recompiles mid-run).
+        outputs = [
+          _polish_many(
+            dirs[start:start + _POLISH_CHUNK], l_mxb, alive,
+            problem.scalar(tol.screen), problem.scalar(tol.zero),
+          )
+          for start in range(0, num_valid, _POLISH_CHUNK)
+        ]
+        polished, zeros, leverage = (
+          np.concatenate([np.asarray(o[i]) for o in outputs])[:num_valid]
+          for i in range(3)
         )
-        polished = np.asarray(polished)[:num_valid]
-        zeros = np.asarray(zeros)[:num_valid]
         # Mixtures of several columns of Q are recognisable (see
         # polish_direction) and never enter the pool.
-        mixture = np.asarray(leverage)[:num_valid] >= 1.0 - tol.leverage
+        mixture = leverage >= 1.0 - tol.leverage
         keep = (zeros >= floor) & ~mixture
         pool, num_new = merge_candidates(
           pool, polished[keep], zeros[keep], tol.dedup, config.pool_capacity

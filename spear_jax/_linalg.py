@@ -265,7 +265,7 @@ def polish_direction(
     in_zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
     masked_mxb = l_mxb * in_zero_set[:, None].astype(l_mxb.dtype)
     gram_bxb = jnp.dot(masked_mxb.T, masked_mxb, precision=_HI)
-    _, eigvecs_bxb = jnp.linalg.eigh(gram_bxb)
+    eigvals_b, eigvecs_bxb = jnp.linalg.eigh(gram_bxb)
     refit = eigvecs_bxb[:, 0]
     # Keep the sign of the input so that duplicates line up.
     sign = jnp.where(jnp.dot(refit, direction, precision=_HI) < 0, -1.0, 1.0)
@@ -273,9 +273,7 @@ def polish_direction(
   v_m = jnp.dot(l_mxb, polished, precision=_HI)
   is_zero = (jnp.abs(v_m) <= zero_tol) & alive_m
   zeros = jnp.sum(is_zero)
-  eigvals_b, eigvecs_bxb = jnp.linalg.eigh(
-    jnp.dot(masked_mxb.T, masked_mxb, precision=_HI)
-  )
+  # The eigenpairs of the last refit's zero set give the leverages.
   coords_mxb = jnp.dot(l_mxb, eigvecs_bxb, precision=_HI)[:, 1:]
   tiny = jnp.finfo(l_mxb.dtype).tiny
   leverage_m = jnp.sum(

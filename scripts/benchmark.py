@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 
+import _cpu_devices  # noqa: F401  (before jax: one device per core)
 from absl import app
 from absl import flags
 from absl import logging
@@ -112,6 +113,7 @@ def main(argv):
     "cpu_count": os.cpu_count(),
     "machine": platform.machine(),
     "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+    "jax_devices": len(jax.local_devices()),
     "dtype": "float64",
     "matmul_precision": "highest",
   }
@@ -147,17 +149,22 @@ def main(argv):
       alive = jnp.ones((m,), bool)
       rows = jnp.arange(m, dtype=jnp.int32)
 
-      def jax_block(i, l_mxb=l_mxb, alive=alive, rows=rows):
-        return _attack._screen_block(  # pylint: disable=protected-access
+      devices = _attack._devices(config)  # pylint: disable=protected-access
+      screen = _attack._screen_block_fn(  # pylint: disable=protected-access
+        devices, config.block_size, config.chunk_size,
+        config.max_candidates_per_block,
+      )
+
+      def jax_block(i, l_mxb=l_mxb, alive=alive, rows=rows, screen=screen):
+        return screen(
           jax.random.key(i), l_mxb, rows, alive, jnp.asarray(m),
           jnp.asarray(tol.screen), jnp.asarray(b + 10),
-          block_size=config.block_size, chunk_size=config.chunk_size,
-          max_out=config.max_candidates_per_block,
         )
 
       compile_s, times = _time_block(jax_block, _REPEATS.value)
       emit({
         "kind": "proposal_block", "impl": "jax", "m": m, "b": b,
+        "num_devices": len(devices),
         "block_size": config.block_size, "compile_s": compile_s,
         "median_s": statistics.median(times), "min_s": min(times),
         "proposals_per_s": config.block_size / statistics.median(times),

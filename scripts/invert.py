@@ -21,6 +21,7 @@ import sys
 import tempfile
 import zipfile
 
+import _cpu_devices  # noqa: F401  (before jax: one device per core)
 from absl import app
 from absl import flags
 from absl import logging

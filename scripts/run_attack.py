@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+import _cpu_devices  # noqa: F401  (before jax: one device per core)
 from absl import app
 from absl import flags
 from absl import logging

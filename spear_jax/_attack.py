@@ -60,22 +60,73 @@ def default_max_proposals(b: int) -> int:
   return int(max(1e6, 100 * 2.0 ** (b - 1) * harmonic))
 
 
-@functools.partial(
-  jax.jit, static_argnames=("block_size", "chunk_size", "max_out")
-)
-def _screen_block(
-  key, l_mxb, alive_rows_m, alive_m, num_alive, screen_tol, floor, *,
-  block_size, chunk_size, max_out,
-):
-  """A block of proposals, compacted to (a random subset of) the passers."""
-  directions, zeros = propose_block(
-    key, l_mxb, alive_rows_m, alive_m, num_alive, screen_tol,
-    block_size=block_size, chunk_size=chunk_size,
+@functools.lru_cache(maxsize=None)
+def _screen_block_fn(devices, block_size, chunk_size, max_out):
+  """Jitted block of proposals, compacted to (a random subset of) passers.
+
+  With several local devices (for example ``--xla_force_host_platform_
+  device_count`` on a multi-core CPU host) the block is split evenly across
+  them with ``shard_map``; each device runs :func:`propose_block` on its
+  share.
+  """
+  num_devices = len(devices)
+
+  def compact(directions, zeros, floor):
+    passed = zeros >= floor
+    (index,) = jnp.nonzero(passed, size=max_out, fill_value=0)
+    valid = jnp.arange(max_out) < jnp.sum(passed)
+    return directions[index], valid, jnp.sum(passed)
+
+  if num_devices == 1:
+
+    @jax.jit
+    def screen(key, l_mxb, alive_rows_m, alive_m, num_alive, tol, floor):
+      directions, zeros = propose_block(
+        key, l_mxb, alive_rows_m, alive_m, num_alive, tol,
+        block_size=block_size, chunk_size=chunk_size,
+      )
+      return compact(directions, zeros, floor)
+
+    return screen
+
+  mesh = jax.sharding.Mesh(np.array(devices), ("proposals",))
+  spec, rep = jax.sharding.PartitionSpec("proposals"), jax.sharding.PartitionSpec()
+
+  def local(keys, l_mxb, alive_rows_m, alive_m, num_alive, tol):
+    return propose_block(
+      keys[0], l_mxb, alive_rows_m, alive_m, num_alive, tol,
+      block_size=block_size // num_devices, chunk_size=chunk_size,
+    )
+
+  sharded = jax.shard_map(
+    local, mesh=mesh, in_specs=(spec, rep, rep, rep, rep, rep),
+    out_specs=(spec, spec),
   )
-  passed = zeros >= floor
-  (index,) = jnp.nonzero(passed, size=max_out, fill_value=0)
-  valid = jnp.arange(max_out) < jnp.sum(passed)
-  return directions[index], valid, jnp.sum(passed)
+
+  @jax.jit
+  def screen(key, l_mxb, alive_rows_m, alive_m, num_alive, tol, floor):
+    keys = jax.random.split(key, num_devices)
+    directions, zeros = sharded(keys, l_mxb, alive_rows_m, alive_m,
+                                num_alive, tol)
+    return compact(directions, zeros, floor)
+
+  return screen
+
+
+def _devices(config: AttackConfig):
+  """Devices that share a block: all local ones, unless the config says."""
+  devices = jax.local_devices()
+  if config.num_devices is not None:
+    if not 1 <= config.num_devices <= len(devices):
+      raise ValueError(
+        f"num_devices={config.num_devices} but {len(devices)} local devices."
+      )
+    devices = devices[: config.num_devices]
+  # Each device needs a whole number of chunks.
+  while config.block_size % (len(devices) * min(config.chunk_size,
+                                                config.block_size)):
+    devices = devices[:-1]
+  return tuple(devices)
 
 
 @jax.jit
@@ -331,13 +382,15 @@ def invert(
     verified_all = bool(np.all(np.asarray(result[3])))
     stop_reason = "recovered" if weight is None else (
       "certified" if verified_all else "not_certified")
+  screen_block = _screen_block_fn(_devices(config), block_size, chunk_size,
+                                  max_out)
+
   def dispatch(key):
     """Starts a block asynchronously; returns (next key, block outputs)."""
     key, block_key = jax.random.split(key)
-    return key, _screen_block(
+    return key, screen_block(
       block_key, l_mxb, alive_rows, alive, jnp.asarray(num_alive),
       problem.scalar(tol.screen), jnp.asarray(floor),
-      block_size=block_size, chunk_size=chunk_size, max_out=max_out,
     )
 
   pending = None

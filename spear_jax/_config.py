@@ -45,6 +45,10 @@ class AttackConfig:
     pool_capacity: maximum number of distinct candidates kept.
     swap_rounds: rounds of the second (swap) stage of the greedy selection.
     log_every_s: progress is logged at most this often (seconds).
+    num_devices: how many local devices share each block (``None``: all of
+      the default backend's). On a multi-core CPU host, expose the cores as
+      devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+      before JAX starts (the scripts do this).
   """
 
   block_size: int = 8192
@@ -65,6 +69,7 @@ class AttackConfig:
   pool_capacity: int = 512
   swap_rounds: int = 2
   log_every_s: float = 5.0
+  num_devices: int | None = None
 
   def __post_init__(self):
     if self.block_size < 1 or self.chunk_size < 1:

@@ -126,7 +126,8 @@ class ExactRecoveryTest(parameterized.TestCase):
     kwargs = dict(weight=p["weight"], bias=p["bias"], config=_SMALL)
     spear_jax.invert(p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
                      **kwargs)
-    jitted = (_attack._screen_block, _attack._polish_many,
+    screen = _attack._screen_block_fn(_attack._devices(_SMALL), 2048, 64, 256)
+    jitted = (screen, _attack._polish_many,
               _selection.select_independent, _selection.recover_batch,
               spear_jax.relu_certificate)
     sizes = [f._cache_size() for f in jitted]
@@ -136,6 +137,31 @@ class ExactRecoveryTest(parameterized.TestCase):
                               bias=q["bias"], config=_SMALL)
     self.assertTrue(result.success)
     self.assertEqual([f._cache_size() for f in jitted], sizes)
+
+
+class DevicesTest(parameterized.TestCase):
+
+  def test_suite_runs_on_two_devices(self):
+    self.assertLen(jax.local_devices(), 2)
+    self.assertLen(_attack._devices(_SMALL), 2)
+
+  @parameterized.parameters(1, 2)
+  def test_single_and_sharded_sampler_recover_exactly(self, num_devices):
+    p = helpers.relu_layer_problem(40 + num_devices, 90, 50, 7)
+    cfg = spear_jax.AttackConfig(block_size=2048, num_devices=num_devices)
+    result = spear_jax.invert(
+      p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
+      weight=p["weight"], bias=p["bias"], config=cfg,
+    )
+    self.assertTrue(result.success)
+    self.assertLess(_max_error(result, p["inputs"]), 1e-10)
+
+  def test_too_many_devices(self):
+    p = helpers.relu_layer_problem(0, 40, 30, 3)
+    with self.assertRaisesRegex(ValueError, "num_devices"):
+      spear_jax.invert(p["weight_grad"], p["bias_grad"],
+                       key=jax.random.key(0),
+                       config=spear_jax.AttackConfig(num_devices=64))
 
 
 class CertificateTest(parameterized.TestCase):

@@ -1,6 +1,16 @@
-"""Test-wide JAX settings: float64, and loud shape/dtype promotion."""
+"""Test-wide JAX settings: float64, loud shape/dtype promotion, 2 devices.
 
-import jax
+Two host CPU devices make every ``invert`` call in the suite run the
+sharded (multi-device) sampler, as the scripts do on multi-core hosts.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -157,7 +157,8 @@ def main(argv):
 
       def jax_block(i, l_mxb=l_mxb, alive=alive, rows=rows, screen=screen):
         return screen(
-          jax.random.key(i), l_mxb, rows, alive, jnp.asarray(m),
+          jax.random.split(jax.random.key(i), len(devices)), l_mxb, rows,
+          alive, jnp.asarray(m),
           jnp.asarray(tol.screen), jnp.asarray(b + 10),
         )
 

@@ -64,53 +64,37 @@ def default_max_proposals(b: int) -> int:
 def _screen_block_fn(devices, block_size, chunk_size, max_out):
   """Jitted block of proposals, compacted to (a random subset of) passers.
 
-  With several local devices (for example ``--xla_force_host_platform_
-  device_count`` on a multi-core CPU host) the block is split evenly across
-  them with ``shard_map``; each device runs :func:`propose_block` on its
-  share.
+  Returns ``screen(key, ...) -> (directions, valid, num_passed)`` where the
+  rows flagged ``valid`` are the filter-passing proposals. With several
+  local devices (for example ``--xla_force_host_platform_device_count`` on a
+  multi-core CPU host) the block is split evenly across them with
+  ``shard_map``; each device samples and compacts its own share, so the
+  devices never communicate (no collectives, which on CPU hosts could
+  deadlock with several blocks in flight).
   """
   num_devices = len(devices)
+  local_max_out = max_out // num_devices
 
-  def compact(directions, zeros, floor):
-    passed = zeros >= floor
-    (index,) = jnp.nonzero(passed, size=max_out, fill_value=0)
-    valid = jnp.arange(max_out) < jnp.sum(passed)
-    return directions[index], valid, jnp.sum(passed)
-
-  if num_devices == 1:
-
-    @jax.jit
-    def screen(key, l_mxb, alive_rows_m, alive_m, num_alive, tol, floor):
-      directions, zeros = propose_block(
-        key, l_mxb, alive_rows_m, alive_m, num_alive, tol,
-        block_size=block_size, chunk_size=chunk_size,
-      )
-      return compact(directions, zeros, floor)
-
-    return screen
-
-  mesh = jax.sharding.Mesh(np.array(devices), ("proposals",))
-  spec, rep = jax.sharding.PartitionSpec("proposals"), jax.sharding.PartitionSpec()
-
-  def local(keys, l_mxb, alive_rows_m, alive_m, num_alive, tol):
-    return propose_block(
+  def local(keys, l_mxb, alive_rows_m, alive_m, num_alive, tol, floor):
+    directions, zeros = propose_block(
       keys[0], l_mxb, alive_rows_m, alive_m, num_alive, tol,
       block_size=block_size // num_devices, chunk_size=chunk_size,
     )
+    passed = zeros >= floor
+    (index,) = jnp.nonzero(passed, size=local_max_out, fill_value=0)
+    valid = jnp.arange(local_max_out) < jnp.sum(passed)
+    return directions[index], valid, jnp.sum(passed)[None]
 
-  sharded = jax.shard_map(
-    local, mesh=mesh, in_specs=(spec, rep, rep, rep, rep, rep),
-    out_specs=(spec, spec),
-  )
+  if num_devices == 1:
+    return jax.jit(local)
 
-  @jax.jit
-  def screen(key, l_mxb, alive_rows_m, alive_m, num_alive, tol, floor):
-    keys = jax.random.split(key, num_devices)
-    directions, zeros = sharded(keys, l_mxb, alive_rows_m, alive_m,
-                                num_alive, tol)
-    return compact(directions, zeros, floor)
-
-  return screen
+  mesh = jax.sharding.Mesh(np.array(devices), ("proposals",))
+  spec = jax.sharding.PartitionSpec("proposals")
+  rep = jax.sharding.PartitionSpec()
+  return jax.jit(jax.shard_map(
+    local, mesh=mesh, in_specs=(spec, rep, rep, rep, rep, rep, rep),
+    out_specs=(spec, spec, spec),
+  ))
 
 
 def _devices(config: AttackConfig):
@@ -360,8 +344,7 @@ def invert(
   )
   block_size = config.block_size
   chunk_size = min(config.chunk_size, block_size)
-  max_out = min(config.max_candidates_per_block, block_size)
-  max_out = max(_POLISH_CHUNK, max_out - max_out % _POLISH_CHUNK)
+  max_out = max(1, min(config.max_candidates_per_block, block_size))
 
   pool = empty_pool(b, np.dtype(dtype))
   proposals = blocks = 0
@@ -382,14 +365,17 @@ def invert(
     verified_all = bool(np.all(np.asarray(result[3])))
     stop_reason = "recovered" if weight is None else (
       "certified" if verified_all else "not_certified")
-  screen_block = _screen_block_fn(_devices(config), block_size, chunk_size,
-                                  max_out)
+  devices = _devices(config)
+  screen_block = _screen_block_fn(devices, block_size, chunk_size, max_out)
+
+  num_devices = len(devices)
 
   def dispatch(key):
     """Starts a block asynchronously; returns (next key, block outputs)."""
     key, block_key = jax.random.split(key)
+    keys = jax.random.split(block_key, num_devices)
     return key, screen_block(
-      block_key, l_mxb, alive_rows, alive, jnp.asarray(num_alive),
+      keys, l_mxb, alive_rows, alive, jnp.asarray(num_alive),
       problem.scalar(tol.screen), jnp.asarray(floor),
     )
 
@@ -403,26 +389,25 @@ def invert(
       key, pending = dispatch(key)
       proposals += block_size
       blocks += 1
-      num_valid = int(np.sum(np.asarray(valid)))  # valid rows come first
+      raw = np.asarray(dirs)[np.asarray(valid)]  # the passers, on the host
       num_new = 0
-      if num_valid and pool.zeros.shape[0]:
+      if raw.shape[0] and pool.zeros.shape[0]:
         # Most passers re-find a known column: count those as hits without
         # polishing them (the raw null vectors are accurate to O(eps cond)).
-        raw = np.asarray(dirs[:num_valid])
         similarity = np.abs(raw @ pool.directions.T)
         known = np.max(similarity, axis=1) >= 1.0 - tol.screen
         np.add.at(pool.hits, np.argmax(similarity[known], axis=1), 1)
-        if np.any(known):
-          dirs = jnp.asarray(np.concatenate(
-            [raw[~known], np.zeros((max_out - np.sum(~known), b), raw.dtype)]
-          ))
-          num_valid = int(np.sum(~known))
+        raw = raw[~known]
+      num_valid = raw.shape[0]
       if num_valid:
         # Polish only the passers, in chunks of one fixed size (one
         # compilation, no recompiles mid-run).
+        padded = np.zeros((-(-num_valid // _POLISH_CHUNK) * _POLISH_CHUNK, b),
+                          raw.dtype)
+        padded[:num_valid] = raw
         outputs = [
           _polish_many(
-            dirs[start:start + _POLISH_CHUNK], l_mxb, alive,
+            padded[start:start + _POLISH_CHUNK], l_mxb, alive,
             problem.scalar(tol.screen), problem.scalar(tol.zero),
           )
           for start in range(0, num_valid, _POLISH_CHUNK)

@@ -15,6 +15,7 @@ batch (the best partial result is still written); 2 = invalid input
 (nothing is written).
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -47,6 +48,12 @@ _TIME_BUDGET_S = flags.DEFINE_float(
 )
 _BLOCK_SIZE = flags.DEFINE_integer(
   "block_size", 8192, "Proposals per jitted block."
+)
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None,
+  "Optional .npz where the directions found so far are saved every few "
+  "seconds and on exit (also on Ctrl-C); an existing checkpoint of the same "
+  "gradient is resumed.",
 )
 
 flags.mark_flags_as_required(["gradients", "output"])
@@ -97,6 +104,30 @@ def load_gradients(path: str) -> dict:
   return {k: arrays[k] for k in (*_REQUIRED, *_OPTIONAL) if k in arrays}
 
 
+def _load_checkpoint(fingerprint: str):
+  """Directions and proposal count of an earlier run on this gradient."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  path = _CHECKPOINT.value
+  if not path or not os.path.exists(path):
+    return None, 0
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      saved = str(data["fingerprint"])
+      candidates = np.asarray(data["candidates"])
+      proposals = int(data["proposals"])
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+    raise InputError(f"{path}: not a readable checkpoint ({err}).") from None
+  if saved != fingerprint:
+    raise InputError(
+      f"{path}: checkpoint belongs to a different gradient; remove it or "
+      "pass another --checkpoint."
+    )
+  logging.info("resuming from %s: %d directions, %d proposals", path,
+               candidates.shape[0], proposals)
+  return candidates, proposals
+
+
 def _write_npz(path: str, **arrays) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -132,6 +163,17 @@ def main(argv):
       block_size=_BLOCK_SIZE.value,
       chunk_size=min(64, _BLOCK_SIZE.value),
     )
+    fingerprint = hashlib.sha256(
+      arrays["weight_grad"].tobytes() + arrays["bias_grad"].tobytes()
+    ).hexdigest()
+    initial, earlier_proposals = _load_checkpoint(fingerprint)
+
+    def checkpoint_fn(candidates, proposals):
+      if _CHECKPOINT.value:
+        _write_npz(_CHECKPOINT.value, candidates=candidates,
+                   proposals=np.asarray(earlier_proposals + proposals),
+                   fingerprint=np.asarray(fingerprint))
+
     result = spear_jax.invert(
       arrays["weight_grad"],
       arrays["bias_grad"],
@@ -141,6 +183,8 @@ def main(argv):
       weight=arrays.get("weight"),
       bias=arrays.get("bias"),
       config=config,
+      initial_candidates=initial,
+      checkpoint_fn=checkpoint_fn,
     )
   except (InputError, ValueError, TypeError) as err:
     _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -159,6 +203,7 @@ def main(argv):
     "batch_size": result.stats.rank,
     "verified": int(verified.sum()),
     "proposals": result.stats.proposals,
+    "resumed_proposals": earlier_proposals,
     "candidates": result.stats.candidates,
     "seconds": round(result.stats.seconds, 3),
     "stop_reason": result.stats.stop_reason,

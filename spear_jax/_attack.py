@@ -5,6 +5,7 @@ jitted blocks of proposals so that it can stop as soon as a selection is
 certified, respect budgets, log progress and be interrupted.
 """
 
+from collections.abc import Callable
 import functools
 import math
 import time
@@ -249,6 +250,8 @@ def invert(
   weight: ArrayLike | None = None,
   bias: ArrayLike | None = None,
   config: AttackConfig | None = None,
+  initial_candidates: ArrayLike | None = None,
+  checkpoint_fn: Callable[[np.ndarray, int], None] | None = None,
 ) -> InversionResult:
   r"""Recovers the private batch from one linear layer's gradients (SPEAR).
 
@@ -275,6 +278,13 @@ def invert(
     weight: the layer's weight ``W`` (``m x n``), for the certificate.
     bias: the layer's bias ``beta``, for the certificate.
     config: an :class:`AttackConfig`; ``None`` uses the defaults.
+    initial_candidates: directions found by an earlier, interrupted run on
+      the same gradient (its ``result.candidates``); they are re-polished,
+      re-filtered and tried before any new sampling, so resuming loses no
+      finished work.
+    checkpoint_fn: called as ``checkpoint_fn(candidates, proposals)`` every
+      ``config.log_every_s`` seconds and at the end, e.g. to save
+      ``candidates`` for a later ``initial_candidates``.
 
   Returns:
     An :class:`InversionResult`. ``success`` is ``True`` when ``b``
@@ -379,9 +389,82 @@ def invert(
       problem.scalar(tol.screen), jnp.asarray(floor),
     )
 
+  state = {"pool": pool, "chosen": chosen, "result": result,
+           "threshold": threshold, "signature": None}
+
+  def absorb(raw):
+    """Polishes new passers, drops mixtures, merges; returns #new."""
+    pool = state["pool"]
+    if raw.shape[0] and pool.zeros.shape[0]:
+      # Most passers re-find a known column: count those as hits without
+      # polishing them (the raw null vectors are accurate to O(eps cond)).
+      similarity = np.abs(raw @ pool.directions.T)
+      known = np.max(similarity, axis=1) >= 1.0 - tol.screen
+      np.add.at(pool.hits, np.argmax(similarity[known], axis=1), 1)
+      raw = raw[~known]
+    num_valid = raw.shape[0]
+    if not num_valid:
+      return 0
+    # Polish in chunks of one fixed size (one compilation, no recompiles).
+    padded = np.zeros((-(-num_valid // _POLISH_CHUNK) * _POLISH_CHUNK, b),
+                      np.dtype(dtype))
+    padded[:num_valid] = raw
+    outputs = [
+      _polish_many(
+        padded[start:start + _POLISH_CHUNK], l_mxb, alive,
+        problem.scalar(tol.screen), problem.scalar(tol.zero),
+      )
+      for start in range(0, num_valid, _POLISH_CHUNK)
+    ]
+    polished, zeros, leverage = (
+      np.concatenate([np.asarray(o[i]) for o in outputs])[:num_valid]
+      for i in range(3)
+    )
+    # Mixtures of several columns of Q are recognisable (see
+    # polish_direction) and never enter the pool.
+    keep = (zeros >= floor) & (leverage < 1.0 - tol.leverage)
+    state["pool"], num_new = merge_candidates(
+      pool, polished[keep], zeros[keep], tol.dedup, config.pool_capacity
+    )
+    return num_new
+
+  def select():
+    """Two-stage greedy + certificate; returns a stop reason or None."""
+    pool = state["pool"]
+    state["threshold"] = _threshold(config, pool, b, num_alive, floor)
+    chosen = _selection(pool, state["threshold"], tol, b,
+                        config.pool_capacity)
+    state["chosen"] = chosen
+    signature = pool.directions[np.sort(chosen)].tobytes()
+    if chosen.shape[0] < b or signature == state["signature"]:
+      return None
+    state["signature"] = signature
+    result = problem.reconstruct(pool.directions[chosen].T)
+    state["result"] = result
+    if weight is None:
+      return "recovered"
+    if not np.all(np.asarray(result[3])):
+      state["chosen"], state["result"] = _swap_stage(
+        problem, pool, chosen, state["threshold"], budget=2 * b, tried=tried
+      )
+    if np.all(np.asarray(state["result"][3])):
+      return "certified"
+    return None
+
+  def save():
+    if checkpoint_fn is not None:
+      checkpoint_fn(state["pool"].directions.copy(), proposals)
+
   pending = None
   try:
-    while b > 1:
+    done = None
+    if b > 1 and initial_candidates is not None:
+      earlier = np.asarray(initial_candidates, np.dtype(dtype)).reshape(-1, b)
+      if absorb(earlier):
+        done = select()
+    if done is not None:
+      stop_reason = done
+    while b > 1 and done is None:
       # Keep one block in flight while the host merges the previous one.
       if pending is None:
         key, pending = dispatch(key)
@@ -389,65 +472,21 @@ def invert(
       key, pending = dispatch(key)
       proposals += block_size
       blocks += 1
-      raw = np.asarray(dirs)[np.asarray(valid)]  # the passers, on the host
-      num_new = 0
-      if raw.shape[0] and pool.zeros.shape[0]:
-        # Most passers re-find a known column: count those as hits without
-        # polishing them (the raw null vectors are accurate to O(eps cond)).
-        similarity = np.abs(raw @ pool.directions.T)
-        known = np.max(similarity, axis=1) >= 1.0 - tol.screen
-        np.add.at(pool.hits, np.argmax(similarity[known], axis=1), 1)
-        raw = raw[~known]
-      num_valid = raw.shape[0]
-      if num_valid:
-        # Polish only the passers, in chunks of one fixed size (one
-        # compilation, no recompiles mid-run).
-        padded = np.zeros((-(-num_valid // _POLISH_CHUNK) * _POLISH_CHUNK, b),
-                          raw.dtype)
-        padded[:num_valid] = raw
-        outputs = [
-          _polish_many(
-            padded[start:start + _POLISH_CHUNK], l_mxb, alive,
-            problem.scalar(tol.screen), problem.scalar(tol.zero),
-          )
-          for start in range(0, num_valid, _POLISH_CHUNK)
-        ]
-        polished, zeros, leverage = (
-          np.concatenate([np.asarray(o[i]) for o in outputs])[:num_valid]
-          for i in range(3)
-        )
-        # Mixtures of several columns of Q are recognisable (see
-        # polish_direction) and never enter the pool.
-        mixture = leverage >= 1.0 - tol.leverage
-        keep = (zeros >= floor) & ~mixture
-        pool, num_new = merge_candidates(
-          pool, polished[keep], zeros[keep], tol.dedup, config.pool_capacity
-        )
-      if num_new:
-        threshold = _threshold(config, pool, b, num_alive, floor)
-        chosen = _selection(pool, threshold, tol, b, config.pool_capacity)
-        signature = pool.directions[np.sort(chosen)].tobytes()
-        if chosen.shape[0] == b and signature != last_signature:
-          last_signature = signature
-          result = problem.reconstruct(pool.directions[chosen].T)
-          if weight is None:
-            stop_reason = "recovered"
-            break
-          if not np.all(np.asarray(result[3])):
-            chosen, result = _swap_stage(
-              problem, pool, chosen, threshold, budget=2 * b, tried=tried
-            )
-          if np.all(np.asarray(result[3])):
-            stop_reason = "certified"
-            break
+      if absorb(np.asarray(dirs)[np.asarray(valid)]):
+        done = select()
+        if done is not None:
+          stop_reason = done
+          break
       now = time.perf_counter()
       if now - last_log >= config.log_every_s:
         last_log = now
+        save()
         logging.info(
           "SPEAR b=%d: %d proposals (%.0f/s), %d candidates, %d/%d "
           "directions, threshold %d/%d zeros",
-          b, proposals, proposals / (now - start), pool.zeros.shape[0],
-          chosen.shape[0], b, threshold, num_alive,
+          b, proposals, proposals / (now - start),
+          state["pool"].zeros.shape[0], state["chosen"].shape[0], b,
+          state["threshold"], num_alive,
         )
       if proposals >= max_proposals:
         stop_reason = "max_proposals"
@@ -461,6 +500,9 @@ def invert(
   except KeyboardInterrupt:
     stop_reason = "interrupted"
     logging.warning("SPEAR interrupted; returning the best partial result.")
+  pool, chosen, result = state["pool"], state["chosen"], state["result"]
+  threshold = state["threshold"]
+  save()
 
   if result is None or chosen.shape[0] < b:
     basis = _complete(pool.directions[chosen], b)
@@ -491,5 +533,6 @@ def invert(
     success=success,
     directions=q,
     sparsity=sparsity,
+    candidates=pool.directions,
     stats=stats,
   )

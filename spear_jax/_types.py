@@ -85,6 +85,8 @@ class InversionResult(NamedTuple):
       layer's weights were given, every sample is verified.
     directions: the recovered ``Q`` (``b x b``), ``grad_z = L Q``.
     sparsity: number of zeros of each column of ``grad_z`` over alive rows.
+    candidates: every distinct direction found (rows); pass them as
+      ``initial_candidates`` to resume an interrupted run.
     stats: an :class:`InversionStats`.
   """
 
@@ -94,4 +96,5 @@ class InversionResult(NamedTuple):
   success: bool
   directions: Float[Array, "b b"]
   sparsity: Int[Array, " b"]
+  candidates: Float[Array, "P b"]
   stats: InversionStats

@@ -139,6 +139,40 @@ class ExactRecoveryTest(parameterized.TestCase):
     self.assertEqual([f._cache_size() for f in jitted], sizes)
 
 
+class ResumeTest(parameterized.TestCase):
+
+  def test_resume_keeps_finished_work(self):
+    p = helpers.relu_layer_problem(50, 160, 90, 10)
+    kwargs = dict(weight=p["weight"], bias=p["bias"])
+    saved = []
+    partial = spear_jax.invert(
+      p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
+      config=spear_jax.AttackConfig(block_size=256, chunk_size=64,
+                                    max_proposals=1024),
+      checkpoint_fn=lambda c, n: saved.append((c, n)), **kwargs,
+    )
+    self.assertFalse(partial.success)
+    self.assertGreater(partial.candidates.shape[0], 0)
+    np.testing.assert_array_equal(saved[-1][0], partial.candidates)
+    self.assertEqual(saved[-1][1], 1024)
+    full = spear_jax.invert(
+      p["weight_grad"], p["bias_grad"], key=jax.random.key(1),
+      initial_candidates=partial.candidates, config=_SMALL, **kwargs,
+    )
+    self.assertTrue(full.success)
+    # Every direction of the interrupted run is still in the pool.
+    overlap = np.abs(np.asarray(partial.candidates) @ full.candidates.T)
+    self.assertTrue(np.all(overlap.max(axis=1) > 1 - 1e-9))
+    # With all b columns known, resuming certifies without sampling.
+    again = spear_jax.invert(
+      p["weight_grad"], p["bias_grad"], key=jax.random.key(2),
+      initial_candidates=full.candidates, config=_SMALL, **kwargs,
+    )
+    self.assertTrue(again.success)
+    self.assertEqual(again.stats.proposals, 0)
+    self.assertLess(_max_error(again, p["inputs"]), 1e-10)
+
+
 class DevicesTest(parameterized.TestCase):
 
   def test_suite_runs_on_two_devices(self):

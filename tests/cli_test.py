@@ -83,6 +83,33 @@ class InvertCliTest(parameterized.TestCase):
       self.assertEqual(result["inputs"].shape, (14, 100))
       self.assertFalse(result["verified"].all())
 
+  def test_checkpoint_resumes_and_guards_the_gradient(self):
+    p = helpers.relu_layer_problem(19, 160, 90, 10)
+    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"],
+                     weight=p["weight"], bias=p["bias"])
+    ckpt = os.path.join(self.dir, "ckpt.npz")
+    out = os.path.join(self.dir, "out.npz")
+    code, _, _ = _run(f"--gradients={path}", f"--output={out}",
+                      f"--checkpoint={ckpt}", "--max_proposals=512",
+                      "--block_size=256")
+    self.assertEqual(code, 1)
+    with np.load(ckpt) as saved:
+      self.assertEqual(int(saved["proposals"]), 512)
+      found = saved["candidates"].shape[0]
+    self.assertGreater(found, 0)
+    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
+                                f"--checkpoint={ckpt}", "--block_size=1024")
+    self.assertEqual(code, 0, stderr)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    self.assertEqual(summary["resumed_proposals"], 512)
+    other = helpers.relu_layer_problem(20, 160, 90, 10)
+    other_path = self._npz("other.npz", weight_grad=other["weight_grad"],
+                           bias_grad=other["bias_grad"])
+    code, _, stderr = _run(f"--gradients={other_path}", f"--output={out}2",
+                           f"--checkpoint={ckpt}")
+    self.assertEqual(code, 2)
+    self.assertIn("different gradient", stderr)
+
   @parameterized.named_parameters(
     ("missing_key", "missing bias_grad"),
     ("wrong_ndim", "must be 2-D"),

@@ -31,7 +31,8 @@ _GRADIENTS = flags.DEFINE_string(
   "gradients", None, "Input .npz with weight_grad, bias_grad[, weight, bias]."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Output .npz path.")
-_METHOD = flags.DEFINE_enum("method", "spear", ["spear"], "Attack method.")
+_METHOD = flags.DEFINE_enum("method", "spear", ["spear", "spearpp"],
+                             "Attack method: SPEAR or SPEAR++.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampler's PRNG key.")
 _BATCH_SIZE = flags.DEFINE_integer(
   "batch_size", None, "Batch size b; default: the numerical rank."

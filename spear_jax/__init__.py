@@ -18,6 +18,11 @@ from spear_jax._client import layer_gradient as layer_gradient
 from spear_jax._client import layer_parameters as layer_parameters
 from spear_jax._client import paper_layout as paper_layout
 from spear_jax._config import AttackConfig as AttackConfig
+from spear_jax._config import LearnerConfig as LearnerConfig
+from spear_jax._dictionary import complete_last_column as complete_last_column
+from spear_jax._dictionary import learn_directions as learn_directions
+from spear_jax._dictionary import make_dictionary_learner as make_dictionary_learner
+from spear_jax._dictionary import round_direction as round_direction
 from spear_jax._data import ImageSet as ImageSet
 from spear_jax._data import load_bundled as load_bundled
 from spear_jax._data import sample_batch as sample_batch
@@ -45,8 +50,10 @@ __all__ = [
   "MLP",
   "InversionResult",
   "InversionStats",
+  "LearnerConfig",
   "Tolerances",
   "client_update",
+  "complete_last_column",
   "default_max_proposals",
   "factorize",
   "hungarian",
@@ -54,7 +61,9 @@ __all__ = [
   "invert",
   "layer_gradient",
   "layer_parameters",
+  "learn_directions",
   "load_bundled",
+  "make_dictionary_learner",
   "match_and_score",
   "null_vector",
   "paper_layout",
@@ -64,6 +73,7 @@ __all__ = [
   "recover_batch",
   "relu_certificate",
   "resolve_tolerances",
+  "round_direction",
   "sample_batch",
   "sample_rows",
   "select_independent",

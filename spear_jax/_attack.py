@@ -18,6 +18,9 @@ import numpy as np
 from spear_jax import _validation
 from spear_jax._certificate import relu_certificate
 from spear_jax._config import AttackConfig
+from spear_jax._dictionary import complete_last_column
+from spear_jax._dictionary import learn_directions
+from spear_jax._dictionary import round_direction
 from spear_jax._linalg import factorize, polish_direction, resolve_tolerances
 from spear_jax._proposals import propose_block
 from spear_jax._selection import (
@@ -36,7 +39,7 @@ from spear_jax._types import (
 
 __all__ = ["default_max_proposals", "invert", "structure_floor"]
 
-METHODS = ("spear",)
+METHODS = ("spear", "spearpp", "spear++")
 _POLISH_CHUNK = 32
 
 
@@ -238,6 +241,89 @@ def _swap_stage(problem, pool, chosen, threshold, budget, tried):
       if trials >= budget:
         break
   return chosen, best
+
+
+@functools.partial(jax.jit, static_argnames=("tries", "pool"))
+def _round_many(keys, approx_kxb, l_mxb, alive_m, screen_tol, *, tries, pool):
+  return jax.vmap(
+    functools.partial(round_direction, tries=tries, pool=pool),
+    in_axes=(0, 0, None, None, None),
+  )(keys, approx_kxb, l_mxb, alive_m, screen_tol)
+
+
+def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
+  """Random points of the sphere and rows of ``L`` (deflation).
+
+  The targeted starts are rows ``L_j`` on which every column found so far
+  vanishes: they lie in the span of the missing columns' rows, so the
+  search is pushed towards columns not found yet.
+  """
+  l_np = np.asarray(problem.l_mxb)
+  m, b = l_np.shape
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  alive = np.asarray(problem.alive)
+  targeted = int(round(targeted_fraction * count))
+  candidates = alive.copy()
+  if found_pxb.shape[0]:
+    vanish = np.all(np.abs(l_np @ found_pxb.T) <= problem.tol.screen, axis=1)
+    if np.any(vanish & alive):
+      candidates = vanish & alive
+  rows = rng.choice(np.flatnonzero(candidates), size=targeted, replace=True)
+  starts = np.concatenate([l_np[rows],
+                           rng.standard_normal((count - targeted, b))])
+  return starts / np.linalg.norm(starts, axis=1, keepdims=True)
+
+
+def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
+                    start, max_proposals):
+  """SPEAR++ rounds: search from restarts, round, absorb, select."""
+  learner = config.learner
+  b = problem.l_mxb.shape[1]
+  restarts = learner.restarts or 2 * b
+  pool = learner.rounding_pool or 2 * b
+  proposals = rounds = 0
+  for _ in range(learner.max_rounds):
+    key, init_key, round_key = jax.random.split(key, 3)
+    starts = _initial_directions(init_key, problem, state["pool"].directions,
+                                 restarts, learner.targeted_fraction)
+    approx, _ = learn_directions(jnp.asarray(starts, problem.dtype),
+                                 problem.l_mxb, problem.alive, config=learner)
+    rounded, zeros = _round_many(
+      jax.random.split(round_key, restarts), approx, problem.l_mxb,
+      problem.alive, problem.scalar(problem.tol.screen),
+      tries=learner.rounding_tries, pool=pool,
+    )
+    proposals += restarts * learner.rounding_tries
+    rounds += 1
+    rounded, zeros = np.asarray(rounded), np.asarray(zeros)
+    if absorb(rounded[zeros >= floor]):
+      done = select()
+      if done is not None:
+        return done, proposals, rounds
+    chosen = state["chosen"]
+    if problem.weight is not None and chosen.shape[0] == b - 1:
+      # One column missing: read it off the ReLU pattern of the layer.
+      found = state["pool"].directions[chosen].T
+      direction, _ = complete_last_column(
+        jnp.asarray(found), problem.l_mxb, problem.r_bxn, problem.weight,
+        problem.bias, problem.alive,
+      )
+      if absorb(np.asarray(direction)[None, :]):
+        done = select()
+        if done is not None:
+          return done, proposals, rounds
+    save()
+    logging.info(
+      "SPEAR++ b=%d: round %d, %d distinct directions, %d/%d selected",
+      b, rounds, state["pool"].zeros.shape[0], state["chosen"].shape[0], b,
+    )
+    if proposals >= max_proposals or (
+      config.time_budget_s is not None
+      and time.perf_counter() - start >= config.time_budget_s
+    ):
+      return ("max_proposals" if proposals >= max_proposals
+              else "time_budget"), proposals, rounds
+  return "max_rounds", proposals, rounds
 
 
 def invert(
@@ -464,7 +550,13 @@ def invert(
         done = select()
     if done is not None:
       stop_reason = done
-    while b > 1 and done is None:
+    if method in ("spearpp", "spear++") and b > 1 and done is None:
+      done, proposals, blocks = _spearpp_rounds(
+        key, problem, state, absorb, select, save, config, floor, start,
+        max_proposals,
+      )
+      stop_reason = done
+    while method == "spear" and b > 1 and done is None:
       # Keep one block in flight while the host merges the previous one.
       if pending is None:
         key, pending = dispatch(key)

@@ -2,7 +2,53 @@
 
 import dataclasses
 
-__all__ = ["AttackConfig"]
+__all__ = ["AttackConfig", "LearnerConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+  """Settings of SPEAR++'s dictionary-learning search and rounding.
+
+  Attributes:
+    objective: ``"l1"`` (mean ``|L_j q|``), ``"logcosh"`` (its smooth
+      surrogate ``mu log cosh(L_j q / mu)``) or ``"l4"`` (maximise
+      ``sum (L_j q)^4``, MSP-style), all over alive rows, ``q`` on the unit
+      sphere.
+    restarts: parallel restarts per round; ``None`` means ``2 b``.
+    steps: optimiser steps per restart (``lax.scan``).
+    learning_rate: peak learning rate of the default RAdam (cosine decay).
+    logcosh_mu: smoothing scale of ``"logcosh"`` relative to ``1/sqrt(M)``.
+    rounding_tries: kernels tried per rounded restart: the ``b - 1`` rows
+      with the smallest ``|L_j q| / ||L_j||``, then random ``(b-1)``-subsets
+      of the ``rounding_pool`` smallest.
+    rounding_pool: size of that pool of small rows; ``None`` means ``2 b``.
+    max_rounds: rounds of (search, rounding) before giving up.
+    targeted_fraction: fraction of restarts initialised from rows of ``L``
+      on which every column found so far vanishes (deflation towards the
+      missing columns); the rest start from random points of the sphere.
+  """
+
+  objective: str = "l1"
+  restarts: int | None = None
+  steps: int = 600
+  learning_rate: float = 0.05
+  logcosh_mu: float = 0.1
+  rounding_tries: int = 10
+  rounding_pool: int | None = None
+  max_rounds: int = 8
+  targeted_fraction: float = 0.5
+
+  def __post_init__(self):
+    if self.objective not in ("l1", "logcosh", "l4"):
+      raise ValueError(
+        f"Unknown objective {self.objective!r}; use 'l1', 'logcosh' or 'l4'."
+      )
+    if self.steps < 1 or self.rounding_tries < 1 or self.max_rounds < 1:
+      raise ValueError("steps, rounding_tries and max_rounds must be >= 1.")
+    if self.restarts is not None and self.restarts < 1:
+      raise ValueError("restarts must be positive.")
+    if not 0.0 <= self.targeted_fraction <= 1.0:
+      raise ValueError("targeted_fraction must lie in [0, 1].")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +95,7 @@ class AttackConfig:
       the default backend's). On a multi-core CPU host, expose the cores as
       devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
       before JAX starts (the scripts do this).
+    learner: settings of SPEAR++ (``method="spearpp"``).
   """
 
   block_size: int = 8192
@@ -70,6 +117,7 @@ class AttackConfig:
   swap_rounds: int = 2
   log_every_s: float = 5.0
   num_devices: int | None = None
+  learner: LearnerConfig = LearnerConfig()
 
   def __post_init__(self):
     if self.block_size < 1 or self.chunk_size < 1:

@@ -54,6 +54,21 @@ class InvertCliTest(parameterized.TestCase):
       np.testing.assert_allclose(result["inputs"], p["inputs"][order],
                                  atol=1e-10)
 
+  def test_spearpp_method(self):
+    p = helpers.relu_layer_problem(21, 300, 120, 20)
+    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"],
+                     weight=p["weight"], bias=p["bias"])
+    out = os.path.join(self.dir, "outpp.npz")
+    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
+                                "--method=spearpp")
+    self.assertEqual(code, 0, stderr)
+    self.assertEqual(json.loads(stdout.strip().splitlines()[-1])["verified"],
+                     20)
+    with np.load(out) as result:
+      order = helpers.match_rows(result["inputs"], p["inputs"])
+      np.testing.assert_allclose(result["inputs"], p["inputs"][order],
+                                 atol=1e-10)
+
   def test_float32_without_certificate(self):
     p = self.problem
     path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"])

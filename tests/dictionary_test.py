@@ -1,0 +1,124 @@
+"""SPEAR++: dictionary-learning search, rounding, deflation, end to end."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import spear_jax
+from spear_jax import _dictionary
+import helpers
+
+
+def _factor(p, b):
+  u, s, vt = np.linalg.svd(p["weight_grad"], full_matrices=False)
+  l_mxb, r_bxn = u[:, :b], s[:b, None] * vt[:b]
+  q_bxb = l_mxb.T @ p["grad_z"]  # D = L Q
+  return l_mxb, r_bxn, q_bxb / np.linalg.norm(q_bxb, axis=0)
+
+
+class ObjectiveTest(parameterized.TestCase):
+
+  @parameterized.parameters("l1", "logcosh", "l4")
+  def test_objective_decreases(self, objective):
+    p = helpers.relu_layer_problem(60, 200, 80, 8)
+    l_mxb, _, _ = _factor(p, 8)
+    alive = jnp.asarray(np.any(p["grad_z"] != 0, axis=1))
+    config = spear_jax.LearnerConfig(objective=objective, steps=200)
+    starts = np.random.default_rng(0).standard_normal((6, 8))
+    starts /= np.linalg.norm(starts, axis=1, keepdims=True)
+    f = _dictionary.dictionary_objective(objective, config.logcosh_mu)
+    initial = np.array([f(jnp.asarray(q), jnp.asarray(l_mxb), alive)
+                        for q in starts])
+    final_q, losses = _dictionary.learn_directions(
+      jnp.asarray(starts), jnp.asarray(l_mxb), alive, config=config)
+    chex.assert_shape(losses, (6, 200))
+    np.testing.assert_allclose(np.linalg.norm(final_q, axis=1), 1.0,
+                               atol=1e-12)
+    self.assertTrue(np.all(np.asarray(losses[:, -1]) < initial))
+
+  def test_l1_search_reaches_a_true_column(self):
+    p = helpers.relu_layer_problem(61, 300, 100, 10)
+    l_mxb, _, q_true = _factor(p, 10)
+    alive = jnp.asarray(np.any(p["grad_z"] != 0, axis=1))
+    starts = l_mxb[np.flatnonzero(np.asarray(alive))[:20]]
+    final_q, _ = _dictionary.learn_directions(
+      jnp.asarray(starts / np.linalg.norm(starts, axis=1, keepdims=True)),
+      jnp.asarray(l_mxb), alive, config=spear_jax.LearnerConfig())
+    best = np.max(np.abs(np.asarray(final_q) @ q_true), axis=1)
+    self.assertGreater(np.max(best), 1 - 1e-6)
+
+
+class RoundingTest(parameterized.TestCase):
+
+  def test_perturbed_true_direction_rounds_to_the_exact_one(self):
+    p = helpers.relu_layer_problem(62, 160, 90, 9)
+    l_mxb, _, q_true = _factor(p, 9)
+    alive = jnp.asarray(np.any(p["grad_z"] != 0, axis=1))
+    rng = np.random.default_rng(1)
+    for column in range(9):
+      noisy = q_true[:, column] + 1e-3 * rng.standard_normal(9)
+      rounded, zeros = _dictionary.round_direction(
+        jax.random.key(column), jnp.asarray(noisy / np.linalg.norm(noisy)),
+        jnp.asarray(l_mxb), alive, jnp.asarray(1e-8), tries=5, pool=18)
+      self.assertGreater(abs(float(rounded @ q_true[:, column])),
+                         1 - 1e-12)
+      true_zeros = (p["grad_z"][:, column] == 0) & np.asarray(alive)
+      self.assertEqual(int(zeros), int(np.sum(true_zeros)))
+
+  def test_withheld_column_is_completed_from_the_relu_pattern(self):
+    p = helpers.relu_layer_problem(63, 200, 100, 12)
+    l_mxb, r_bxn, q_true = _factor(p, 12)
+    alive = jnp.asarray(np.any(p["grad_z"] != 0, axis=1))
+    withheld = 5
+    found = np.delete(q_true, withheld, axis=1)
+    direction, relative = _dictionary.complete_last_column(
+      jnp.asarray(found), jnp.asarray(l_mxb), jnp.asarray(r_bxn),
+      jnp.asarray(p["weight"]), jnp.asarray(p["bias"]), alive)
+    self.assertLess(float(relative), 1e-20)
+    self.assertGreater(abs(float(direction @ q_true[:, withheld])),
+                       1 - 1e-12)
+
+
+class SpearPlusPlusTest(parameterized.TestCase):
+
+  def test_beyond_spear_in_the_same_budget(self):
+    # b = 20 needs ~2^19 H_20 ~ 2e6 SPEAR proposals; both get 16384.
+    p = helpers.relu_layer_problem(64, 300, 120, 20)
+    kwargs = dict(weight=p["weight"], bias=p["bias"])
+    budget = spear_jax.AttackConfig(block_size=2048, max_proposals=16384)
+    spear = spear_jax.invert(p["weight_grad"], p["bias_grad"],
+                             key=jax.random.key(0), config=budget, **kwargs)
+    self.assertFalse(spear.success)
+    plus = spear_jax.invert(p["weight_grad"], p["bias_grad"],
+                            key=jax.random.key(0), method="spearpp",
+                            config=budget, **kwargs)
+    self.assertTrue(plus.success)
+    self.assertLessEqual(plus.stats.proposals, 16384)
+    recovered = np.asarray(plus.inputs)
+    order = helpers.match_rows(recovered, p["inputs"])
+    self.assertLen(set(order.tolist()), 20)
+    np.testing.assert_allclose(recovered, p["inputs"][order], atol=1e-10)
+
+  @parameterized.parameters("spearpp", "spear++")
+  def test_invalid_inputs(self, method):
+    p = helpers.relu_layer_problem(0, 40, 30, 3)
+    with self.assertRaisesRegex(ValueError, "2-D"):
+      spear_jax.invert(p["weight_grad"][None], p["bias_grad"],
+                       key=jax.random.key(0), method=method)
+    with self.assertRaisesRegex(ValueError, "NaN"):
+      spear_jax.invert(p["weight_grad"] * np.nan, p["bias_grad"],
+                       key=jax.random.key(0), method=method)
+    with self.assertRaisesRegex(ValueError, "full numerical rank"):
+      spear_jax.invert(np.random.default_rng(0).standard_normal((40, 30)),
+                       p["bias_grad"], key=jax.random.key(0), method=method)
+
+  def test_learner_config_validation(self):
+    with self.assertRaisesRegex(ValueError, "objective"):
+      spear_jax.LearnerConfig(objective="l2")
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -33,6 +33,12 @@ from absl import flags
 from absl import logging
 
 _BS = flags.DEFINE_list("bs", ["12", "16"], "Batch sizes b.")
+_METHODS = flags.DEFINE_list(
+  "methods", ["spear"], "Attack methods to time: spear and/or spearpp."
+)
+_OBJECTIVES = flags.DEFINE_list(
+  "objectives", ["l1"], "SPEAR++ dictionary-learning objectives to compare."
+)
 _MS = flags.DEFINE_list("ms", ["400"], "Widths m of the attacked layer.")
 _TRIALS = flags.DEFINE_integer("trials", 3, "Gradients per (m, b).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of block timings.")
@@ -90,6 +96,50 @@ def _time_block(fn, repeats):
   return compile_s, times
 
 
+def _spearpp_sweep(root, config, emit):
+  """SPEAR++ time to certified recovery per objective (warm-up first)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import spear_jax  # pylint: disable=g-import-not-at-top
+
+  for m in map(int, _MS.value):
+    for b in map(int, _BS.value):
+      shape_key = jax.random.fold_in(jax.random.fold_in(root, m), b)
+      for objective in _OBJECTIVES.value:
+        cfg = dataclasses.replace(
+          config, learner=spear_jax.LearnerConfig(objective=objective))
+        warm = _problem(jax.random.fold_in(shape_key, 10_000), m, b,
+                        jnp.float64)
+        start = time.perf_counter()
+        spear_jax.invert(warm.weight_grad, warm.bias_grad,
+                         key=jax.random.key(0), method="spearpp",
+                         weight=warm.weight, bias=warm.bias, config=cfg)
+        first_call_s = time.perf_counter() - start
+        for trial in range(_TRIALS.value):
+          update = _problem(jax.random.fold_in(shape_key, trial), m, b,
+                            jnp.float64)
+          start = time.perf_counter()
+          result = spear_jax.invert(
+            update.weight_grad, update.bias_grad, key=jax.random.key(trial),
+            method="spearpp", weight=update.weight, bias=update.bias,
+            config=cfg,
+          )
+          seconds = time.perf_counter() - start
+          max_err, exact = _max_error(result.inputs, update.inputs)
+          emit({
+            "kind": "inversion", "method": "spearpp", "objective": objective,
+            "m": m, "b": b, "trial": trial, "seconds": seconds,
+            "first_call_s": first_call_s, "rounds": result.stats.blocks,
+            "kernels": result.stats.proposals,
+            "found": result.stats.candidates,
+            "success": bool(result.success),
+            "stop_reason": result.stats.stop_reason,
+            "verified": int(jnp.sum(result.verified)),
+            "max_abs_error": max_err, "exact": exact,
+          })
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -130,6 +180,10 @@ def main(argv):
       f.write(json.dumps(record) + "\n")
 
   root = jax.random.key(_SEED.value)
+  if "spearpp" in _METHODS.value:
+    _spearpp_sweep(root, config, emit)
+  if "spear" not in _METHODS.value:
+    return
   for m in map(int, _MS.value):
     for b in map(int, _BS.value):
       shape_key = jax.random.fold_in(jax.random.fold_in(root, m), b)

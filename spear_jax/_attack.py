@@ -281,7 +281,7 @@ def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
   b = problem.l_mxb.shape[1]
   restarts = learner.restarts or 2 * b
   pool = learner.rounding_pool or 2 * b
-  proposals = rounds = 0
+  proposals = rounds = stalled = 0
   for _ in range(learner.max_rounds):
     key, init_key, round_key = jax.random.split(key, 3)
     starts = _initial_directions(init_key, problem, state["pool"].directions,
@@ -296,6 +296,7 @@ def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
     proposals += restarts * learner.rounding_tries
     rounds += 1
     rounded, zeros = np.asarray(rounded), np.asarray(zeros)
+    found_before = state["pool"].zeros.shape[0]
     if absorb(rounded[zeros >= floor]):
       done = select()
       if done is not None:
@@ -312,6 +313,9 @@ def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
         done = select()
         if done is not None:
           return done, proposals, rounds
+    stalled = 0 if state["pool"].zeros.shape[0] > found_before else stalled + 1
+    if stalled >= learner.patience:
+      return "stalled", proposals, rounds
     save()
     logging.info(
       "SPEAR++ b=%d: round %d, %d distinct directions, %d/%d selected",

@@ -23,6 +23,7 @@ class LearnerConfig:
       of the ``rounding_pool`` smallest.
     rounding_pool: size of that pool of small rows; ``None`` means ``2 b``.
     max_rounds: rounds of (search, rounding) before giving up.
+    patience: give up earlier after this many rounds without a new column.
     targeted_fraction: fraction of restarts initialised from rows of ``L``
       on which every column found so far vanishes (deflation towards the
       missing columns); the rest start from random points of the sphere.
@@ -35,7 +36,8 @@ class LearnerConfig:
   logcosh_mu: float = 0.1
   rounding_tries: int = 10
   rounding_pool: int | None = None
-  max_rounds: int = 8
+  max_rounds: int = 32
+  patience: int = 4
   targeted_fraction: float = 0.5
 
   def __post_init__(self):

@@ -254,9 +254,9 @@ def _round_many(keys, approx_kxb, l_mxb, alive_m, screen_tol, *, tries, pool):
 def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   """Random points of the sphere and rows of ``L`` (deflation).
 
-  The targeted starts are rows ``L_j`` on which the fewest columns found so
-  far are nonzero (ideally none: such a row involves only missing columns),
-  so the search is pushed towards columns not found yet.
+  The targeted starts are rows ``L_j`` on which every column found so far
+  vanishes: they lie in the span of the missing columns' rows, so the
+  search is pushed towards columns not found yet.
   """
   l_np = np.asarray(problem.l_mxb)
   m, b = l_np.shape
@@ -265,13 +265,9 @@ def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   targeted = int(round(targeted_fraction * count))
   candidates = alive.copy()
   if found_pxb.shape[0]:
-    # Rows where the fewest found columns are nonzero: once many columns are
-    # known no row has all of them vanish, so take the emptiest rows.
-    busy = np.sum(np.abs(l_np @ found_pxb.T) > problem.tol.screen, axis=1)
-    busy = np.where(alive, busy, np.iinfo(busy.dtype).max)
-    candidates = alive & (busy <= np.min(busy) + 1)
-    if np.sum(candidates) < b:
-      candidates = alive & (busy <= np.partition(busy, b)[b])
+    vanish = np.all(np.abs(l_np @ found_pxb.T) <= problem.tol.screen, axis=1)
+    if np.any(vanish & alive):
+      candidates = vanish & alive
   rows = rng.choice(np.flatnonzero(candidates), size=targeted, replace=True)
   starts = np.concatenate([l_np[rows],
                            rng.standard_normal((count - targeted, b))])
@@ -458,6 +454,7 @@ def invert(
   last_log = start
   threshold = floor
   tried = set()
+  last_signature = None
   if b == 1:
     # One sample: Q is 1 x 1 and only its scale, fixed by bias_grad, is
     # unknown. There is nothing to sample.

@@ -21,7 +21,9 @@ from spear_jax._config import AttackConfig as AttackConfig
 from spear_jax._config import LearnerConfig as LearnerConfig
 from spear_jax._dictionary import complete_last_column as complete_last_column
 from spear_jax._dictionary import learn_directions as learn_directions
-from spear_jax._dictionary import make_dictionary_learner as make_dictionary_learner
+from spear_jax._dictionary import (
+  make_dictionary_learner as make_dictionary_learner,
+)
 from spear_jax._dictionary import round_direction as round_direction
 from spear_jax._data import ImageSet as ImageSet
 from spear_jax._data import load_bundled as load_bundled

@@ -454,7 +454,6 @@ def invert(
   last_log = start
   threshold = floor
   tried = set()
-  last_signature = None
   if b == 1:
     # One sample: Q is 1 x 1 and only its scale, fixed by bias_grad, is
     # unknown. There is nothing to sample.

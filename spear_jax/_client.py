@@ -46,8 +46,9 @@ class MLP(nn.Module):
   Attributes:
     widths: widths of the hidden Dense layers (each followed by ReLU).
     num_classes: outputs of the final Dense layer.
-    initializer: ``"torch"`` (uniform ``+-1/sqrt(fan_in)`` for kernel and bias, as
-      PyTorch's ``nn.Linear``) or ``"flax"`` (lecun normal kernel, zero bias).
+    initializer: ``"torch"`` (uniform ``+-1/sqrt(fan_in)`` for kernel and
+      bias, as PyTorch's ``nn.Linear``) or ``"flax"`` (lecun normal kernel,
+      zero bias).
   """
 
   widths: Sequence[int]
@@ -60,7 +61,9 @@ class MLP(nn.Module):
                       bias_init=_torch_bias(fan_in), param_dtype=dtype)
     if self.initializer == "flax":
       return nn.Dense(width, param_dtype=dtype)
-    raise ValueError(f"Unknown initializer {self.initializer!r}; use 'torch' or 'flax'.")
+    raise ValueError(
+      f"Unknown initializer {self.initializer!r}; use 'torch' or 'flax'."
+    )
 
   @nn.compact
   def __call__(self, x):

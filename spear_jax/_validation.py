@@ -55,7 +55,9 @@ def check_inputs(weight_grad, bias_grad, weight, bias, batch_size):
   if not bool(jnp.any(weight_grad != 0)):
     raise ValueError("weight_grad is all zeros: nothing to invert.")
   if (weight is None) != (bias is None):
-    raise ValueError("give both weight and bias (for the certificate) or neither.")
+    raise ValueError(
+      "give both weight and bias (for the certificate) or neither."
+    )
   if weight is not None:
     weight = _as_float_array(weight, "weight").astype(dtype)
     bias = _as_float_array(bias, "bias").astype(dtype)

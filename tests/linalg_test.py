@@ -3,12 +3,10 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import spear_jax
-from spear_jax import _linalg
 
 
 class NullVectorTest(chex.TestCase):

@@ -15,7 +15,6 @@ class SampleRowsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("k1", 1), ("k5", 5), ("k9", 9))
   def test_distinct_alive_rows(self, k):
-    m = 12
     alive = np.array([0, 2, 3, 5, 6, 7, 8, 10, 11, 1], np.int32)
     alive_rows = jnp.asarray(np.concatenate([alive, np.zeros(2, np.int32)]))
     sample = self.variant(

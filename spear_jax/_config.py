@@ -32,7 +32,7 @@ class LearnerConfig:
   objective: str = "l1"
   restarts: int | None = None
   steps: int = 600
-  learning_rate: float = 0.05
+  learning_rate: float = 0.5
   logcosh_mu: float = 0.1
   rounding_tries: int = 10
   rounding_pool: int | None = None

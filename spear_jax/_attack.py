@@ -68,8 +68,9 @@ def default_max_proposals(b: int) -> int:
 def _screen_block_fn(devices, block_size, chunk_size, max_out):
   """Jitted block of proposals, compacted to (a random subset of) passers.
 
-  Returns ``screen(key, ...) -> (directions, valid, num_passed)`` where the
-  rows flagged ``valid`` are the filter-passing proposals. With several
+  Returns ``screen(keys, ...) -> (directions, valid)`` (one key per
+  device) where the rows flagged ``valid`` are the filter-passing
+  proposals. With several
   local devices (for example ``--xla_force_host_platform_device_count`` on a
   multi-core CPU host) the block is split evenly across them with
   ``shard_map``; each device samples and compacts its own share, so the
@@ -87,7 +88,7 @@ def _screen_block_fn(devices, block_size, chunk_size, max_out):
     passed = zeros >= floor
     (index,) = jnp.nonzero(passed, size=local_max_out, fill_value=0)
     valid = jnp.arange(local_max_out) < jnp.sum(passed)
-    return directions[index], valid, jnp.sum(passed)[None]
+    return directions[index], valid
 
   if num_devices == 1:
     return jax.jit(local)
@@ -97,7 +98,7 @@ def _screen_block_fn(devices, block_size, chunk_size, max_out):
   rep = jax.sharding.PartitionSpec()
   return jax.jit(jax.shard_map(
     local, mesh=mesh, in_specs=(spec, rep, rep, rep, rep, rep, rep),
-    out_specs=(spec, spec, spec),
+    out_specs=(spec, spec),
   ))
 
 
@@ -259,7 +260,7 @@ def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   search is pushed towards columns not found yet.
   """
   l_np = np.asarray(problem.l_mxb)
-  m, b = l_np.shape
+  b = l_np.shape[1]
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
   alive = np.asarray(problem.alive)
   targeted = int(round(targeted_fraction * count))
@@ -316,7 +317,7 @@ def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
     stalled = 0 if state["pool"].zeros.shape[0] > found_before else stalled + 1
     if stalled >= learner.patience:
       return "stalled", proposals, rounds
-    save()
+    save(proposals)
     logging.info(
       "SPEAR++ b=%d: round %d, %d distinct directions, %d/%d selected",
       b, rounds, state["pool"].zeros.shape[0], state["chosen"].shape[0], b,
@@ -540,9 +541,9 @@ def invert(
       return "certified"
     return None
 
-  def save():
+  def save(proposals_so_far):
     if checkpoint_fn is not None:
-      checkpoint_fn(state["pool"].directions.copy(), proposals)
+      checkpoint_fn(state["pool"].directions.copy(), proposals_so_far)
 
   pending = None
   try:
@@ -563,7 +564,7 @@ def invert(
       # Keep one block in flight while the host merges the previous one.
       if pending is None:
         key, pending = dispatch(key)
-      dirs, valid, _ = pending
+      dirs, valid = pending
       key, pending = dispatch(key)
       proposals += block_size
       blocks += 1
@@ -575,7 +576,7 @@ def invert(
       now = time.perf_counter()
       if now - last_log >= config.log_every_s:
         last_log = now
-        save()
+        save(proposals)
         logging.info(
           "SPEAR b=%d: %d proposals (%.0f/s), %d candidates, %d/%d "
           "directions, threshold %d/%d zeros",
@@ -597,7 +598,7 @@ def invert(
     logging.warning("SPEAR interrupted; returning the best partial result.")
   pool, chosen, result = state["pool"], state["chosen"], state["result"]
   threshold = state["threshold"]
-  save()
+  save(proposals)
 
   if result is None or chosen.shape[0] < b:
     basis = _complete(pool.directions[chosen], b)

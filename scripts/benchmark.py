@@ -1,23 +1,32 @@
-r"""Benchmarks SPEAR: proposals/s and time to a certified recovery vs b, m.
+r"""Benchmarks: a resumable sweep of attacks, and SPEAR's raw throughput.
 
-For every width ``m`` and batch size ``b`` it builds ``--trials`` client
-gradients from the bundled 32x32x3 natural-image patches (2-hidden-layer
-ReLU MLP, PyTorch-style init, mean cross-entropy, attacked first layer),
-then measures
+``--mode=sweep`` (default) runs ``--trials`` attacks for every method x
+objective x dataset x width ``m`` x batch size ``b``: a real batch, the
+client MLP (``--depth`` hidden layers, PyTorch-style init, mean
+cross-entropy), its FedSGD gradient, the inversion of the first layer and
+the scores. Trial ``t`` of a given (dataset, m, b) is the same gradient for
+every method, so methods are compared on identical problems. Each finished
+trial is appended as one JSON line to ``--output``; a re-run skips the
+trials already there, so an interrupted sweep resumes where it stopped.
+At the end (and after an interruption) the whole log is summarized into
+``PREFIX_summary.csv`` and the plots ``PREFIX_exact_rate.png`` and
+``PREFIX_time.png`` (``PREFIX`` is ``--output`` without ``.jsonl``; plots
+need matplotlib: ``pip install -e ".[plots]"``). Before the first trial of
+each shape a warm-up attack on another gradient of that shape compiles
+everything, so the recorded times are warm; the first call's time is
+recorded next to them.
 
-* the jitted proposal block (compiled once, untimed; median and min over
-  ``--repeats`` with ``block_until_ready``), in proposals/s, and the same
-  block of the numpy baseline;
-* the wall time of ``spear_jax.invert`` to a certified recovery (after a
-  warm-up call on another problem of the same shape, so compile time is
-  reported separately), and of the vectorised numpy baseline
-  (``scripts/numpy_baseline.py``) on the same gradient.
+``--mode=throughput`` measures SPEAR alone: the jitted proposal block in
+proposals/s (median and min over ``--repeats``), the same block in the
+numpy baseline (``scripts/numpy_baseline.py``), and the time to a certified
+recovery of both on the same gradients.
 
-One JSON line per measurement is appended to ``--output`` with the device
-kind, JAX version, dtype and matmul precision.
-
-  python scripts/benchmark.py --bs=12,16,20 --ms=400 --trials=3
-  OPENBLAS_NUM_THREADS=1 python scripts/benchmark.py --bs=16 --baseline
+  python scripts/benchmark.py --methods=spear,spearpp --bs=8,16,24,50 \
+      --ms=200,1000 --trials=5 --output=docs/benchmarks/sweep.jsonl
+  python scripts/benchmark.py --methods=spearpp --objectives=l1,logcosh,l4 \
+      --bs=50 --ms=1000
+  OPENBLAS_NUM_THREADS=1 python scripts/benchmark.py --mode=throughput \
+      --bs=16 --baseline
 """
 
 import json
@@ -26,12 +35,23 @@ import platform
 import statistics
 import sys
 import time
+import zlib
 
 import _cpu_devices  # noqa: F401  (before jax: one device per core)
 from absl import app
 from absl import flags
 from absl import logging
 
+_MODE = flags.DEFINE_enum("mode", "sweep", ["sweep", "throughput"],
+                          "A resumable sweep of attacks, or SPEAR's raw "
+                          "proposal throughput against the numpy baseline.")
+_DATASETS = flags.DEFINE_list(
+  "datasets", ["cifar_like"], "Image sets (bundled or tensorflow-datasets).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "tensorflow-datasets data directory.")
+_DEPTH = flags.DEFINE_integer("depth", 2, "Hidden layers of the client MLP.")
+_WARMUP = flags.DEFINE_boolean(
+  "warmup", True, "Compile with one untimed attack per shape first.")
 _BS = flags.DEFINE_list("bs", ["12", "16"], "Batch sizes b.")
 _METHODS = flags.DEFINE_list(
   "methods", ["spear"], "Attack methods to time: spear and/or spearpp."
@@ -40,7 +60,7 @@ _OBJECTIVES = flags.DEFINE_list(
   "objectives", ["l1"], "SPEAR++ dictionary-learning objectives to compare."
 )
 _MS = flags.DEFINE_list("ms", ["400"], "Widths m of the attacked layer.")
-_TRIALS = flags.DEFINE_integer("trials", 3, "Gradients per (m, b).")
+_TRIALS = flags.DEFINE_integer("trials", 3, "Gradients per (dataset, m, b).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of block timings.")
 _BASELINE = flags.DEFINE_boolean(
   "baseline", True, "Also run the numpy baseline on the same gradients."
@@ -54,7 +74,7 @@ _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Proposals per vmap.")
 _TIME_BUDGET_S = flags.DEFINE_float("time_budget_s", 600.0,
                                     "Per-inversion wall-time budget.")
 _OUTPUT = flags.DEFINE_string("output", "benchmark.jsonl",
-                              "JSON-lines file to append to.")
+                              "JSON-lines log to append to (and resume).")
 
 
 def _problem(key, m, b, dtype):
@@ -96,56 +116,9 @@ def _time_block(fn, repeats):
   return compile_s, times
 
 
-def _spearpp_sweep(root, config, emit):
-  """SPEAR++ time to certified recovery per objective (warm-up first)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
+def _throughput(config, emit):
+  """SPEAR proposal blocks and inversions, JAX against the numpy baseline."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import spear_jax  # pylint: disable=g-import-not-at-top
-
-  for m in map(int, _MS.value):
-    for b in map(int, _BS.value):
-      shape_key = jax.random.fold_in(jax.random.fold_in(root, m), b)
-      for objective in _OBJECTIVES.value:
-        cfg = dataclasses.replace(
-          config, learner=spear_jax.LearnerConfig(objective=objective))
-        warm = _problem(jax.random.fold_in(shape_key, 10_000), m, b,
-                        jnp.float64)
-        start = time.perf_counter()
-        spear_jax.invert(warm.weight_grad, warm.bias_grad,
-                         key=jax.random.key(0), method="spearpp",
-                         weight=warm.weight, bias=warm.bias, config=cfg)
-        first_call_s = time.perf_counter() - start
-        for trial in range(_TRIALS.value):
-          update = _problem(jax.random.fold_in(shape_key, trial), m, b,
-                            jnp.float64)
-          start = time.perf_counter()
-          result = spear_jax.invert(
-            update.weight_grad, update.bias_grad, key=jax.random.key(trial),
-            method="spearpp", weight=update.weight, bias=update.bias,
-            config=cfg,
-          )
-          seconds = time.perf_counter() - start
-          max_err, exact = _max_error(result.inputs, update.inputs)
-          emit({
-            "kind": "inversion", "method": "spearpp", "objective": objective,
-            "m": m, "b": b, "trial": trial, "seconds": seconds,
-            "first_call_s": first_call_s, "rounds": result.stats.blocks,
-            "kernels": result.stats.proposals,
-            "found": result.stats.candidates,
-            "success": bool(result.success),
-            "stop_reason": result.stats.stop_reason,
-            "verified": int(jnp.sum(result.verified)),
-            "max_abs_error": max_err, "exact": exact,
-          })
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  import jax  # pylint: disable=g-import-not-at-top
-
-  jax.config.update("jax_enable_x64", True)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import spear_jax  # pylint: disable=g-import-not-at-top
@@ -154,36 +127,7 @@ def main(argv):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import numpy_baseline  # pylint: disable=g-import-not-at-top
 
-  device = jax.devices()[0]
-  env = {
-    "device_kind": device.device_kind,
-    "platform": device.platform,
-    "jax": jax.__version__,
-    "numpy": np.__version__,
-    "cpu_count": os.cpu_count(),
-    "machine": platform.machine(),
-    "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
-    "jax_devices": len(jax.local_devices()),
-    "dtype": "float64",
-    "matmul_precision": "highest",
-  }
-  logging.info("environment: %s", env)
-  config = spear_jax.AttackConfig(
-    block_size=_BLOCK_SIZE.value, chunk_size=_CHUNK_SIZE.value,
-    time_budget_s=_TIME_BUDGET_S.value, log_every_s=30.0,
-  )
-
-  def emit(record):
-    record = {**env, **record}
-    print(json.dumps(record), flush=True)
-    with open(_OUTPUT.value, "a") as f:
-      f.write(json.dumps(record) + "\n")
-
   root = jax.random.key(_SEED.value)
-  if "spearpp" in _METHODS.value:
-    _spearpp_sweep(root, config, emit)
-  if "spear" not in _METHODS.value:
-    return
   for m in map(int, _MS.value):
     for b in map(int, _BS.value):
       shape_key = jax.random.fold_in(jax.random.fold_in(root, m), b)
@@ -278,6 +222,167 @@ def main(argv):
             / (seconds / result.stats.proposals),
           })
         emit(record)
+
+
+def _environment():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  device = jax.devices()[0]
+  return {
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "jax": jax.__version__,
+    "numpy": np.__version__,
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+    "jax_devices": len(jax.local_devices()),
+    "matmul_precision": "highest",
+  }
+
+
+def _settings():
+  """Every (method, objective, dataset, m, b) of the sweep, in order."""
+  for method in _METHODS.value:
+    objectives = _OBJECTIVES.value if method == "spearpp" else ["none"]
+    for objective in objectives:
+      for dataset in _DATASETS.value:
+        for m in map(int, _MS.value):
+          for b in map(int, _BS.value):
+            yield method, objective, dataset, m, b
+
+
+def _sweep(config, env):
+  """Runs the pending trials of the sweep; returns True if interrupted."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import spear_jax  # pylint: disable=g-import-not-at-top
+  from spear_jax import _experiment  # pylint: disable=g-import-not-at-top
+  from spear_jax import _report  # pylint: disable=g-import-not-at-top
+
+  dtype = "float64"
+  done = {_report.trial_key(r) for r in _report.read_records(_OUTPUT.value)}
+  plan = []
+  for method, objective, dataset, m, b in _settings():
+    setting = {"method": method, "objective": objective, "dataset": dataset,
+               "width": m, "batch_size": b, "depth": _DEPTH.value,
+               "dtype": dtype, "seed": _SEED.value}
+    pending = [t for t in range(_TRIALS.value)
+               if _report.trial_key({**setting, "trial": t}) not in done]
+    if pending:
+      plan.append((setting, pending))
+  total = sum(len(pending) for _, pending in plan)
+  logging.info("%d trials pending, %d already in %s", total, len(done),
+               _OUTPUT.value)
+  progress = _report.ProgressBar(total, "trials")
+  image_sets = {}
+  root = jax.random.key(_SEED.value)
+  try:
+    for setting, pending in plan:
+      name = setting["dataset"]
+      if name not in image_sets:
+        image_sets[name] = spear_jax.load_dataset(name,
+                                                  data_dir=_DATA_DIR.value)
+      learner = spear_jax.LearnerConfig(
+        objective=("l1" if setting["objective"] == "none"
+                   else setting["objective"]))
+      cfg = dataclasses.replace(config, learner=learner)
+      # Problems depend on (dataset, m, b, trial) only: every method and
+      # objective attacks the same gradients.
+      shape_key = jax.random.fold_in(root, zlib.crc32(name.encode()))
+      shape_key = jax.random.fold_in(shape_key, setting["width"])
+      shape_key = jax.random.fold_in(shape_key, setting["batch_size"])
+      kwargs = dict(batch_size=setting["batch_size"], width=setting["width"],
+                    depth=setting["depth"], method=setting["method"],
+                    dtype=jnp.dtype(dtype), config=cfg)
+      first_call_s = None
+      if _WARMUP.value:
+        start = time.perf_counter()
+        _experiment.run_trial(jax.random.fold_in(shape_key, 1_000_000),
+                              image_sets[name], **kwargs)
+        first_call_s = time.perf_counter() - start
+      for trial in pending:
+        result = _experiment.run_trial(jax.random.fold_in(shape_key, trial),
+                                       image_sets[name], **kwargs)
+        if result["stats"]["stop_reason"] == "interrupted":
+          raise KeyboardInterrupt
+        record = _experiment.trial_record(
+          result, seed=setting["seed"], trial=trial,
+          first_call_s=first_call_s, kind="trial", **env)
+        _report.append_record(_OUTPUT.value, record)
+        progress.advance(1, (
+          f"{setting['method']}/{setting['objective']} "
+          f"{name} m={setting['width']} b={setting['batch_size']} "
+          f"trial {trial}: {record['exact_samples']}/"
+          f"{record['batch_size']} exact, {record['seconds']:.1f} s"))
+  except KeyboardInterrupt:
+    progress.close()
+    return True
+  progress.close()
+  return False
+
+
+def _summarize(env):
+  from spear_jax import _report  # pylint: disable=g-import-not-at-top
+
+  rows = _report.summarize(_report.read_records(_OUTPUT.value))
+  prefix = _OUTPUT.value
+  if prefix.endswith(".jsonl"):
+    prefix = prefix[: -len(".jsonl")]
+  _report.write_csv(f"{prefix}_summary.csv", rows)
+  print(f"{'method':>8} {'obj':>7} {'dataset':>10} {'m':>5} {'b':>4} "
+        f"{'exact':>7} {'median s':>9} {'PSNR':>7} {'SSIM':>6}")
+  for r in rows:
+    print(f"{r['method']:>8} {r['objective']:>7} {r['dataset']:>10} "
+          f"{r['width']:>5} {r['batch_size']:>4} "
+          f"{r['exact_batches']:>3}/{r['trials']:<3} "
+          f"{r['median_seconds']:>9.2f} {r['mean_psnr']:>7.1f} "
+          f"{r['mean_ssim']:>6.3f}")
+  written = [f"{prefix}_summary.csv"]
+  try:
+    written += _report.plot_summary(
+      rows, prefix, title=f"{env['device_kind']}, {env['jax_devices']} dev")
+  except ImportError as err:
+    logging.warning("%s; skipping the plots.", err)
+  print("wrote " + ", ".join(written))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_enable_x64", True)
+  import spear_jax  # pylint: disable=g-import-not-at-top
+
+  env = _environment()
+  logging.info("environment: %s", env)
+  config = spear_jax.AttackConfig(
+    block_size=_BLOCK_SIZE.value, chunk_size=_CHUNK_SIZE.value,
+    time_budget_s=_TIME_BUDGET_S.value, log_every_s=30.0,
+  )
+  if _MODE.value == "throughput":
+
+    def emit(record):
+      record = {**env, "dtype": "float64", **record}
+      print(json.dumps(record), flush=True)
+      with open(_OUTPUT.value, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+    _throughput(config, emit)
+    return
+  try:
+    interrupted = _sweep(config, env)
+  except (ValueError, FileNotFoundError, ImportError) as err:
+    print(f"benchmark.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+  _summarize(env)
+  if interrupted:
+    print("interrupted; run the same command again to resume.",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""spear_jax: exact gradient inversion of batches (SPEAR) in JAX.
+"""spear_jax: exact gradient inversion of batches (SPEAR, SPEAR++) in JAX.
 
 References:
   Dimitrov, Baader, Mueller, Vechev. SPEAR: Exact Gradient Inversion of
@@ -27,9 +27,27 @@ from spear_jax._dictionary import (
 from spear_jax._dictionary import round_direction as round_direction
 from spear_jax._data import ImageSet as ImageSet
 from spear_jax._data import load_bundled as load_bundled
+from spear_jax._data import DATASET_NAMES as DATASET_NAMES
+from spear_jax._data import TFDS_NAMES as TFDS_NAMES
+from spear_jax._data import LazyArray as LazyArray
+from spear_jax._data import denormalize as denormalize
+from spear_jax._data import load_dataset as load_dataset
+from spear_jax._data import load_tfds as load_tfds
+from spear_jax._data import normalize as normalize
 from spear_jax._data import sample_batch as sample_batch
+from spear_jax._metrics import aggregate_trials as aggregate_trials
+from spear_jax._metrics import denormalize_images as denormalize_images
 from spear_jax._metrics import hungarian as hungarian
 from spear_jax._metrics import match_and_score as match_and_score
+from spear_jax._metrics import mse as mse
+from spear_jax._metrics import psnr as psnr
+from spear_jax._metrics import score_reconstruction as score_reconstruction
+from spear_jax._metrics import ssim as ssim
+from spear_jax._pictures import error_heatmap as error_heatmap
+from spear_jax._pictures import image_grid as image_grid
+from spear_jax._pictures import save_error_heatmap as save_error_heatmap
+from spear_jax._pictures import save_image_grid as save_image_grid
+from spear_jax._pictures import write_png as write_png
 from spear_jax._linalg import Tolerances as Tolerances
 from spear_jax._linalg import factorize as factorize
 from spear_jax._linalg import null_vector as null_vector
@@ -48,36 +66,54 @@ __version__ = "0.1.0"
 __all__ = [
   "AttackConfig",
   "ClientUpdate",
+  "DATASET_NAMES",
   "ImageSet",
-  "MLP",
   "InversionResult",
   "InversionStats",
+  "LazyArray",
   "LearnerConfig",
+  "MLP",
+  "TFDS_NAMES",
   "Tolerances",
+  "aggregate_trials",
   "client_update",
   "complete_last_column",
   "default_max_proposals",
+  "denormalize",
+  "denormalize_images",
+  "error_heatmap",
   "factorize",
   "hungarian",
+  "image_grid",
   "init_mlp",
   "invert",
   "layer_gradient",
   "layer_parameters",
   "learn_directions",
   "load_bundled",
+  "load_dataset",
+  "load_tfds",
   "make_dictionary_learner",
   "match_and_score",
+  "mse",
+  "normalize",
   "null_vector",
   "paper_layout",
   "polish_direction",
   "propose_block",
   "propose_direction",
+  "psnr",
   "recover_batch",
   "relu_certificate",
   "resolve_tolerances",
   "round_direction",
   "sample_batch",
   "sample_rows",
+  "save_error_heatmap",
+  "save_image_grid",
+  "score_reconstruction",
   "select_independent",
+  "ssim",
   "structure_floor",
+  "write_png",
 ]

@@ -1,10 +1,22 @@
-"""Small natural-image sets bundled with ``spear_jax``, usable offline.
+"""Image data: small sets bundled with ``spear_jax``, and tfds loaders.
 
-The images live in the package data file ``spear_jax/data/bundled_images.npz``,
-written by ``scripts/make_bundled_images.py`` from photographs and datasets
-shipped inside scikit-image and scikit-learn. Loading them needs only numpy.
+Two sources of images, one type (``ImageSet``) and one entry point
+(``load_dataset``) for both:
 
-Sets, by name:
+* Bundled sets, usable offline with numpy only (``load_bundled``).
+* Standard datasets (MNIST, CIFAR-10/100, ImageNet-style) read through
+  ``tfds.data_source`` from array_record files that the user prepared in a
+  ``data_dir`` beforehand (``load_tfds``). Nothing is downloaded: records are
+  read and decoded only when indexed (``LazyArray``), so a batch of ImageNet
+  costs a batch of reads, not the split. tensorflow-datasets is imported only
+  when such a dataset is requested, and TensorFlow is never needed to read.
+
+The bundled images live in the package data file
+``spear_jax/data/bundled_images.npz``, written by
+``scripts/make_bundled_images.py`` from photographs and datasets shipped
+inside scikit-image and scikit-learn. Loading them needs only numpy.
+
+Bundled sets, by name:
 
 * ``"cifar_like"``: 256 RGB 32x32 patches of scikit-image photographs
   (astronaut, chelsea, coffee, rocket, immunohistochemistry), no labels.
@@ -14,42 +26,208 @@ Sets, by name:
 * ``"digits"``: 1797 grayscale 8x8 handwritten digits from scikit-learn;
   labels are the digit classes 0..9.
 
+tfds datasets, by name (``TFDS_NAMES``): ``"mnist"``, ``"cifar10"``,
+``"cifar100"``, ``"imagenet2012"``, ``"imagenette"`` (full size),
+``"imagenette/320px-v2"``, ``"imagenette/160px-v2"``,
+``"imagenet_resized/32x32"`` and ``"imagenet_resized/64x64"`` (downsampled
+ImageNet; tfds has no Tiny ImageNet).
+
 Example:
   >>> from spear_jax import _data
-  >>> images = _data.load_bundled("cifar_like")
+  >>> images = _data.load_dataset("cifar_like")
   >>> batch, indices = _data.sample_batch(0, images, batch_size=64)
   >>> batch.shape
   (64, 3072)
 """
 
+import collections.abc
 import dataclasses
 import functools
 import importlib.resources
+import importlib.util
 import numbers
+import os
+from typing import Any
 
 import numpy as np
 
 NAMES = ("cifar_like", "faces", "digits")
 _RESOURCE = ("data", "bundled_images.npz")
 
+# Per-channel mean and standard deviation of the standard datasets, for
+# images scaled to [0, 1], as commonly published:
+# * MNIST: 0.1307 and 0.3081, over the 60k training images, as in the
+#   PyTorch MNIST example (github.com/pytorch/examples, mnist/main.py).
+# * CIFAR-10: per-pixel statistics of the 50k training images; the often
+#   copied std (0.2023, 0.1994, 0.2010) is not the per-pixel std (see
+#   github.com/kuangliu/pytorch-cifar/issues/19).
+# * CIFAR-100: training-set statistics, e.g. in
+#   github.com/weiaicunzai/pytorch-cifar100 (conf/global_settings.py).
+# * ImageNet (also used for Imagenette and downsampled ImageNet): the
+#   torchvision values (pytorch.org/vision/stable/models.html).
+_MNIST_STATS = ((0.1307,), (0.3081,))
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSpec:
+  """How to read one tfds dataset.
+
+  Attributes:
+    tfds_name: Full tfds name, with the config where the builder has several
+      (``tfds build`` of a bare name builds every config).
+    stats: ``(mean, std)`` per channel.
+    image_size: Default side of the square images, or ``None`` for a set of
+      fixed-size images kept at their size.
+    build_flags: Extra ``tfds build`` flags needed to prepare the set.
+  """
+
+  tfds_name: str
+  stats: tuple[tuple[float, ...], tuple[float, ...]]
+  image_size: int | None = None
+  build_flags: str = ""
+
+
+_TFDS_SPECS = {
+  "mnist": _TfdsSpec("mnist", _MNIST_STATS),
+  "cifar10": _TfdsSpec("cifar10", _CIFAR10_STATS),
+  "cifar100": _TfdsSpec("cifar100", _CIFAR100_STATS),
+  "imagenet2012": _TfdsSpec(
+    "imagenet2012",
+    _IMAGENET_STATS,
+    224,
+    # tfds cannot download ImageNet: the user fetches the archives.
+    " --manual_dir=MANUAL_DIR, MANUAL_DIR holding ILSVRC2012_img_train.tar"
+    " and ILSVRC2012_img_val.tar from image-net.org",
+  ),
+  "imagenette": _TfdsSpec("imagenette/full-size-v2", _IMAGENET_STATS, 224),
+  "imagenette/320px-v2": _TfdsSpec("imagenette/320px-v2", _IMAGENET_STATS, 224),
+  "imagenette/160px-v2": _TfdsSpec("imagenette/160px-v2", _IMAGENET_STATS, 160),
+  "imagenet_resized/32x32": _TfdsSpec(
+    "imagenet_resized/32x32", _IMAGENET_STATS
+  ),
+  "imagenet_resized/64x64": _TfdsSpec(
+    "imagenet_resized/64x64", _IMAGENET_STATS
+  ),
+}
+TFDS_NAMES = tuple(_TFDS_SPECS)
+DATASET_NAMES = NAMES + TFDS_NAMES
+
+
+class LazyArray:
+  """A read-only array whose items are read from a data source on indexing.
+
+  Item ``i`` is ``convert(source[i][feature])``. Indexing with an int, a
+  slice or an integer array reads and converts only those records and
+  returns a numpy array, so ``images[indices]`` of a ``LazyArray`` gives the
+  same as for an in-memory array. Further axes may follow
+  (``images[indices, ..., 0]``); boolean masks are not supported.
+  ``np.asarray`` reads every record: use it only on small splits.
+
+  Attributes:
+    shape: ``(N, *item_shape)``.
+    dtype: dtype of the converted items.
+    ndim: ``len(shape)``.
+  """
+
+  def __init__(
+    self,
+    source: collections.abc.Sequence[Any],
+    feature: str,
+    item_shape: tuple[int, ...],
+    dtype: np.dtype | type,
+    convert: collections.abc.Callable[[Any], np.ndarray],
+  ):
+    """Wraps ``source``.
+
+    Args:
+      source: Random-access sequence of records (mappings of features), such
+        as a ``tfds.data_source`` split.
+      feature: Key of the feature to read from each record.
+      item_shape: Shape of one converted item.
+      dtype: dtype of the converted items.
+      convert: Function from the raw feature to the item.
+    """
+    self._source = source
+    self._feature = feature
+    self._convert = convert
+    self.shape = (len(source), *item_shape)
+    self.dtype = np.dtype(dtype)
+    self.ndim = len(self.shape)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __repr__(self) -> str:
+    return (
+      f"LazyArray(feature={self._feature!r}, shape={self.shape},"
+      f" dtype={self.dtype})"
+    )
+
+  def _index(self, index: int | np.integer) -> int:
+    """Returns ``index`` as a non-negative int; raises IndexError if out."""
+    index = int(index)
+    if not -len(self) <= index < len(self):
+      raise IndexError(
+        f"index {index} is out of bounds for {len(self)} records."
+      )
+    return index % len(self)
+
+  def _read(self, indices: collections.abc.Iterable[int]) -> np.ndarray:
+    items = [self._convert(self._source[i][self._feature]) for i in indices]
+    if not items:
+      return np.empty((0, *self.shape[1:]), self.dtype)
+    return np.stack(items).astype(self.dtype, copy=False)
+
+  def __getitem__(self, key: Any) -> np.ndarray:
+    rest = ()
+    if isinstance(key, tuple):
+      key, rest = (key[0], key[1:]) if key else (slice(None), ())
+    # Read the records that the first index selects, then index them with an
+    # equivalent first index, so that numpy's rules apply to the whole key.
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+      records, first = [self._index(key)], 0
+    elif isinstance(key, slice):
+      records, first = range(*key.indices(len(self))), slice(None)
+    else:
+      indices = np.asarray(key)
+      if indices.dtype == bool or not np.issubdtype(indices.dtype, np.integer):
+        raise IndexError(
+          "LazyArray takes an int, a slice or an integer array as first"
+          f" index, got {type(key).__name__}."
+        )
+      records = [self._index(i) for i in indices.ravel()]
+      first = np.arange(len(records)).reshape(indices.shape)
+    return self._read(records)[(first, *rest)]
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    del copy  # Every read is a new array.
+    out = self[:]
+    return out if dtype is None else out.astype(dtype, copy=False)
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
-  """A bundled image set.
+  """A set of images: bundled (in memory) or tfds (read on indexing).
 
-  The arrays are read-only: they are shared between calls to
-  ``load_bundled``. Copy them before changing them.
+  The arrays of a bundled set are read-only: they are shared between calls
+  to ``load_bundled``. Copy them before changing them. A tfds set holds
+  ``LazyArray`` views instead, which read and decode only the records
+  indexed; both kinds index the same way (``images[indices]``).
 
   Attributes:
     images: float32 ``(N, H, W, C)`` in [0, 1]; grayscale sets have ``C == 1``.
     labels: int64 ``(N,)`` labels, or ``None`` for an unlabelled set.
-    mean: float32 ``(C,)`` per-channel mean of ``images``.
-    std: float32 ``(C,)`` per-channel standard deviation of ``images``.
-    name: Name of the set, one of ``NAMES``.
+    mean: float32 ``(C,)`` per-channel mean: of ``images`` for a bundled
+      set, the dataset's published constants for a tfds set.
+    std: float32 ``(C,)`` per-channel standard deviation, likewise.
+    name: Name of the set, one of ``DATASET_NAMES``.
   """
 
-  images: np.ndarray
-  labels: np.ndarray | None
+  images: np.ndarray | LazyArray
+  labels: np.ndarray | LazyArray | None
   mean: np.ndarray
   std: np.ndarray
   name: str
@@ -119,6 +297,257 @@ def load_bundled(name: str = "cifar_like") -> ImageSet:
   )
 
 
+def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
+  """Antialiased linear-interpolation weights, ``(out_size, in_size)``.
+
+  Output pixel ``i`` samples the input at ``x_i = (i + 1/2) / r - 1/2``,
+  ``r = out_size / in_size``, with the triangle kernel
+  ``w_ij = max(0, 1 - |x_i - j| / s)``, widened by ``s = max(1 / r, 1)``
+  when downsampling (a low-pass filter against aliasing); each row is
+  normalized to sum to one. This is ``jax.image.resize(...,
+  method="linear", antialias=True)`` along one axis.
+  """
+  ratio = out_size / in_size
+  kernel_scale = max(1.0 / ratio, 1.0)
+  centers = (np.arange(out_size) + 0.5) / ratio - 0.5
+  distance = np.abs(centers[:, np.newaxis] - np.arange(in_size))
+  weights = np.maximum(0.0, 1.0 - distance / kernel_scale)
+  return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Crops the central square of an image and resizes it to ``size``.
+
+  The crop is the largest centred square, ``min(H, W)`` on a side; the
+  resize is antialiased bilinear (``_resize_weights``), done in numpy as
+  two matrix products, rows then columns.
+
+  Args:
+    image: float ``(H, W, C)`` image.
+    size: Side of the output.
+
+  Returns:
+    float32 ``(size, size, C)`` image; values stay in the input's range.
+  """
+  height, width = image.shape[:2]
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  image = np.asarray(image[top : top + side, left : left + side], np.float32)
+  if side == size:
+    return image
+  channels = image.shape[-1]
+  weights = _resize_weights(side, size).astype(np.float32)
+  # Resize the rows, then the columns; each step is one 2-D matmul.
+  rows = (weights @ image.reshape(side, side * channels)).reshape(
+    size, side, channels
+  )
+  cols = weights @ rows.transpose(1, 0, 2).reshape(side, size * channels)
+  return cols.reshape(size, size, channels).transpose(1, 0, 2)
+
+
+def _decode_image(
+  image: np.ndarray, size: int | None, channels: int
+) -> np.ndarray:
+  """Scales a decoded uint8 image to [0, 1], then crops and resizes it."""
+  image = np.asarray(image, np.float32) / np.float32(255.0)
+  if image.ndim == 2:
+    image = image[..., np.newaxis]
+  if image.shape[-1] != channels:
+    raise ValueError(
+      f"Expected {channels} channels, got an image of shape {image.shape}."
+    )
+  if size is not None:
+    image = np.clip(_center_crop_resize(image, size), 0.0, 1.0)
+  return image
+
+
+def _import_tfds() -> Any:
+  """Imports tensorflow_datasets, with the install command on failure."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    raise ImportError(
+      "Loading a tensorflow-datasets set needs tensorflow-datasets; install"
+      ' it with: pip install -e ".[datasets]"'
+    ) from err
+  if all(importlib.util.find_spec(m) is None for m in ("PIL", "cv2")):
+    raise ImportError(
+      "Decoding tensorflow-datasets images needs Pillow (or OpenCV); install"
+      ' it with: pip install -e ".[datasets]"'
+    )
+  return tfds
+
+
+def load_tfds(
+  name: str,
+  *,
+  split: str = "train",
+  data_dir: str | os.PathLike[str] | None = None,
+  image_size: int | None = None,
+) -> ImageSet:
+  """Opens a prepared tensorflow-datasets split for random access.
+
+  Reads the array_record files of ``name`` in ``data_dir`` through
+  ``tfds.data_source(..., download=False)``: nothing is downloaded and
+  TensorFlow is not needed. Nothing is read up front either: the returned
+  ``LazyArray`` views read and decode a record when it is indexed, so
+  ``sample_batch`` on ImageNet reads ``b`` images. Pixels are scaled to
+  [0, 1]; with an image size, the central square of each image is cropped
+  and resized to it (antialiased bilinear, in numpy).
+
+  Args:
+    name: One of ``TFDS_NAMES``.
+    split: A tfds split of the dataset, e.g. ``"train"``, ``"test"``,
+      ``"validation"``, or a slice of one such as ``"train[:1000]"``.
+    data_dir: The directory the dataset was prepared in (``tfds build
+      --data_dir``). ``None`` is tfds's default: ``$TFDS_DATA_DIR``, else
+      ``~/tensorflow_datasets``.
+    image_size: Side of the square images returned. ``None`` keeps
+      fixed-size images (MNIST, CIFAR, downsampled ImageNet) as they are,
+      and crops and resizes variable-size ones (ImageNet, Imagenette) to
+      224, or 160 for ``"imagenette/160px-v2"``.
+
+  Returns:
+    The image set: ``LazyArray`` images, float32 ``(N, S, S, C)`` in
+    [0, 1], and labels, int64 ``(N,)``, and the dataset's published
+    per-channel mean and std.
+
+  Raises:
+    ValueError: If ``name`` is not in ``TFDS_NAMES``, ``split`` is not a
+      split of it, or ``image_size`` is not positive.
+    FileNotFoundError: If ``data_dir`` does not exist or the dataset is not
+      prepared in it as array_record; the message gives the command that
+      prepares it.
+    ImportError: If tensorflow-datasets, or both Pillow and OpenCV, are
+      missing.
+  """
+  if name not in _TFDS_SPECS:
+    raise ValueError(
+      f"Unknown tensorflow-datasets set {name!r}; valid names:"
+      f" {', '.join(TFDS_NAMES)}."
+    )
+  spec = _TFDS_SPECS[name]
+  if image_size is not None:
+    image_size = _check_int(image_size, "image_size")
+    if image_size < 1:
+      raise ValueError(f"image_size must be positive, got {image_size}.")
+  tfds = _import_tfds()
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  if data_dir is None:
+    data_dir = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  build = (
+    f"tfds build {spec.tfds_name} --data_dir={data_dir}"
+    f" --file_format=array_record{spec.build_flags}"
+  )
+  if not epath.Path(data_dir).is_dir():
+    raise FileNotFoundError(
+      f"data_dir {data_dir!r} does not exist; prepare {name!r} in it (on a"
+      f" machine with internet and tensorflow) with: {build}"
+    )
+  try:
+    source = tfds.data_source(
+      spec.tfds_name, split=split, data_dir=data_dir, download=False
+    )
+  except (NotImplementedError, ValueError) as err:
+    # tfds reports a missing dataset as an unsupported file format.
+    if not tfds.builder(spec.tfds_name, data_dir=data_dir).is_prepared():
+      raise FileNotFoundError(
+        f"{name!r} is not prepared in {data_dir!r}; prepare it (on a machine"
+        f" with internet and tensorflow) with: {build}"
+      ) from err
+    if isinstance(err, NotImplementedError):
+      raise FileNotFoundError(
+        f"{name!r} is prepared in {data_dir!r} but not as array_record, which"
+        " random access needs; delete it (or use another data_dir) and"
+        f" rebuild it with: {build}"
+      ) from err
+    raise
+  features = source.dataset_info.features
+  *native_shape, channels = features["image"].shape
+  size = spec.image_size if image_size is None else image_size
+  if size is None:
+    item_shape = (*native_shape, channels)
+  else:
+    item_shape = (size, size, channels)
+  images = LazyArray(
+    source,
+    "image",
+    item_shape,
+    np.float32,
+    functools.partial(_decode_image, size=size, channels=channels),
+  )
+  labels = None
+  if "label" in features:
+    # A second view that skips image decoding, so labels[i] is cheap.
+    label_source = tfds.data_source(
+      spec.tfds_name,
+      split=split,
+      data_dir=data_dir,
+      download=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    labels = LazyArray(label_source, "label", (), np.int64, np.int64)
+  mean, std = spec.stats
+  return ImageSet(
+    images=images,
+    labels=labels,
+    mean=_read_only(np.array(mean, np.float32)),
+    std=_read_only(np.array(std, np.float32)),
+    name=name,
+  )
+
+
+def load_dataset(
+  name: str,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  split: str | None = None,
+  image_size: int | None = None,
+) -> ImageSet:
+  """Loads an image set by name: bundled, or from tensorflow-datasets.
+
+  The one entry point for scripts: their ``--dataset`` and ``--data_dir``
+  flags map straight onto ``name`` and ``data_dir``.
+
+  Args:
+    name: One of ``DATASET_NAMES``: a bundled set (``NAMES``, see
+      ``load_bundled``) or a tfds set (``TFDS_NAMES``, see ``load_tfds``).
+    data_dir: tfds data directory; ignored for bundled sets, which ship with
+      the package, so one ``--data_dir`` serves a sweep over both kinds.
+    split: tfds split, ``"train"`` if ``None``; bundled sets have none.
+    image_size: tfds image side (see ``load_tfds``); bundled sets have a
+      fixed size.
+
+  Returns:
+    The image set.
+
+  Raises:
+    ValueError: If ``name`` is unknown (the message lists the valid names),
+      or ``split`` or ``image_size`` is given for a bundled set.
+    FileNotFoundError: See ``load_tfds``.
+    ImportError: See ``load_tfds``.
+  """
+  if name in NAMES:
+    if split is not None or image_size is not None:
+      raise ValueError(
+        f"The bundled set {name!r} has no splits and a fixed image size;"
+        " split and image_size apply to tensorflow-datasets sets only."
+      )
+    return load_bundled(name)
+  if name in _TFDS_SPECS:
+    return load_tfds(
+      name,
+      split="train" if split is None else split,
+      data_dir=data_dir,
+      image_size=image_size,
+    )
+  raise ValueError(
+    f"Unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}."
+  )
+
+
 def normalize(
   images: np.ndarray, mean: np.ndarray, std: np.ndarray
 ) -> np.ndarray:
@@ -172,7 +601,8 @@ def sample_batch(
   Args:
     seed: Non-negative integer seed for a numpy ``Generator``; the same seed
       gives the same batch.
-    image_set: Set to sample from, e.g. from ``load_bundled``.
+    image_set: Set to sample from, e.g. from ``load_dataset``; only the
+      ``b`` sampled images are read from a tfds set.
     batch_size: Number of images ``b``, from 1 to ``image_set.num_images``.
 
   Returns:

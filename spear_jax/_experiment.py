@@ -17,47 +17,57 @@ from spear_jax import _metrics
 from spear_jax._attack import invert
 from spear_jax._config import AttackConfig
 
-__all__ = ["run_trial"]
+__all__ = ["run_trial", "trial_record"]
 
 
 def run_trial(
   key: jax.Array,
+  image_set: _data.ImageSet,
   *,
-  dataset: str = "cifar_like",
   batch_size: int = 16,
   width: int = 400,
   depth: int = 2,
+  method: str = "spear",
   num_classes: int = 10,
   layer: int = 0,
   dtype=jnp.float64,
   config: AttackConfig | None = None,
+  exact_rtol: float = 1e-8,
 ) -> dict[str, Any]:
   """Samples a real batch, simulates the client and inverts its gradient.
 
   Args:
     key: PRNG key; split into the batch, the model, the labels and the
       attack.
-    dataset: a bundled image set (see :func:`spear_jax._data.load_bundled`).
+    image_set: the images to sample from (see :func:`spear_jax.load_dataset`).
     batch_size: ``b``.
     width: ``m``, width of every hidden layer.
     depth: number of hidden Dense-ReLU layers.
-    num_classes: classifier outputs.
-    layer: the attacked hidden layer.
+    method: ``"spear"`` or ``"spearpp"``.
+    num_classes: classifier outputs; labels of a labelled set are taken
+      modulo this, an unlabelled set gets uniform random labels.
+    layer: the attacked hidden layer (0: the first, which sees the images).
     dtype: computation dtype of client and attack.
     config: attack configuration.
+    exact_rtol: a sample is exact when its relative L2 error is below this.
 
   Returns:
-    A JSON-friendly dict: the setting, the attack's stats, per-sample
-    matched errors and certificate flags, plus the arrays under
-    ``"arrays"`` (truth and reconstruction, matched order).
+    A JSON-friendly dict: the setting, the attack's stats, the per-batch
+    scores of :func:`spear_jax.score_reconstruction` at the top level, the
+    per-sample scores and certificate flags in truth order under
+    ``"per_sample"``, and under ``"arrays"`` (numpy, not JSON) the truth and
+    the matched reconstruction: ``(b, H, W, C)`` images in [0, 1]
+    (de-normalized and clipped) when the first layer is attacked, else the
+    ``(b, n)`` layer inputs.
   """
+  if config is None:
+    config = AttackConfig()
   batch_key, model_key, label_key, attack_key = jax.random.split(key, 4)
-  images = _data.load_bundled(dataset)
   seed = int(jax.random.randint(batch_key, (), 0, 2**31 - 1))
-  inputs, indices = _data.sample_batch(seed, images, batch_size)
+  inputs, indices = _data.sample_batch(seed, image_set, batch_size)
   inputs = jnp.asarray(inputs, dtype)
-  if images.labels is not None:
-    labels = jnp.asarray(images.labels[indices] % num_classes)
+  if image_set.labels is not None:
+    labels = jnp.asarray(np.asarray(image_set.labels[indices]) % num_classes)
   else:
     labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
   model = _client.MLP(widths=(width,) * depth, num_classes=num_classes)
@@ -65,30 +75,70 @@ def run_trial(
   update = _client.client_update(params, model, inputs, labels, layer=layer)
   start = time.perf_counter()
   result = invert(
-    update.weight_grad, update.bias_grad, key=attack_key,
+    update.weight_grad, update.bias_grad, key=attack_key, method=method,
     weight=update.weight, bias=update.bias, config=config,
   )
+  jax.block_until_ready(result.inputs)
   seconds = time.perf_counter() - start
   truth = np.asarray(update.inputs)
   recovered = np.asarray(result.inputs)
-  scores = _metrics.match_and_score(recovered, truth)
+  image_shape = image_set.image_shape if layer == 0 else None
+  scores = _metrics.score_reconstruction(
+    recovered, truth, image_shape=image_shape, mean=image_set.mean,
+    std=image_set.std, exact_rtol=exact_rtol,
+  )
+  matched = scores.pop("matched_row")
+  verified = np.asarray(result.verified)[matched]
+  per_sample = {k: scores.pop(k) for k in _PER_SAMPLE if k in scores}
+  per_sample["verified"] = verified
+  arrays = {"truth": truth, "recovered": recovered[matched]}
+  if image_shape is not None:
+    for name in ("truth", "recovered"):
+      arrays[name] = _metrics.denormalize_images(
+        arrays[name], image_shape, image_set.mean, image_set.std)
   return {
-    "dataset": dataset,
+    "dataset": image_set.name,
     "batch_size": batch_size,
     "width": width,
     "depth": depth,
     "layer": layer,
+    "method": method,
+    "objective": config.learner.objective if method != "spear" else "none",
     "dtype": jnp.dtype(dtype).name,
     "success": bool(result.success),
-    "verified": np.asarray(result.verified).tolist(),
-    "exact": scores["exact"].tolist(),
-    "relative_error": scores["relative_error"].tolist(),
-    "max_abs_error": scores["max_abs_error"].tolist(),
     "seconds": seconds,
+    "verified_samples": int(np.sum(verified)),
+    **_jsonable(scores),
     "stats": result.stats._asdict(),
-    "arrays": {
-      "truth": truth[scores["order"]],
-      "recovered": recovered,
-      "image_shape": images.image_shape,
-    },
+    "per_sample": _jsonable(per_sample),
+    "arrays": arrays,
   }
+
+
+_PER_SAMPLE = ("relative_error", "max_abs_error", "exact", "mse", "psnr",
+               "ssim")
+
+
+def _jsonable(value):
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (np.ndarray, np.generic)):
+    return value.tolist()
+  return value
+
+
+def trial_record(result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+  """A flat JSON record of a trial for logs and summaries.
+
+  Drops the arrays and the per-sample lists; keeps the setting, the
+  per-batch scores (``exact_batch``, ``mean_psnr``, ``mean_ssim``,
+  ``max_relative_error``, ...), the stop reason and the attack's stats
+  (prefixed ``stats_``) next to ``extra`` (e.g. seed and trial).
+  """
+  record = {k: v for k, v in result.items()
+            if k not in ("arrays", "per_sample", "stats")}
+  stats = dict(result["stats"])
+  record["stop_reason"] = stats.pop("stop_reason")
+  record.update({f"stats_{k}": v for k, v in stats.items()})
+  record.update(extra)
+  return record

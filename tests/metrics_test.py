@@ -1,12 +1,46 @@
-"""Matching of reconstructions to the ground truth."""
+"""Matching of reconstructions to the ground truth, and image metrics."""
 
+import functools
 import itertools
+import json
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
+import jax
 import numpy as np
+import pytest
 
 from spear_jax import _metrics
+
+
+def _gaussian(size, sigma=1.5):
+  """Normalized Gaussian taps, written out from the formula."""
+  taps = np.exp(-((np.arange(size) - size // 2) ** 2) / (2 * sigma**2))
+  return taps / taps.sum()
+
+
+def _ssim_one_window(x, y, weights, c1, c2):
+  """SSIM of one window of one channel, from the formula of Wang et al."""
+  mu_x, mu_y = np.sum(weights * x), np.sum(weights * y)
+  var_x = np.sum(weights * (x - mu_x) ** 2)
+  var_y = np.sum(weights * (y - mu_y) ** 2)
+  cov = np.sum(weights * (x - mu_x) * (y - mu_y))
+  return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+    (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+
+
+def _ssim_by_loop(x_hwc, y_hwc, size, c1=1e-4, c2=9e-4):
+  """Mean SSIM over every window inside the image and every channel."""
+  weights = np.outer(_gaussian(size), _gaussian(size))
+  h, w, c = x_hwc.shape
+  values = [
+    _ssim_one_window(x_hwc[i:i + size, j:j + size, k],
+                     y_hwc[i:i + size, j:j + size, k], weights, c1, c2)
+    for i in range(h - size + 1) for j in range(w - size + 1)
+    for k in range(c)
+  ]
+  return np.mean(values)
 
 
 class HungarianTest(parameterized.TestCase):
@@ -32,6 +66,317 @@ class HungarianTest(parameterized.TestCase):
     np.testing.assert_array_equal(scores["order"], perm)
     self.assertTrue(scores["exact"].all())
     self.assertLess(scores["max_abs_error"].max(), 1e-11)
+
+
+  def test_match_and_score_keeps_its_fields(self):
+    rng = np.random.default_rng(1)
+    truth = rng.standard_normal((4, 9))
+    scores = _metrics.match_and_score(truth[[1, 2, 3, 0]], truth)
+    self.assertEqual(set(scores),
+                     {"order", "relative_error", "max_abs_error", "exact"})
+    np.testing.assert_array_equal(scores["order"], [1, 2, 3, 0])
+
+
+class MsePsnrTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    ("unit_range", 1.0, 0.1, 20.0),
+    ("unit_range_small", 1.0, 0.01, 40.0),
+    ("eight_bit", 255.0, 2.55, 40.0),
+    ("negative_offset", 1.0, -0.05, 20 * np.log10(20.0)),
+  )
+  def test_constant_offset(self, data_range, offset, expected_db):
+    # x + offset has MSE offset**2, so PSNR = 20 log10(R / |offset|).
+    x = np.random.default_rng(2).random((3, 5, 4, 3)) * data_range
+    psnr = self.variant(functools.partial(_metrics.psnr,
+                                          data_range=data_range))
+    np.testing.assert_allclose(psnr(x + offset, x), expected_db, rtol=1e-12)
+    mse = self.variant(_metrics.mse)
+    np.testing.assert_allclose(mse(x + offset, x), offset**2, rtol=1e-10)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_per_sample_values(self):
+    # Sample i is off by 10^-(i+1) on one pixel of 4: MSE = 10^-(2i+2) / 4.
+    x = np.zeros((3, 2, 2, 1))
+    y = x.copy()
+    y[:, 0, 0, 0] = [0.1, 0.01, 0.001]
+    expected = 10 * np.log10(4 / np.array([0.1, 0.01, 0.001]) ** 2)
+    np.testing.assert_allclose(self.variant(_metrics.psnr)(y, x), expected,
+                               rtol=1e-12)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_perfect_recovery_is_capped(self):
+    x = np.random.default_rng(3).random((2, 6))
+    psnr = self.variant(_metrics.psnr)
+    np.testing.assert_array_equal(psnr(x, x), [100.0, 100.0])
+    self.assertEqual(_metrics.PSNR_MAX_DB, 100.0)
+    capped = self.variant(functools.partial(_metrics.psnr, max_db=60.0))
+    # 1e-4 RMS error is 80 dB, above the lower cap of 60 dB.
+    np.testing.assert_array_equal(capped(x + 1e-4, x), [60.0, 60.0])
+
+  def test_nan_propagates(self):
+    x = np.zeros((2, 3))
+    y = x.copy()
+    y[1, 0] = np.nan
+    db = np.asarray(_metrics.psnr(y, x))
+    self.assertEqual(db[0], 100.0)
+    self.assertTrue(np.isnan(db[1]))
+
+  def test_shape_mismatch(self):
+    with self.assertRaisesRegex(ValueError, "same shape"):
+      _metrics.psnr(np.zeros((2, 3)), np.zeros((2, 4)))
+    with self.assertRaisesRegex(ValueError, "batch axis"):
+      _metrics.mse(np.float64(0.0), np.float64(1.0))
+
+
+class SsimTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    ("rgb_32", (32, 32, 3)),
+    ("gray_25", (25, 25, 1)),
+    ("digits_8", (8, 8, 1)),
+    ("one_pixel", (1, 1, 3)),
+  )
+  def test_image_with_itself_is_one(self, shape):
+    x = np.random.default_rng(4).random((2,) + shape)
+    np.testing.assert_allclose(self.variant(_metrics.ssim)(x, x), 1.0,
+                               atol=1e-12)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_constant_images(self):
+    # Constant images: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    # per channel, C1 = (0.01 * 1)^2, averaged over the channels.
+    a = np.array([0.2, 0.5, 0.9])
+    b = np.array([0.6, 0.5, 0.3])
+    x = np.broadcast_to(a, (1, 16, 16, 3))
+    y = np.broadcast_to(b, (1, 16, 16, 3))
+    expected = np.mean((2 * a * b + 1e-4) / (a**2 + b**2 + 1e-4))
+    # by hand: (0.2401/0.4001 + 1 + 0.5401/0.9001) / 3
+    np.testing.assert_allclose(expected, (0.2401 / 0.4001 + 1.0
+                                          + 0.5401 / 0.9001) / 3, rtol=1e-15)
+    np.testing.assert_allclose(self.variant(_metrics.ssim)(x, y), expected,
+                               rtol=1e-12)
+    # With R = 255 the constants are (2.55)^2 and (7.65)^2.
+    ssim255 = self.variant(functools.partial(_metrics.ssim, data_range=255.0))
+    c1 = 2.55**2
+    expected = np.mean((2 * a * b * 255**2 + c1)
+                       / ((a**2 + b**2) * 255**2 + c1))
+    np.testing.assert_allclose(ssim255(x * 255, y * 255), expected,
+                               rtol=1e-12)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    # An 11x11 image holds exactly one 11x11 window.
+    ("one_window", (11, 11, 2), 11),
+    # 8x8 digits: the window shrinks to 7x7 (sigma 1.5), 2x2 positions.
+    ("digits_8", (8, 8, 1), 7),
+    # 6x9: the shorter side 6 gives a 5x5 window, 2x5 positions.
+    ("rectangular", (6, 9, 3), 5),
+    ("full_window_rgb", (14, 12, 3), 11),
+  )
+  def test_against_direct_formula(self, shape, size):
+    rng = np.random.default_rng(5)
+    x = rng.random((3,) + shape)
+    y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0.0, 1.0)
+    expected = [_ssim_by_loop(xi, yi, size) for xi, yi in zip(x, y)]
+    np.testing.assert_allclose(self.variant(_metrics.ssim)(x, y), expected,
+                               rtol=1e-12)
+
+  def test_symmetric_and_below_one(self):
+    rng = np.random.default_rng(6)
+    x = rng.random((4, 12, 12, 3))
+    y = rng.random((4, 12, 12, 3))
+    xy = np.asarray(_metrics.ssim(x, y))
+    np.testing.assert_allclose(xy, _metrics.ssim(y, x), rtol=1e-13)
+    self.assertTrue(np.all(xy < 0.5))
+
+  @parameterized.named_parameters(("rgb_32", (32, 32, 3)),
+                                  ("gray_25", (25, 25, 1)),
+                                  ("rectangular", (13, 40, 3)))
+  def test_matches_skimage(self, shape):
+    metrics = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(7)
+    x = rng.random((3,) + shape)
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0.0, 1.0)
+    expected = [
+      metrics.structural_similarity(
+        xi, yi, gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, data_range=1.0, channel_axis=-1)
+      for xi, yi in zip(x, y)
+    ]
+    # Same arithmetic up to summation order: 1e-12 absolute.
+    np.testing.assert_allclose(_metrics.ssim(x, y), expected, rtol=0,
+                               atol=1e-12)
+
+  def test_no_retrace(self):
+    ssim = jax.jit(chex.assert_max_traces(_metrics.ssim, n=1))
+    rng = np.random.default_rng(8)
+    for _ in range(2):
+      x = rng.random((2, 9, 9, 3))
+      ssim(x, rng.random((2, 9, 9, 3))).block_until_ready()
+
+  def test_bad_inputs(self):
+    with self.assertRaisesRegex(ValueError, r"\(b, H, W, C\)"):
+      _metrics.ssim(np.zeros((2, 8, 8)), np.zeros((2, 8, 8)))
+    with self.assertRaisesRegex(ValueError, "odd"):
+      _metrics.ssim(np.zeros((1, 8, 8, 1)), np.zeros((1, 8, 8, 1)),
+                    win_size=10)
+    with self.assertRaisesRegex(ValueError, "same shape"):
+      _metrics.ssim(np.zeros((1, 8, 8, 1)), np.zeros((1, 8, 8, 3)))
+
+
+def _normalized_images(rng, b, shape, mean, std):
+  """Images with pixels in [0.1, 0.9] and their normalized flat rows."""
+  images = 0.1 + 0.8 * rng.random((b,) + shape)
+  return images, ((images - mean) / std).reshape(b, -1)
+
+
+class ScoreReconstructionTest(parameterized.TestCase):
+
+  def test_shuffled_batch_is_matched_and_exact(self):
+    rng = np.random.default_rng(9)
+    mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
+    _, truth = _normalized_images(rng, 7, (4, 5, 3), mean, std)
+    perm = rng.permutation(7)
+    recovered = truth[perm] + 1e-12 * rng.standard_normal(truth.shape)
+    scores = _metrics.score_reconstruction(
+      recovered, truth, image_shape=(4, 5, 3), mean=mean, std=std)
+    # recovered[i] is truth[perm[i]], so truth j is recovered row argsort.
+    np.testing.assert_array_equal(scores["matched_row"], np.argsort(perm))
+    self.assertTrue(scores["exact"].all())
+    self.assertTrue(scores["exact_batch"])
+    self.assertEqual(scores["exact_samples"], 7)
+    self.assertLess(scores["max_relative_error"], 1e-10)
+    np.testing.assert_array_equal(scores["psnr"], 100.0)
+    np.testing.assert_allclose(scores["ssim"], 1.0, atol=1e-12)
+    self.assertEqual(scores["mean_psnr"], 100.0)
+
+  def test_metrics_in_pixel_space(self):
+    # +0.01 in pixel space on sample 1 only: mse 1e-4, psnr 40 dB; its
+    # normalized error is 0.01 / std per entry.
+    rng = np.random.default_rng(10)
+    mean, std = np.array([0.5]), np.array([0.25])
+    images, truth = _normalized_images(rng, 3, (6, 6, 1), mean, std)
+    recovered_images = images.copy()
+    recovered_images[1] += 0.01
+    recovered = ((recovered_images - mean) / std).reshape(3, -1)
+    scores = _metrics.score_reconstruction(
+      recovered[[2, 0, 1]], truth, image_shape=(6, 6, 1), mean=mean, std=std)
+    np.testing.assert_array_equal(scores["matched_row"], [1, 2, 0])
+    np.testing.assert_array_equal(scores["exact"], [True, False, True])
+    self.assertFalse(scores["exact_batch"])
+    self.assertEqual(scores["exact_samples"], 2)
+    np.testing.assert_allclose(scores["mse"], [0.0, 1e-4, 0.0], atol=1e-15)
+    np.testing.assert_allclose(scores["psnr"], [100.0, 40.0, 100.0],
+                               rtol=1e-9)
+    np.testing.assert_allclose(scores["max_abs_error"][1], 0.04, rtol=1e-9)
+    np.testing.assert_allclose(
+      scores["relative_error"][1],
+      np.linalg.norm(np.full(36, 0.04)) / np.linalg.norm(truth[1]),
+      rtol=1e-9)
+
+  def test_clipped_pixels_are_not_exact(self):
+    # A white image recovered as 1.5 clips back to white: perfect PSNR and
+    # SSIM, yet not exact.
+    truth = np.ones((1, 4))
+    scores = _metrics.score_reconstruction(1.5 * truth, truth,
+                                           image_shape=(2, 2, 1))
+    self.assertEqual(scores["psnr"][0], 100.0)
+    self.assertFalse(scores["exact"][0])
+    np.testing.assert_allclose(scores["relative_error"], 0.5, rtol=1e-15)
+
+  @parameterized.named_parameters(("fewer", 4), ("more", 7))
+  def test_different_number_recovered(self, num_recovered):
+    rng = np.random.default_rng(11)
+    truth = rng.standard_normal((5, 20))
+    perm = rng.permutation(5)
+    recovered = np.concatenate([truth[perm], rng.standard_normal((2, 20))])
+    recovered = recovered[:num_recovered]
+    scores = _metrics.score_reconstruction(recovered, truth)
+    self.assertEqual(scores["num_recovered"], num_recovered)
+    expected_rows = np.argsort(perm)
+    if num_recovered < 5:
+      missing = perm[4]
+      expected_rows[missing] = -1
+      # scored against an all-zero input: relative error exactly 1.
+      self.assertEqual(scores["relative_error"][missing], 1.0)
+    np.testing.assert_array_equal(scores["matched_row"], expected_rows)
+    np.testing.assert_array_equal(scores["exact"], expected_rows >= 0)
+    self.assertEqual(scores["exact_batch"], num_recovered >= 5)
+
+  def test_non_images_skip_psnr_and_ssim(self):
+    rng = np.random.default_rng(12)
+    truth = rng.standard_normal((3, 10))
+    recovered = truth + 0.1
+    scores = _metrics.score_reconstruction(recovered, truth)
+    self.assertNotIn("psnr", scores)
+    self.assertNotIn("ssim", scores)
+    self.assertNotIn("mean_psnr", scores)
+    np.testing.assert_allclose(scores["mse"], 0.01, rtol=1e-12)
+    # mse in the de-normalized space when std is given.
+    scores = _metrics.score_reconstruction(recovered, truth, std=2.0)
+    np.testing.assert_allclose(scores["mse"], 0.04, rtol=1e-12)
+
+  def test_json_serializable(self):
+    truth = np.random.default_rng(13).standard_normal((3, 12))
+    scores = _metrics.score_reconstruction(truth[::-1], truth,
+                                           image_shape=(2, 2, 3))
+    plain = {k: v.tolist() if isinstance(v, np.ndarray) else v
+             for k, v in scores.items()}
+    self.assertEqual(json.loads(json.dumps(plain, allow_nan=False)), plain)
+
+  def test_bad_inputs(self):
+    with self.assertRaisesRegex(ValueError, "same n"):
+      _metrics.score_reconstruction(np.zeros((2, 3)), np.zeros((2, 4)))
+    with self.assertRaisesRegex(ValueError, "non-empty"):
+      _metrics.score_reconstruction(np.zeros((0, 3)), np.zeros((0, 3)))
+    with self.assertRaisesRegex(ValueError, "not flattened images"):
+      _metrics.score_reconstruction(np.ones((2, 12)), np.ones((2, 12)),
+                                    image_shape=(2, 2, 1))
+
+
+class AggregateTrialsTest(absltest.TestCase):
+
+  def test_rates_and_means(self):
+    rng = np.random.default_rng(14)
+    trials = []
+    for num_bad in (0, 1, 0):
+      truth = rng.standard_normal((4, 12))
+      recovered = truth.copy()
+      recovered[:num_bad] += 1.0
+      trials.append(_metrics.score_reconstruction(recovered, truth,
+                                                  image_shape=(2, 2, 3)))
+    result = _metrics.aggregate_trials(trials)
+    self.assertEqual(result["trials"], 3)
+    self.assertEqual(result["samples"], 12)
+    self.assertEqual(result["exact_batches"], 2)
+    self.assertAlmostEqual(result["exact_batch_rate"], 2 / 3, places=15)
+    self.assertEqual(result["exact_samples"], 11)
+    self.assertAlmostEqual(result["exact_sample_rate"], 11 / 12, places=15)
+    pooled_psnr = np.concatenate([t["psnr"] for t in trials])
+    self.assertAlmostEqual(result["mean_psnr"], pooled_psnr.mean(),
+                           places=12)
+    self.assertIn("mean_ssim", result)
+    # The same from JSON-loaded trials (lists instead of arrays).
+    loaded = json.loads(json.dumps(
+      [{k: v.tolist() if isinstance(v, np.ndarray) else v
+        for k, v in t.items()} for t in trials]))
+    self.assertEqual(_metrics.aggregate_trials(loaded), result)
+
+  def test_psnr_only_when_every_trial_has_it(self):
+    truth = np.random.default_rng(15).standard_normal((2, 12))
+    with_images = _metrics.score_reconstruction(truth, truth,
+                                                image_shape=(2, 2, 3))
+    without = _metrics.score_reconstruction(truth, truth)
+    result = _metrics.aggregate_trials([with_images, without])
+    self.assertNotIn("mean_psnr", result)
+    self.assertEqual(result["exact_batch_rate"], 1.0)
+
+  def test_empty(self):
+    with self.assertRaisesRegex(ValueError, "at least one"):
+      _metrics.aggregate_trials([])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,283 @@
+"""Benchmark records: a resumable JSON-lines log, a CSV summary, plots.
+
+A sweep appends one JSON object per finished trial to a log file. Each
+record carries the fields of :data:`TRIAL_KEY`, which identify a trial; a
+re-run reads the log, skips the trials already in it and appends the rest,
+so an interrupted sweep loses at most the trial in flight. A line cut short
+by an interruption is ignored (and reported) when the log is read back.
+
+:func:`summarize` groups the trials by setting, :func:`write_csv` writes
+that table and :func:`plot_summary` draws the exact-batch rate and the
+time per batch against ``b`` (matplotlib, an optional dependency:
+``pip install -e ".[plots]"``).
+"""
+
+import csv
+from collections.abc import Iterable, Mapping, Sequence
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+from absl import logging
+
+__all__ = [
+  "ProgressBar",
+  "SUMMARY_FIELDS",
+  "TRIAL_KEY",
+  "append_record",
+  "plot_summary",
+  "read_records",
+  "summarize",
+  "trial_key",
+  "write_csv",
+]
+
+# The fields that identify one trial of a sweep.
+TRIAL_KEY = ("method", "objective", "dataset", "width", "batch_size",
+             "depth", "dtype", "seed", "trial")
+# The grouping of the summary: a trial key without seed and trial.
+_GROUP_KEY = TRIAL_KEY[:-2]
+
+SUMMARY_FIELDS = _GROUP_KEY + (
+  "trials", "exact_batches", "exact_batch_rate", "exact_sample_rate",
+  "median_seconds", "min_seconds", "max_seconds", "mean_psnr",
+  "mean_ssim", "max_relative_error",
+)
+
+
+def trial_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+  """The identity of a trial: the values of :data:`TRIAL_KEY`.
+
+  Raises:
+    KeyError: naming the first missing field.
+  """
+  missing = [name for name in TRIAL_KEY if name not in record]
+  if missing:
+    raise KeyError(f"record lacks the trial fields {missing}.")
+  return tuple(record[name] for name in TRIAL_KEY)
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """Reads a JSON-lines log; a missing file is an empty log.
+
+  Lines that do not parse (a write cut short by an interruption) or that
+  lack the trial fields are skipped with a warning, so that the trial is
+  simply run again. Records whose ``kind`` is not ``"trial"`` (other
+  measurements written to the same log) are skipped silently.
+  """
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        record = json.loads(line)
+        if record.get("kind", "trial") != "trial":
+          continue  # other measurements sharing the log (throughput)
+        trial_key(record)
+      except (json.JSONDecodeError, KeyError, TypeError) as err:
+        logging.warning("%s:%d: skipping an unreadable record (%s).", path,
+                        number, str(err).splitlines()[0])
+        continue
+      records.append(record)
+  return records
+
+
+def append_record(path: str | os.PathLike[str],
+                  record: Mapping[str, Any]) -> None:
+  """Appends one record as a line and flushes it to disk.
+
+  If the file ends without a newline (an earlier write was cut short), a
+  newline is written first so the new record stays on a line of its own.
+  """
+  trial_key(record)
+  line = json.dumps(record, sort_keys=True) + "\n"
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with open(path, "ab+") as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell():
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
+    f.write(line.encode("utf-8"))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _mean(values: Sequence[float]) -> float:
+  finite = [v for v in values if v is not None and math.isfinite(v)]
+  return statistics.fmean(finite) if finite else math.nan
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """One row per setting (method, objective, dataset, m, b, depth, dtype).
+
+  Each record must have ``exact_batch`` (bool), ``exact_samples`` (int),
+  ``seconds`` and optionally ``mean_psnr``, ``mean_ssim`` and
+  ``max_relative_error`` (per-batch aggregates). A trial logged twice
+  counts once (the last).
+
+  Returns:
+    Rows with the fields of :data:`SUMMARY_FIELDS`, sorted by setting.
+  """
+  latest = {trial_key(r): r for r in records}
+  groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+  for record in latest.values():
+    group = tuple(record[name] for name in _GROUP_KEY)
+    groups.setdefault(group, []).append(record)
+  rows = []
+  for group in sorted(groups, key=lambda g: tuple(map(str, g[:3])) + g[3:]):
+    trials = groups[group]
+    seconds = [float(r["seconds"]) for r in trials]
+    samples = sum(int(r["batch_size"]) for r in trials)
+    exact_batches = sum(bool(r["exact_batch"]) for r in trials)
+    rows.append({
+      **dict(zip(_GROUP_KEY, group)),
+      "trials": len(trials),
+      "exact_batches": exact_batches,
+      "exact_batch_rate": exact_batches / len(trials),
+      "exact_sample_rate": sum(int(r["exact_samples"]) for r in trials)
+      / samples,
+      "median_seconds": statistics.median(seconds),
+      "min_seconds": min(seconds),
+      "max_seconds": max(seconds),
+      "mean_psnr": _mean([r.get("mean_psnr") for r in trials]),
+      "mean_ssim": _mean([r.get("mean_ssim") for r in trials]),
+      "max_relative_error": max(
+        float(r.get("max_relative_error", math.nan)) for r in trials),
+    })
+  return rows
+
+
+def write_csv(path: str | os.PathLike[str],
+              rows: Sequence[Mapping[str, Any]]) -> None:
+  """Writes summary rows (see :func:`summarize`) as CSV with a header."""
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS,
+                            extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+      writer.writerow(row)
+
+
+def _series(rows):
+  """Rows grouped into lines: one per setting other than ``b``."""
+  lines: dict[str, list[Mapping[str, Any]]] = {}
+  for row in rows:
+    label = f"{row['method']}"
+    if row["method"] != "spear":
+      label += f" ({row['objective']})"
+    label += f", {row['dataset']}, m={row['width']}"
+    lines.setdefault(label, []).append(row)
+  for label in lines:
+    lines[label].sort(key=lambda r: r["batch_size"])
+  return lines
+
+
+def plot_summary(rows: Sequence[Mapping[str, Any]],
+                 out_prefix: str | os.PathLike[str],
+                 title: str = "") -> list[str]:
+  """Draws the exact-batch rate and the median time against ``b``.
+
+  Args:
+    rows: summary rows from :func:`summarize`.
+    out_prefix: path prefix; ``PREFIX_exact_rate.png`` and
+      ``PREFIX_time.png`` are written.
+    title: a suffix for both titles, e.g. the hardware.
+
+  Returns:
+    The paths written.
+
+  Raises:
+    ImportError: if matplotlib is not installed.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    raise ImportError(
+      'plots need matplotlib: pip install -e ".[plots]"') from err
+  lines = _series(rows)
+  paths = []
+  for name, field, ylabel in (
+    ("exact_rate", "exact_batch_rate", "exact-batch rate"),
+    ("time", "median_seconds", "median time per batch (s)"),
+  ):
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for label, series in lines.items():
+      ax.plot([r["batch_size"] for r in series], [r[field] for r in series],
+              marker="o", label=label)
+    ax.set_xlabel("batch size b")
+    ax.set_ylabel(ylabel)
+    if field == "exact_batch_rate":
+      ax.set_ylim(-0.05, 1.05)
+    else:
+      ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{ylabel} vs b{': ' + title if title else ''}")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = f"{os.fspath(out_prefix)}_{name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+class ProgressBar:
+  """A text progress bar over trials on stderr.
+
+  On a terminal it redraws one line; otherwise (a log file, CI) it prints
+  one line per update. Shows the count, the elapsed time and an estimate
+  of the time left from the mean time per finished item.
+  """
+
+  def __init__(self, total: int, unit: str = "trials", width: int = 24,
+               stream=None):
+    self.total, self.unit, self.width = total, unit, width
+    self.stream = stream if stream is not None else sys.stderr
+    self.done = 0
+    self.timed = 0
+    self.start = time.perf_counter()
+    self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+    self._draw("")
+
+  def advance(self, count: int = 1, note: str = "", timed: bool = True):
+    """Marks ``count`` more items done; ``timed=False`` for read-back ones."""
+    self.done += count
+    if timed:
+      self.timed += count
+    else:
+      self.start = time.perf_counter()
+    self._draw(note)
+
+  def _draw(self, note):
+    filled = (self.width * self.done) // max(self.total, 1)
+    bar = "#" * filled + "-" * (self.width - filled)
+    elapsed = time.perf_counter() - self.start
+    line = f"[{bar}] {self.done}/{self.total} {self.unit} {elapsed:.0f} s"
+    if self.timed and self.done < self.total:
+      left = elapsed / self.timed * (self.total - self.done)
+      line += f", ~{left:.0f} s left"
+    if note:
+      line += f" ({note})"
+    if self.tty:
+      self.stream.write("\r\033[K" + line)
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+  def close(self):
+    if self.tty:
+      self.stream.write("\n")
+      self.stream.flush()

@@ -82,6 +82,84 @@ class RoundingTest(parameterized.TestCase):
                        1 - 1e-12)
 
 
+class ConstrainedSearchTest(parameterized.TestCase):
+
+  def _problem(self, seed, m, n, b):
+    p = helpers.relu_layer_problem(seed, m, n, b)
+    l_mxb, r_bxn, q_true = _factor(p, b)
+    alive = np.any(p["grad_z"] != 0, axis=1)
+    return p, l_mxb, r_bxn, q_true, alive
+
+  @parameterized.parameters((70, 300, 80, 10, 7), (71, 200, 60, 8, 3))
+  def test_estimated_rows_match_the_true_rows_of_q_inverse(
+      self, seed, m, n, b, k):
+    p, l_mxb, r_bxn, q_true, alive = self._problem(seed, m, n, b)
+    found = np.zeros((b, b))
+    found[:k] = q_true[:, :k].T * np.where(np.arange(k) % 2, -1.0, 1.0)[:, None]
+    rows = _dictionary.estimate_found_rows(
+      jnp.asarray(found), jnp.asarray(np.arange(b) < k), jnp.asarray(l_mxb),
+      jnp.asarray(r_bxn), jnp.asarray(p["weight"]), jnp.asarray(p["bias"]),
+      jnp.asarray(alive), jnp.asarray(1e-8))
+    chex.assert_shape(rows, (b, b))
+    rows = np.asarray(rows)
+    np.testing.assert_array_equal(rows[k:], 0.0)  # padding stays zero
+    truth = np.linalg.inv(q_true)[:k]  # independent: numpy inverse
+    cos = np.abs(np.sum(rows[:k] * truth, axis=1)) / (
+      np.linalg.norm(rows[:k], axis=1) * np.linalg.norm(truth, axis=1))
+    # A Chebyshev centre, not the exact row: its cell has ~m faces.
+    self.assertGreater(np.min(cos), 0.99)
+    # Exactly orthogonal to the other found columns (by construction).
+    others = np.abs(rows[:k] @ q_true[:, :k]) / np.linalg.norm(
+      rows[:k], axis=1, keepdims=True)
+    np.fill_diagonal(others, 0.0)
+    np.testing.assert_allclose(others, 0.0, atol=1e-12)
+
+  def test_constrained_search_stays_in_its_subspace_and_descends(self):
+    b, k, restarts = 10, 7, 6
+    p, l_mxb, _, q_true, alive = self._problem(72, 300, 80, b)
+    del p
+    # Excluded block: orthonormal basis of the true found rows of Q^-1,
+    # padded with zero rows; the missing columns are orthogonal to it.
+    basis, _ = np.linalg.qr(np.linalg.inv(q_true)[:k].T)
+    exclude = np.zeros((b, b))
+    exclude[:k] = basis.T
+    rng = np.random.default_rng(3)
+    starts = rng.standard_normal((restarts, b))
+    pivots = np.zeros((restarts, b))
+    pivots[3:] = q_true[:, :3].T
+    in_subspace = np.arange(restarts) < 3
+    config = spear_jax.LearnerConfig(steps=200)
+    stage1, stage2 = _dictionary.learn_directions_constrained(
+      jnp.asarray(starts), jnp.asarray(pivots), jnp.asarray(in_subspace),
+      jnp.asarray(exclude), jnp.asarray(l_mxb), jnp.asarray(alive),
+      jnp.asarray(1e-8), config=config)
+    stage1, stage2 = np.asarray(stage1), np.asarray(stage2)
+    np.testing.assert_allclose(np.linalg.norm(stage1, axis=1), 1.0,
+                               atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(stage2, axis=1), 1.0,
+                               atol=1e-12)
+    np.testing.assert_allclose(stage1[:3] @ exclude.T, 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.sum(stage1[3:] * pivots[3:], axis=1), 0.0,
+                               atol=1e-12)
+    # The stage-1 objective (numpy) decreased from the projected start.
+    for r in range(restarts):
+      if in_subspace[r]:
+        project = np.eye(b) - exclude.T @ exclude
+        rows = alive
+      else:
+        project = np.eye(b) - np.outer(pivots[r], pivots[r])
+        rows = alive & (np.abs(l_mxb @ pivots[r]) <= 1e-8)
+      start = project @ starts[r]
+      start /= np.linalg.norm(start)
+      f = lambda q, rows=rows: np.mean(np.abs(l_mxb[rows] @ q))
+      self.assertLess(f(stage1[r]), f(start))
+    # In the complement only missing columns are left: stage 1 finds them.
+    np.testing.assert_array_less(
+      1 - 1e-6, np.max(np.abs(stage1[:3] @ q_true[:, k:]), axis=1))
+    np.testing.assert_array_less(
+      1 - 1e-6, np.max(np.abs(stage2 @ q_true), axis=1))
+
+
 class SpearPlusPlusTest(parameterized.TestCase):
 
   def test_beyond_spear_in_the_same_budget(self):
@@ -118,6 +196,26 @@ class SpearPlusPlusTest(parameterized.TestCase):
   def test_learner_config_validation(self):
     with self.assertRaisesRegex(ValueError, "objective"):
       spear_jax.LearnerConfig(objective="l2")
+    with self.assertRaisesRegex(ValueError, "subspace_fraction"):
+      spear_jax.LearnerConfig(subspace_fraction=1.5)
+    with self.assertRaisesRegex(ValueError, "temperature"):
+      spear_jax.LearnerConfig(row_estimate_temperature=0.0)
+
+  def test_deflated_rounds_without_the_layer(self):
+    # 8 restarts cannot find 16 columns in one round: later rounds use the
+    # pivot-restricted restarts (no weight and bias, so no row estimate).
+    p = helpers.relu_layer_problem(65, 240, 100, 16)
+    config = spear_jax.AttackConfig(learner=spear_jax.LearnerConfig(
+      restarts=8, steps=300))
+    plus = spear_jax.invert(p["weight_grad"], p["bias_grad"],
+                            key=jax.random.key(1), method="spearpp",
+                            config=config)
+    self.assertTrue(plus.success)
+    self.assertGreater(plus.stats.blocks, 1)
+    order = helpers.match_rows(np.asarray(plus.inputs), p["inputs"])
+    self.assertLen(set(order.tolist()), 16)
+    np.testing.assert_allclose(np.asarray(plus.inputs), p["inputs"][order],
+                               atol=1e-10)
 
 
 if __name__ == "__main__":

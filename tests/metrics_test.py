@@ -58,7 +58,7 @@ class HungarianTest(parameterized.TestCase):
                              places=12)
 
   def test_match_shuffled_batch(self):
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng()
     truth = rng.standard_normal((7, 30))
     perm = rng.permutation(7)
     noisy = truth[perm] + 1e-12 * rng.standard_normal((7, 30))
@@ -69,7 +69,7 @@ class HungarianTest(parameterized.TestCase):
 
 
   def test_match_and_score_keeps_its_fields(self):
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng()
     truth = rng.standard_normal((4, 9))
     scores = _metrics.match_and_score(truth[[1, 2, 3, 0]], truth)
     self.assertEqual(set(scores),
@@ -88,7 +88,7 @@ class MsePsnrTest(chex.TestCase):
   )
   def test_constant_offset(self, data_range, offset, expected_db):
     # x + offset has MSE offset**2, so PSNR = 20 log10(R / |offset|).
-    x = np.random.default_rng(2).random((3, 5, 4, 3)) * data_range
+    x = np.random.default_rng().random((3, 5, 4, 3)) * data_range
     psnr = self.variant(functools.partial(_metrics.psnr,
                                           data_range=data_range))
     np.testing.assert_allclose(psnr(x + offset, x), expected_db, rtol=1e-12)
@@ -107,7 +107,7 @@ class MsePsnrTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_perfect_recovery_is_capped(self):
-    x = np.random.default_rng(3).random((2, 6))
+    x = np.random.default_rng().random((2, 6))
     psnr = self.variant(_metrics.psnr)
     np.testing.assert_array_equal(psnr(x, x), [100.0, 100.0])
     self.assertEqual(_metrics.PSNR_MAX_DB, 100.0)
@@ -140,7 +140,7 @@ class SsimTest(chex.TestCase):
     ("one_pixel", (1, 1, 3)),
   )
   def test_image_with_itself_is_one(self, shape):
-    x = np.random.default_rng(4).random((2,) + shape)
+    x = np.random.default_rng().random((2,) + shape)
     np.testing.assert_allclose(self.variant(_metrics.ssim)(x, x), 1.0,
                                atol=1e-12)
 
@@ -177,7 +177,7 @@ class SsimTest(chex.TestCase):
     ("full_window_rgb", (14, 12, 3), 11),
   )
   def test_against_direct_formula(self, shape, size):
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng()
     x = rng.random((3,) + shape)
     y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0.0, 1.0)
     expected = [_ssim_by_loop(xi, yi, size) for xi, yi in zip(x, y)]
@@ -185,7 +185,7 @@ class SsimTest(chex.TestCase):
                                rtol=1e-12)
 
   def test_symmetric_and_below_one(self):
-    rng = np.random.default_rng(6)
+    rng = np.random.default_rng()
     x = rng.random((4, 12, 12, 3))
     y = rng.random((4, 12, 12, 3))
     xy = np.asarray(_metrics.ssim(x, y))
@@ -197,7 +197,7 @@ class SsimTest(chex.TestCase):
                                   ("rectangular", (13, 40, 3)))
   def test_matches_skimage(self, shape):
     metrics = pytest.importorskip("skimage.metrics")
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng()
     x = rng.random((3,) + shape)
     y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0.0, 1.0)
     expected = [
@@ -212,7 +212,7 @@ class SsimTest(chex.TestCase):
 
   def test_no_retrace(self):
     ssim = jax.jit(chex.assert_max_traces(_metrics.ssim, n=1))
-    rng = np.random.default_rng(8)
+    rng = np.random.default_rng()
     for _ in range(2):
       x = rng.random((2, 9, 9, 3))
       ssim(x, rng.random((2, 9, 9, 3))).block_until_ready()
@@ -236,7 +236,7 @@ def _normalized_images(rng, b, shape, mean, std):
 class ScoreReconstructionTest(parameterized.TestCase):
 
   def test_shuffled_batch_is_matched_and_exact(self):
-    rng = np.random.default_rng(9)
+    rng = np.random.default_rng()
     mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
     _, truth = _normalized_images(rng, 7, (4, 5, 3), mean, std)
     perm = rng.permutation(7)
@@ -256,7 +256,7 @@ class ScoreReconstructionTest(parameterized.TestCase):
   def test_metrics_in_pixel_space(self):
     # +0.01 in pixel space on sample 1 only: mse 1e-4, psnr 40 dB; its
     # normalized error is 0.01 / std per entry.
-    rng = np.random.default_rng(10)
+    rng = np.random.default_rng()
     mean, std = np.array([0.5]), np.array([0.25])
     images, truth = _normalized_images(rng, 3, (6, 6, 1), mean, std)
     recovered_images = images.copy()
@@ -289,7 +289,7 @@ class ScoreReconstructionTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("fewer", 4), ("more", 7))
   def test_different_number_recovered(self, num_recovered):
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng()
     truth = rng.standard_normal((5, 20))
     perm = rng.permutation(5)
     recovered = np.concatenate([truth[perm], rng.standard_normal((2, 20))])
@@ -307,7 +307,7 @@ class ScoreReconstructionTest(parameterized.TestCase):
     self.assertEqual(scores["exact_batch"], num_recovered >= 5)
 
   def test_non_images_skip_psnr_and_ssim(self):
-    rng = np.random.default_rng(12)
+    rng = np.random.default_rng()
     truth = rng.standard_normal((3, 10))
     recovered = truth + 0.1
     scores = _metrics.score_reconstruction(recovered, truth)
@@ -320,7 +320,7 @@ class ScoreReconstructionTest(parameterized.TestCase):
     np.testing.assert_allclose(scores["mse"], 0.04, rtol=1e-12)
 
   def test_json_serializable(self):
-    truth = np.random.default_rng(13).standard_normal((3, 12))
+    truth = np.random.default_rng().standard_normal((3, 12))
     scores = _metrics.score_reconstruction(truth[::-1], truth,
                                            image_shape=(2, 2, 3))
     plain = {k: v.tolist() if isinstance(v, np.ndarray) else v
@@ -340,7 +340,7 @@ class ScoreReconstructionTest(parameterized.TestCase):
 class AggregateTrialsTest(absltest.TestCase):
 
   def test_rates_and_means(self):
-    rng = np.random.default_rng(14)
+    rng = np.random.default_rng()
     trials = []
     for num_bad in (0, 1, 0):
       truth = rng.standard_normal((4, 12))
@@ -366,7 +366,7 @@ class AggregateTrialsTest(absltest.TestCase):
     self.assertEqual(_metrics.aggregate_trials(loaded), result)
 
   def test_psnr_only_when_every_trial_has_it(self):
-    truth = np.random.default_rng(15).standard_normal((2, 12))
+    truth = np.random.default_rng().standard_normal((2, 12))
     with_images = _metrics.score_reconstruction(truth, truth,
                                                 image_shape=(2, 2, 3))
     without = _metrics.score_reconstruction(truth, truth)

@@ -105,7 +105,7 @@ class ResizeTest(parameterized.TestCase):
     (47, 17, 8),
   )
   def test_matches_jax_image_resize_of_center_crop(self, height, width, size):
-    image = np.random.default_rng(0).random((height, width, 3), np.float32)
+    image = np.random.default_rng().random((height, width, 3), np.float32)
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     crop = image[top : top + side, left : left + side]
@@ -118,7 +118,7 @@ class ResizeTest(parameterized.TestCase):
     np.testing.assert_allclose(got, np.asarray(expected), atol=2e-5)
 
   def test_same_size_is_identity(self):
-    image = np.random.default_rng(1).random((28, 28, 1), np.float32)
+    image = np.random.default_rng().random((28, 28, 1), np.float32)
     np.testing.assert_array_equal(_data._center_crop_resize(image, 28), image)
 
   def test_crops_the_centre(self):
@@ -128,7 +128,7 @@ class ResizeTest(parameterized.TestCase):
     np.testing.assert_allclose(_data._center_crop_resize(image[:, ::-1], 2), 1)
 
   def test_decode_stays_in_unit_range(self):
-    image = np.random.default_rng(2).integers(0, 256, (61, 40, 3), np.uint8)
+    image = np.random.default_rng().integers(0, 256, (61, 40, 3), np.uint8)
     image[0, 0] = 255
     out = _data._decode_image(image, size=97, channels=3)
     self.assertEqual(out.shape, (97, 97, 3))
@@ -138,7 +138,7 @@ class ResizeTest(parameterized.TestCase):
 
 def _lazy_images(num: int = 7):
   """A ``LazyArray`` over a list of records, and the array it stands for."""
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng()
   raw = rng.integers(0, 256, (num, 4, 5, 3), np.uint8)
   records = [{"image": image, "label": i % 3} for i, image in enumerate(raw)]
   images = _data.LazyArray(
@@ -310,7 +310,7 @@ class PreparedDataTest(parameterized.TestCase):
     super().setUpClass()
     cls._tmp = tempfile.mkdtemp()
     cls.data_dir = os.path.join(cls._tmp, "tfds")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng()
     cls.raw = {
       "mnist": rng.integers(0, 256, (10, 28, 28, 1), np.uint8),
       "cifar10": rng.integers(0, 256, (9, 32, 32, 3), np.uint8),

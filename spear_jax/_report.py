@@ -215,8 +215,10 @@ def plot_summary(rows: Sequence[Mapping[str, Any]],
   ):
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for label, series in lines.items():
+      dashed = series[0]["method"] != "spear"
       ax.plot([r["batch_size"] for r in series], [r[field] for r in series],
-              marker="o", label=label)
+              marker="s" if dashed else "o", linestyle="--" if dashed else "-",
+              label=label)
     ax.set_xlabel("batch size b")
     ax.set_ylabel(ylabel)
     if field == "exact_batch_rate":

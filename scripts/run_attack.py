@@ -16,7 +16,9 @@ Outputs under ``--out_dir``:
 * ``metrics.json``: per-trial and aggregate metrics, the flags, the device
   and the library versions;
 * ``reconstruction.png``: ground truth (top) against reconstruction (bottom)
-  for the first trial, with a red frame around every inexact sample;
+  for the first trial, with a red frame around every inexact sample (for
+  ``--layer`` > 0, whose inputs are activations, a heatmap of the absolute
+  error per sample and feature);
 * ``trials.jsonl`` and ``trial_NNN.npz``: one record and the arrays per
   finished trial. Re-running the same command resumes: finished trials are
   read back, not recomputed (``--noresume`` starts over).
@@ -52,6 +54,9 @@ _DATA_DIR = flags.DEFINE_string(
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Client batch size b.")
 _WIDTH = flags.DEFINE_integer("width", 400, "Hidden width m.")
 _DEPTH = flags.DEFINE_integer("depth", 2, "Number of hidden layers.")
+_LAYER = flags.DEFINE_integer(
+  "layer", 0, "Attacked hidden layer (0 sees the images; a deeper layer's "
+  "inputs are activations, drawn as an error heatmap).")
 _METHOD = flags.DEFINE_enum("method", "spear", ["spear", "spearpp"],
                             "Attack: SPEAR (sampling) or SPEAR++ "
                             "(dictionary learning).")
@@ -90,6 +95,9 @@ def _check_flags():
       _fail(f"--{name} must be at least 1, got {value}.")
   if _SEED.value < 0:
     _fail(f"--seed must be non-negative, got {_SEED.value}.")
+  if not 0 <= _LAYER.value < _DEPTH.value:
+    _fail(f"--layer must be in [0, {_DEPTH.value - 1}] for --depth="
+          f"{_DEPTH.value}, got {_LAYER.value}.")
   if _TIME_BUDGET_S.value is not None and _TIME_BUDGET_S.value <= 0:
     _fail(f"--time_budget_s must be positive, got {_TIME_BUDGET_S.value}.")
 
@@ -126,6 +134,7 @@ def _setting():
     "width": _WIDTH.value,
     "batch_size": _BATCH_SIZE.value,
     "depth": _DEPTH.value,
+    "layer": _LAYER.value,
     "dtype": _DTYPE.value,
     "seed": _SEED.value,
   }
@@ -183,7 +192,7 @@ def main(argv):
       result = _experiment.run_trial(
         jax.random.fold_in(root, trial), image_set,
         batch_size=_BATCH_SIZE.value, width=_WIDTH.value,
-        depth=_DEPTH.value, method=_METHOD.value,
+        depth=_DEPTH.value, layer=_LAYER.value, method=_METHOD.value,
         dtype=jnp.dtype(_DTYPE.value), config=config,
       )
     except KeyboardInterrupt:
@@ -224,16 +233,21 @@ def main(argv):
     with np.load(os.path.join(
         out_dir, f"trial_{trials[0]['trial']:03d}.npz")) as arrays:
       picture = os.path.join(out_dir, "reconstruction.png")
-      spear_jax.save_image_grid(picture, arrays["truth"],
-                                arrays["recovered"],
-                                exact=arrays["exact"])
+      if arrays["truth"].ndim == 4:
+        spear_jax.save_image_grid(picture, arrays["truth"],
+                                  arrays["recovered"],
+                                  exact=arrays["exact"])
+      else:  # hidden activations: |error| per sample and feature
+        spear_jax.save_error_heatmap(picture, arrays["recovered"],
+                                     arrays["truth"])
 
+  nan = float("nan")
   print(f"{'trial':>5} {'exact':>7} {'certified':>9} {'PSNR dB':>8} "
         f"{'SSIM':>7} {'max rel err':>11} {'seconds':>8}  stop")
   for r in trials:
     print(f"{r['trial']:>5} {r['exact_samples']:>3}/{r['batch_size']:<3} "
-          f"{r['verified_samples']:>9} {r['mean_psnr']:>8.2f} "
-          f"{r['mean_ssim']:>7.4f} "
+          f"{r['verified_samples']:>9} {r.get('mean_psnr', nan):>8.2f} "
+          f"{r.get('mean_ssim', nan):>7.4f} "
           f"{r['max_relative_error']:>11.2e} {r['seconds']:>8.1f}  "
           f"{r['stop_reason']}")
   if interrupted:

@@ -83,9 +83,11 @@ def run_trial(
   truth = np.asarray(update.inputs)
   recovered = np.asarray(result.inputs)
   image_shape = image_set.image_shape if layer == 0 else None
+  is_image = image_shape is not None
   scores = _metrics.score_reconstruction(
-    recovered, truth, image_shape=image_shape, mean=image_set.mean,
-    std=image_set.std, exact_rtol=exact_rtol,
+    recovered, truth, image_shape=image_shape,
+    mean=image_set.mean if is_image else None,
+    std=image_set.std if is_image else None, exact_rtol=exact_rtol,
   )
   matched = scores.pop("matched_row")
   verified = np.asarray(result.verified)[matched]

@@ -20,7 +20,11 @@ from spear_jax._client import paper_layout as paper_layout
 from spear_jax._config import AttackConfig as AttackConfig
 from spear_jax._config import LearnerConfig as LearnerConfig
 from spear_jax._dictionary import complete_last_column as complete_last_column
+from spear_jax._dictionary import estimate_found_rows as estimate_found_rows
 from spear_jax._dictionary import learn_directions as learn_directions
+from spear_jax._dictionary import (
+  learn_directions_constrained as learn_directions_constrained,
+)
 from spear_jax._dictionary import (
   make_dictionary_learner as make_dictionary_learner,
 )
@@ -82,6 +86,7 @@ __all__ = [
   "denormalize",
   "denormalize_images",
   "error_heatmap",
+  "estimate_found_rows",
   "factorize",
   "hungarian",
   "image_grid",
@@ -90,6 +95,7 @@ __all__ = [
   "layer_gradient",
   "layer_parameters",
   "learn_directions",
+  "learn_directions_constrained",
   "load_bundled",
   "load_dataset",
   "load_tfds",

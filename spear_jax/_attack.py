@@ -19,7 +19,9 @@ from spear_jax import _validation
 from spear_jax._certificate import relu_certificate
 from spear_jax._config import AttackConfig
 from spear_jax._dictionary import complete_last_column
+from spear_jax._dictionary import estimate_found_rows
 from spear_jax._dictionary import learn_directions
+from spear_jax._dictionary import learn_directions_constrained
 from spear_jax._dictionary import round_direction
 from spear_jax._linalg import factorize, polish_direction, resolve_tolerances
 from spear_jax._proposals import propose_block
@@ -125,7 +127,14 @@ def _polish_many(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
   )
 
 
-def _threshold(config, pool, b, num_alive, floor):
+def _threshold(config, pool, b, num_alive, floor, search=False):
+  """Adaptive sparsity threshold of the selection (see ``AttackConfig``).
+
+  With ``search`` (SPEAR++) the default fraction of the typical zero count
+  is ``config.learner.tau_relative``: the search reaches columns with
+  fewer zeros just as easily, so the sampling argument behind
+  ``min_hit_ratio`` does not apply.
+  """
   if config.tau is not None:
     return max(floor, math.ceil(config.tau * num_alive))
   if pool.zeros.shape[0] == 0:
@@ -133,7 +142,8 @@ def _threshold(config, pool, b, num_alive, floor):
   top = np.sort(pool.zeros)[::-1][:b]
   relative = config.tau_relative
   if relative is None:
-    relative = config.min_hit_ratio ** (1.0 / (b - 1))
+    relative = (config.learner.tau_relative if search
+                else config.min_hit_ratio ** (1.0 / (b - 1)))
   return max(floor, math.ceil(relative * float(np.median(top))))
 
 
@@ -275,9 +285,69 @@ def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   return starts / np.linalg.norm(starts, axis=1, keepdims=True)
 
 
+def _constrained_starts(key, problem, found_kxb, count, learner):
+  """Starts, pivots, subspace flags and the excluded block of a round.
+
+  ``found_kxb`` are the selected (independent) columns. With the layer's
+  ``weight`` and ``bias``, a ``subspace_fraction`` of the restarts (all of
+  them once at most ``focus_missing`` columns are missing) search the
+  orthogonal complement of the found samples' estimated rows of ``Q^-1``;
+  they start from rows of ``L`` on which every found column vanishes
+  (combinations of the missing samples' rows only). The others are
+  restricted to the zero set of one random found column (the pivot) and
+  start from a row of ``L`` in that zero set. The excluded block is padded
+  to ``b`` rows and the found columns to ``b``, so one compilation serves
+  a run.
+  """
+  l_np = np.asarray(problem.l_mxb)
+  b = l_np.shape[1]
+  k = found_kxb.shape[0]
+  dtype = l_np.dtype
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  alive = np.asarray(problem.alive)
+  zero_mxk = np.abs(l_np @ found_kxb.T) <= problem.tol.screen
+  exclude = np.zeros((b, b), dtype)
+  subspace = 0
+  if problem.weight is not None:
+    fraction = (1.0 if b - k <= learner.focus_missing
+                else learner.subspace_fraction)
+    subspace = int(round(fraction * count))
+  if subspace:
+    padded = np.zeros((b, b), dtype)
+    padded[:k] = found_kxb
+    rows = np.asarray(estimate_found_rows(
+      jnp.asarray(padded), jnp.asarray(np.arange(b) < k), problem.l_mxb,
+      problem.r_bxn, problem.weight, problem.bias, problem.alive,
+      problem.scalar(problem.tol.screen), steps=learner.row_estimate_steps,
+      temperature=learner.row_estimate_temperature,
+      learning_rate=learner.row_estimate_learning_rate,
+    ))[:k]
+    u, s, _ = np.linalg.svd(rows.T, full_matrices=False)
+    basis = u[:, s > s[0] * b * np.finfo(dtype).eps].T
+    exclude[: basis.shape[0]] = basis
+  starts = np.empty((count, b), dtype)
+  pivots = np.zeros((count, b), dtype)
+  vanish = np.all(zero_mxk, axis=1) & alive
+  candidates = np.flatnonzero(vanish if vanish.any() else alive)
+  starts[:subspace] = l_np[rng.choice(candidates, subspace)]
+  for r, f in zip(range(subspace, count), rng.integers(0, k, count)):
+    zero_rows = np.flatnonzero(zero_mxk[:, f] & alive)
+    zero_rows = zero_rows if zero_rows.size else np.flatnonzero(alive)
+    starts[r] = l_np[rng.choice(zero_rows)]
+    pivots[r] = found_kxb[f]
+  in_subspace = np.arange(count) < subspace
+  return starts, pivots, in_subspace, exclude
+
+
 def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
                     start, max_proposals):
-  """SPEAR++ rounds: search from restarts, round, absorb, select."""
+  """SPEAR++ rounds: search from restarts, round, absorb, select.
+
+  Round one starts from rows of ``L`` and random points; once columns are
+  selected (and ``learner.constrained``), the restarts are deflated by
+  :func:`_constrained_starts` and both end points of
+  :func:`learn_directions_constrained` are rounded.
+  """
   learner = config.learner
   b = problem.l_mxb.shape[1]
   restarts = learner.restarts or 2 * b
@@ -285,16 +355,31 @@ def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
   proposals = rounds = stalled = 0
   for _ in range(learner.max_rounds):
     key, init_key, round_key = jax.random.split(key, 3)
-    starts = _initial_directions(init_key, problem, state["pool"].directions,
-                                 restarts, learner.targeted_fraction)
-    approx, _ = learn_directions(jnp.asarray(starts, problem.dtype),
-                                 problem.l_mxb, problem.alive, config=learner)
+    found = state["pool"].directions[state["chosen"]]
+    if learner.constrained and found.shape[0]:
+      starts, pivots, in_subspace, exclude = _constrained_starts(
+        init_key, problem, found, restarts, learner)
+      stage1, approx = learn_directions_constrained(
+        jnp.asarray(starts), jnp.asarray(pivots), jnp.asarray(in_subspace),
+        jnp.asarray(exclude), problem.l_mxb, problem.alive,
+        problem.scalar(problem.tol.screen), config=learner,
+      )
+      # A stage-1 end point near a missing column may round exactly where
+      # the full search from it drifts to a known one: round both.
+      approx = jnp.concatenate([approx, stage1])
+    else:
+      starts = _initial_directions(init_key, problem,
+                                   state["pool"].directions, restarts,
+                                   learner.targeted_fraction)
+      approx, _ = learn_directions(jnp.asarray(starts, problem.dtype),
+                                   problem.l_mxb, problem.alive,
+                                   config=learner)
     rounded, zeros = _round_many(
-      jax.random.split(round_key, restarts), approx, problem.l_mxb,
+      jax.random.split(round_key, approx.shape[0]), approx, problem.l_mxb,
       problem.alive, problem.scalar(problem.tol.screen),
       tries=learner.rounding_tries, pool=pool,
     )
-    proposals += restarts * learner.rounding_tries
+    proposals += approx.shape[0] * learner.rounding_tries
     rounds += 1
     rounded, zeros = np.asarray(rounded), np.asarray(zeros)
     found_before = state["pool"].zeros.shape[0]
@@ -521,7 +606,8 @@ def invert(
   def select():
     """Two-stage greedy + certificate; returns a stop reason or None."""
     pool = state["pool"]
-    state["threshold"] = _threshold(config, pool, b, num_alive, floor)
+    state["threshold"] = _threshold(config, pool, b, num_alive, floor,
+                                    search=method != "spear")
     chosen = _selection(pool, state["threshold"], tol, b,
                         config.pool_capacity)
     state["chosen"] = chosen

@@ -27,6 +27,33 @@ class LearnerConfig:
     targeted_fraction: fraction of restarts initialised from rows of ``L``
       on which every column found so far vanishes (deflation towards the
       missing columns); the rest start from random points of the sphere.
+      Used while no column is selected, or with ``constrained=False``.
+    constrained: once columns are selected, search with
+      :func:`spear_jax.learn_directions_constrained` (deflated restarts,
+      each followed by the full search; both end points are rounded)
+      instead of from fresh starts only.
+    subspace_fraction: with ``constrained``, the layer's ``weight`` and
+      ``bias`` given and columns selected, this fraction of the restarts
+      searches the orthogonal complement of the found samples' estimated
+      rows of ``Q^{-1}`` (:func:`spear_jax.estimate_found_rows`), where
+      only the missing columns live; the others are restricted to the zero
+      set of one random selected column and kept orthogonal to it (the
+      only kind without ``weight`` and ``bias``).
+    focus_missing: when at most this many columns are missing, every
+      restart searches the missing-column subspace (if it is available).
+    row_estimate_steps: Adam steps of the row estimate (soft Chebyshev
+      centre of each found sample's ReLU-pattern cell).
+    row_estimate_temperature: soft-min temperature of that estimate, in
+      units of the normalised margins.
+    row_estimate_learning_rate: peak Adam learning rate of that estimate,
+      relative to the row's scale (cosine decay).
+    tau_relative: SPEAR++'s default for ``AttackConfig.tau_relative``: a
+      candidate is selected only with at least this fraction of the median
+      zero count of the ``b`` sparsest candidates (SPEAR's default,
+      ``min_hit_ratio^(1/(b-1))`` = 0.93 at b = 100, is a sampling
+      argument and drops true columns with a few percent fewer zeros,
+      which the search does find; mixtures of two columns have about half
+      the zeros and the mixture test removes them anyway).
   """
 
   objective: str = "l1"
@@ -39,6 +66,13 @@ class LearnerConfig:
   max_rounds: int = 32
   patience: int = 4
   targeted_fraction: float = 0.5
+  constrained: bool = True
+  subspace_fraction: float = 0.5
+  focus_missing: int = 10
+  row_estimate_steps: int = 400
+  row_estimate_temperature: float = 1e-3
+  row_estimate_learning_rate: float = 0.1
+  tau_relative: float = 0.8
 
   def __post_init__(self):
     if self.objective not in ("l1", "logcosh", "l4"):
@@ -51,6 +85,16 @@ class LearnerConfig:
       raise ValueError("restarts must be positive.")
     if not 0.0 <= self.targeted_fraction <= 1.0:
       raise ValueError("targeted_fraction must lie in [0, 1].")
+    if not 0.0 <= self.subspace_fraction <= 1.0:
+      raise ValueError("subspace_fraction must lie in [0, 1].")
+    if self.focus_missing < 0 or self.row_estimate_steps < 1:
+      raise ValueError(
+        "focus_missing must be >= 0 and row_estimate_steps >= 1."
+      )
+    if not 0.0 < self.tau_relative <= 1.0:
+      raise ValueError("tau_relative must lie in (0, 1].")
+    if self.row_estimate_temperature <= 0:
+      raise ValueError("row_estimate_temperature must be positive.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +119,8 @@ class AttackConfig:
       the ``b`` sparsest distinct candidates found so far, and never below
       the structure floor ``(b - 1) + max(3, 0.02 M)``.
     tau_relative: the fraction of the typical zero count used by the
-      adaptive rule; ``None`` resolves it to ``min_hit_ratio^(1/(b-1))``.
+      adaptive rule; ``None`` resolves it to ``min_hit_ratio^(1/(b-1))``
+      for SPEAR and to ``learner.tau_relative`` for SPEAR++.
     min_hit_ratio: a column whose zero fraction is ``r`` times the typical
       one is sampled ``r^(b-1)`` times as often; the adaptive threshold only
       gives up on columns that would be sampled less than ``min_hit_ratio``

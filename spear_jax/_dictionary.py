@@ -6,6 +6,10 @@ is as sparse as possible (``D = L Q``): complete sparsely-used dictionary
 learning. A continuous optimiser from many restarts finds approximately
 sparse directions in polynomial time; rounding snaps each to an exact
 column by taking the kernel of ``b - 1`` rows where ``L q`` is nearly zero.
+Once some columns are found, restarts are deflated: restricted to the
+zero set of one found column, or, with the layer's weights, confined to
+the complement of the found samples' rows of ``Q^{-1}`` estimated from
+their ReLU patterns, where only the missing columns are left.
 
 References:
   Bakarsky, Dimitrov, Baader, Vechev. SPEAR++: Scaling Gradient Inversion
@@ -30,8 +34,11 @@ _HI = jax.lax.Precision.HIGHEST
 
 __all__ = [
   "LearnerState",
+  "complete_last_column",
   "dictionary_objective",
+  "estimate_found_rows",
   "learn_directions",
+  "learn_directions_constrained",
   "make_dictionary_learner",
   "round_direction",
 ]
@@ -86,6 +93,12 @@ def make_dictionary_learner(
   subgradient ``L^T sign(L q) / M`` is written out (no autodiff of ``|.|``
   at zero).
 
+  With ``project`` (the orthogonal projector ``P`` onto a subspace that
+  contains the current direction) the step stays on the unit sphere of that
+  subspace: the gradient is ``P g`` and the updated point is projected by
+  ``P`` before normalising (an adaptive optimiser rescales coordinates and
+  would otherwise leave the subspace).
+
   Args:
     config: the learner settings.
     optimizer: any ``optax.GradientTransformation``; ``None`` means RAdam
@@ -93,7 +106,7 @@ def make_dictionary_learner(
 
   Returns:
     ``(init_fn, step_fn)`` with ``init_fn(direction) -> LearnerState`` and
-    ``step_fn(state, l_mxb, alive_m) -> (state, loss)``.
+    ``step_fn(state, l_mxb, alive_m, project=None) -> (state, loss)``.
   """
   if optimizer is None:
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
@@ -113,12 +126,13 @@ def make_dictionary_learner(
     return LearnerState(direction_b, optimizer.init(direction_b),
                         jnp.zeros((), jnp.int32))
 
-  def step_fn(state, l_mxb, alive_m):
+  def step_fn(state, l_mxb, alive_m, project=None):
+    project = (lambda v_b: v_b) if project is None else project
     q_b = state.direction
-    g_b = euclidean_grad(q_b, l_mxb, alive_m)
+    g_b = project(euclidean_grad(q_b, l_mxb, alive_m))
     g_b = g_b - jnp.dot(q_b, g_b) * q_b
     updates, opt_state = optimizer.update(g_b, state.opt_state, q_b)
-    q_b = optax.apply_updates(q_b, updates)
+    q_b = project(optax.apply_updates(q_b, updates))
     q_b = q_b / jnp.linalg.norm(q_b)
     loss = objective(q_b, l_mxb, alive_m)
     return LearnerState(q_b, opt_state, state.step + 1), loss
@@ -154,6 +168,75 @@ def learn_directions(
   # even where the caller runs JAX with strict dtype promotion (our tests).
   with jax.numpy_dtype_promotion("standard"):
     return jax.vmap(one)(initial_kxb)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def learn_directions_constrained(
+  initial_kxb: Float[Array, "K b"],
+  pivot_kxb: Float[Array, "K b"],
+  in_subspace_k: Bool[Array, " K"],
+  exclude_bxb: Float[Array, "b b"],
+  l_mxb: Float[Array, "m b"],
+  alive_m: Bool[Array, " m"],
+  screen_tol: Float[Array, ""],
+  *,
+  config: LearnerConfig,
+) -> tuple[Float[Array, "K b"], Float[Array, "K b"]]:
+  r"""Deflated search towards missing columns, then the usual one from there.
+
+  Stage 1 minimises the l1 objective on the unit sphere of a subspace, over
+  a subset of the rows, one of two kinds per restart:
+
+  * ``in_subspace_k[k]``: the orthogonal complement of the rows of
+    ``exclude_bxb`` (orthonormal rows, zero rows are padding), over all
+    alive rows. With ``exclude`` an orthonormal basis of the estimated
+    rows ``r_a`` of ``Q^{-1}`` of the found samples
+    (:func:`estimate_found_rows`), every missing column ``q_i`` satisfies
+    ``r_a q_i = 0`` (``Q^{-1} Q = I``), so the complement holds (nearly)
+    only the missing columns: a small dictionary problem whose basins no
+    longer compete with the columns already found.
+  * otherwise: orthogonal to the unit pivot ``q_f = pivot_kxb[k]`` (a found
+    column), over the alive rows where ``L q_f`` vanishes
+    (``|L_j q_f| <= screen_tol``). On those rows the sample ``f`` is
+    inactive, ``q_f`` drops out of the problem exactly, and every other
+    column is relatively sparser there. A zero pivot gives the plain
+    unconstrained search.
+
+  One shared ``exclude_bxb`` (padded to ``b`` rows so the shapes do not
+  change between rounds) and a per-restart pivot and flag keep the memory
+  at ``O(K b + b^2)``. Stage 2 runs :func:`learn_directions`' full search
+  from the stage-1 end points, which lie in the basin of a true column when
+  the estimate is inexact, so rounding sees an ordinary approximate column.
+
+  Returns:
+    ``(stage1, stage2)``: the unit end points of both stages.
+  """
+  init_fn, step_fn = make_dictionary_learner(config)
+
+  def one(direction_b, pivot_b, in_subspace):
+    flag = in_subspace.astype(l_mxb.dtype)
+    rows_m = alive_m & (
+      in_subspace
+      | (jnp.abs(jnp.dot(l_mxb, pivot_b, precision=_HI)) <= screen_tol)
+    )
+
+    def project(v_b):
+      v_b = v_b - flag * jnp.dot(
+        exclude_bxb.T, jnp.dot(exclude_bxb, v_b, precision=_HI),
+        precision=_HI)
+      return v_b - jnp.dot(pivot_b, v_b) * pivot_b
+
+    def body(state, _):
+      return step_fn(state, l_mxb, rows_m, project)
+
+    state, _ = jax.lax.scan(body, init_fn(project(direction_b)), None,
+                            length=config.steps)
+    return state.direction
+
+  with jax.numpy_dtype_promotion("standard"):
+    stage1_kxb = jax.vmap(one)(initial_kxb, pivot_kxb, in_subspace_k)
+  stage2_kxb, _ = learn_directions(stage1_kxb, l_mxb, alive_m, config=config)
+  return stage1_kxb, stage2_kxb
 
 
 def round_direction(
@@ -256,3 +339,101 @@ def complete_last_column(
   relative, vectors = jax.lax.map(evaluate, mids, batch_size=32)
   best = jnp.argmin(relative)
   return vectors[best], relative[best]
+
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("steps", "temperature", "learning_rate"))
+def estimate_found_rows(
+  found_bxb: Float[Array, "b b"],
+  valid_b: Bool[Array, " b"],
+  l_mxb: Float[Array, "m b"],
+  r_bxn: Float[Array, "b n"],
+  weight_mxn: Float[Array, "m n"],
+  bias_m: Float[Array, " m"],
+  alive_m: Bool[Array, " m"],
+  zero_tol: Float[Array, ""],
+  *,
+  steps: int = 400,
+  temperature: float = 1e-3,
+  learning_rate: float = 0.1,
+) -> Float[Array, "b b"]:
+  r"""Rows of ``Q^{-1}`` of the found samples, from their ReLU patterns.
+
+  The rows ``found_bxb[a]`` flagged ``valid_b`` are found unit columns
+  ``q_a`` of ``Q`` (the others are zero padding, so the shapes do not
+  change as columns are found). The row ``r_a`` of ``Q^{-1}`` belonging to
+  ``q_a`` satisfies ``r_a q_l = 0`` for every other found column ``q_l``,
+  so ``r_a = B_a y`` with ``B_a = [C, d_a / ||d_a||]``: ``C`` an
+  orthonormal basis of the complement of the found columns' span and
+  ``d_a`` the dual vector of ``q_a`` in that span (``d_a q_l = delta_al``);
+  ``b - k + 1`` unknowns. Its sample ``x_a = R^T r_a`` switches neuron
+  ``j`` on exactly where ``(L q_a)_j != 0``:
+
+  .. math::
+     \sigma_j \left(W_j R^T B_a y + \beta_j\right) \ge 0,\qquad
+     \sigma_j = \pm 1 \text{ for } |L_j q_a| \gtrless \text{zero\_tol},
+
+  one constraint per alive row, a small polyhedral cell. We return (a
+  smooth version of) its Chebyshev centre: Adam on ``y`` maximises the
+  soft minimum (``temperature``) of the margins normalised by
+  ``||W_j R^T B_a||``. The scale of ``r_a`` (fixed by the bias; rows of
+  ``Q^{-1}`` for unit columns are typically large) is found first: ``y``
+  starts at ``t e`` along the dual vector, with ``t`` (of either sign) on a
+  log grid satisfying the most constraints, and Adam runs on ``y / |t|``
+  (the problem with bias ``beta / |t|``), so its step sizes are relative.
+  The missing columns are (nearly) orthogonal to the returned rows, which
+  :func:`learn_directions_constrained` exploits.
+
+  Returns:
+    The estimated rows (unnormalised; zero for padding), one per row of
+    ``found_bxb``.
+  """
+  b = found_bxb.shape[0]
+  found_bxb = found_bxb * valid_b[:, None].astype(found_bxb.dtype)
+  u_bxb, s_b, _ = jnp.linalg.svd(found_bxb.T)
+  eps = jnp.finfo(found_bxb.dtype).eps
+  complement_b = s_b <= b * eps * jnp.maximum(s_b[0], 1.0)
+  basis_bxb = u_bxb * complement_b[None, :].astype(u_bxb.dtype)
+  dual_bxb = jnp.linalg.pinv(found_bxb.T)
+  wr_mxb = jnp.dot(weight_mxn, r_bxn.T, precision=_HI)
+  active_bxm = (jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI))
+                > zero_tol)
+  optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+  tiny = jnp.finfo(found_bxb.dtype).tiny
+  magnitudes = jnp.logspace(-4.0, 8.0, 97, dtype=found_bxb.dtype)
+  scales_t = jnp.concatenate([magnitudes, -magnitudes])
+
+  def one(dual_b, active_m):
+    dual_b = dual_b / jnp.maximum(jnp.linalg.norm(dual_b), tiny)
+    basis_bxd = jnp.concatenate([basis_bxb, dual_b[:, None]], axis=1)
+    a_mxd = jnp.dot(wr_mxb, basis_bxd, precision=_HI)
+    sign_m = jnp.where(active_m, 1.0, -1.0).astype(a_mxd.dtype)
+    scale_m = jnp.maximum(jnp.linalg.norm(a_mxd, axis=1), tiny)
+    satisfied_t = jnp.sum(
+      (sign_m[None, :] * (scales_t[:, None] * a_mxd[None, :, -1]
+                          + bias_m[None, :]) >= 0) & alive_m[None, :],
+      axis=1)
+    scale = scales_t[jnp.argmax(satisfied_t)]
+    bias_scaled_m = bias_m / jnp.abs(scale)
+
+    def soft_neg_margin(y_d):
+      margin_m = sign_m * (jnp.dot(a_mxd, y_d, precision=_HI)
+                           + bias_scaled_m)
+      margin_m = jnp.where(alive_m, margin_m / scale_m, jnp.inf)
+      return temperature * jax.nn.logsumexp(-margin_m / temperature)
+
+    def body(carry, _):
+      y_d, opt_state = carry
+      updates, opt_state = optimizer.update(
+        jax.grad(soft_neg_margin)(y_d), opt_state)
+      return (optax.apply_updates(y_d, updates), opt_state), None
+
+    y_d = jnp.zeros((b + 1,), a_mxd.dtype).at[-1].set(jnp.sign(scale))
+    (y_d, _), _ = jax.lax.scan(body, (y_d, optimizer.init(y_d)), None,
+                               length=steps)
+    return jnp.abs(scale) * jnp.dot(basis_bxd, y_d, precision=_HI)
+
+  with jax.numpy_dtype_promotion("standard"):
+    rows_bxb = jax.vmap(one)(dual_bxb, active_bxm)
+  return rows_bxb * valid_b[:, None].astype(rows_bxb.dtype)

@@ -16,7 +16,7 @@ class RunTrialTest(absltest.TestCase):
 
   def test_first_layer_images_are_scored_and_matched(self):
     images = _data.load_bundled("digits")
-    trial = _experiment.run_trial(self.key, images, batch_size=4, width=48)
+    trial = _experiment.run_trial(self.key, images, batch_size=4, width=128)
     self.assertTrue(trial["success"])
     self.assertTrue(trial["exact_batch"])
     self.assertEqual(trial["verified_samples"], 4)
@@ -32,10 +32,10 @@ class RunTrialTest(absltest.TestCase):
 
   def test_deeper_layer_has_no_image_metrics(self):
     images = _data.load_bundled("cifar_like")
-    trial = _experiment.run_trial(self.key, images, batch_size=4, width=64,
+    trial = _experiment.run_trial(self.key, images, batch_size=4, width=128,
                                   layer=1)
     truth, recovered = trial["arrays"]["truth"], trial["arrays"]["recovered"]
-    self.assertEqual(truth.shape, (4, 64))  # hidden activations
+    self.assertEqual(truth.shape, (4, 128))  # hidden activations
     self.assertGreaterEqual(truth.min(), 0.0)  # they are ReLU outputs
     self.assertNotIn("mean_psnr", trial)
     self.assertNotIn("psnr", trial["per_sample"])

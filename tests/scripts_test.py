@@ -1,7 +1,9 @@
 """End to end: ``scripts/run_attack.py`` and the ``scripts/benchmark.py`` sweep.
 
 Each script runs as a subprocess on a tiny offline setting (the bundled
-8x8 digits, width 40), as a user would run it.
+8x8 digits; width 128, where SPEAR recovers b = 4 reliably: at width 40
+about 1 batch in 3 has a sample with no inactive alive neuron), as a user
+would run it.
 """
 
 import json
@@ -45,7 +47,7 @@ class RunAttackTest(absltest.TestCase):
   def test_trials_metrics_picture_and_resume(self):
     out = tempfile.mkdtemp()
     seed = int(np.random.default_rng().integers(1000))
-    args = ["--dataset=digits", "--batch_size=4", "--width=40",
+    args = ["--dataset=digits", "--batch_size=4", "--width=128",
             f"--seed={seed}", f"--out_dir={out}"]
     code, stdout, stderr = _run("run_attack.py", *args, "--num_trials=1")
     self.assertEqual(code, 0, stderr)
@@ -104,33 +106,32 @@ class BenchmarkSweepTest(absltest.TestCase):
     out = tempfile.mkdtemp()
     log = os.path.join(out, "sweep.jsonl")
     seed = int(np.random.default_rng().integers(1000))
-    args = ["--datasets=digits", "--ms=40", "--bs=3,4", "--methods=spear",
+    args = ["--datasets=digits", "--ms=40", "--bs=3", "--methods=spear",
             "--nowarmup", f"--seed={seed}", f"--output={log}"]
     code, _, stderr = _run("benchmark.py", *args, "--trials=1")
     self.assertEqual(code, 0, stderr)
     with open(log) as f:
       first = f.read().splitlines()
-    self.assertLen(first, 2)
+    self.assertLen(first, 1)
     # A trial killed while being written leaves half a line behind.
     with open(log, "a") as f:
       f.write(first[0][: len(first[0]) // 2])
     code, _, stderr = _run("benchmark.py", *args, "--trials=2")
     self.assertEqual(code, 0, stderr)
-    self.assertIn("2 trials pending", stderr)
+    self.assertIn("1 trials pending", stderr)
     with open(log) as f:
       lines = f.read().splitlines()
-    # Finished trials are kept byte for byte, the torn line is skipped
-    # and only the two missing trials were added.
-    self.assertEqual(lines[:2], first)
-    records = [json.loads(line) for line in lines[3:]]
-    self.assertEqual(sorted((r["batch_size"], r["trial"]) for r in records),
-                     [(3, 1), (4, 1)])
+    # The finished trial is kept byte for byte, the torn line is skipped
+    # and only the missing trial was added.
+    self.assertEqual(lines[:1], first)
+    self.assertLen(lines, 3)
+    record = json.loads(lines[2])
+    self.assertEqual((record["batch_size"], record["trial"]), (3, 1))
     with open(os.path.join(out, "sweep_summary.csv")) as f:
       rows = f.read().splitlines()
     self.assertTrue(rows[0].startswith("method,objective,dataset,width"))
-    self.assertLen(rows, 3)
-    for row in rows[1:]:
-      self.assertIn(",2,", row)  # two trials per setting
+    self.assertLen(rows, 2)
+    self.assertIn(",2,", rows[1])  # two trials of the one setting
     for name in ("exact_rate", "time"):
       width, height = _png_size(os.path.join(out, f"sweep_{name}.png"))
       self.assertGreater(width * height, 0)

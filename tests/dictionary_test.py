@@ -151,7 +151,9 @@ class ConstrainedSearchTest(parameterized.TestCase):
         rows = alive & (np.abs(l_mxb @ pivots[r]) <= 1e-8)
       start = project @ starts[r]
       start /= np.linalg.norm(start)
-      f = lambda q, rows=rows: np.mean(np.abs(l_mxb[rows] @ q))
+      def f(q, rows=rows):
+        return np.mean(np.abs(l_mxb[rows] @ q))
+
       self.assertLess(f(stage1[r]), f(start))
     # In the complement only missing columns are left: stage 1 finds them.
     np.testing.assert_array_less(

@@ -131,9 +131,10 @@ def _threshold(config, pool, b, num_alive, floor, search=False):
   """Adaptive sparsity threshold of the selection (see ``AttackConfig``).
 
   With ``search`` (SPEAR++) the default fraction of the typical zero count
-  is ``config.learner.tau_relative``: the search reaches columns with
-  fewer zeros just as easily, so the sampling argument behind
-  ``min_hit_ratio`` does not apply.
+  is at most ``config.learner.tau_relative``: the search reaches columns
+  with fewer zeros just as easily, so the sampling argument behind
+  ``min_hit_ratio`` (0.93 at b = 100) must not make it stricter; at small
+  ``b`` that argument gives the lower value (0.46 at b = 10) and is kept.
   """
   if config.tau is not None:
     return max(floor, math.ceil(config.tau * num_alive))
@@ -142,8 +143,9 @@ def _threshold(config, pool, b, num_alive, floor, search=False):
   top = np.sort(pool.zeros)[::-1][:b]
   relative = config.tau_relative
   if relative is None:
-    relative = (config.learner.tau_relative if search
-                else config.min_hit_ratio ** (1.0 / (b - 1)))
+    relative = config.min_hit_ratio ** (1.0 / (b - 1))
+    if search:
+      relative = min(relative, config.learner.tau_relative)
   return max(floor, math.ceil(relative * float(np.median(top))))
 
 

@@ -47,13 +47,16 @@ class LearnerConfig:
       units of the normalised margins.
     row_estimate_learning_rate: peak Adam learning rate of that estimate,
       relative to the row's scale (cosine decay).
-    tau_relative: SPEAR++'s default for ``AttackConfig.tau_relative``: a
-      candidate is selected only with at least this fraction of the median
-      zero count of the ``b`` sparsest candidates (SPEAR's default,
+    tau_relative: SPEAR++'s cap on ``AttackConfig.tau_relative``'s default:
+      a candidate is selected with at least ``min(this, SPEAR's default)``
+      times the median zero count of the ``b`` sparsest candidates
+      (SPEAR's default,
       ``min_hit_ratio^(1/(b-1))`` = 0.93 at b = 100, is a sampling
       argument and drops true columns with a few percent fewer zeros,
       which the search does find; mixtures of two columns have about half
-      the zeros and the mixture test removes them anyway).
+      the zeros and the mixture test removes them anyway). At small ``b``
+      SPEAR's default is the lower one (0.46 at b = 10) and is kept: with
+      0.8 a sample with few zeros at m = 200, b = 10 was shut out.
   """
 
   objective: str = "l1"
@@ -120,7 +123,8 @@ class AttackConfig:
       the structure floor ``(b - 1) + max(3, 0.02 M)``.
     tau_relative: the fraction of the typical zero count used by the
       adaptive rule; ``None`` resolves it to ``min_hit_ratio^(1/(b-1))``
-      for SPEAR and to ``learner.tau_relative`` for SPEAR++.
+      for SPEAR and to the smaller of that and ``learner.tau_relative`` for
+      SPEAR++.
     min_hit_ratio: a column whose zero fraction is ``r`` times the typical
       one is sampled ``r^(b-1)`` times as often; the adaptive threshold only
       gives up on columns that would be sampled less than ``min_hit_ratio``

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import spear_jax
+from spear_jax import _linalg
 
 
 class NullVectorTest(chex.TestCase):
@@ -25,6 +26,27 @@ class NullVectorTest(chex.TestCase):
     np.testing.assert_allclose(np.linalg.norm(q), 1.0, rtol=0, atol=1e-14)
     np.testing.assert_allclose(abs(q @ reference), 1.0, rtol=0, atol=1e-12)
     np.testing.assert_allclose(a_kxb @ q, 0.0, rtol=0, atol=1e-13)
+
+  @parameterized.named_parameters(("b60", 60, ()), ("b80_batched", 80, (3,)))
+  def test_rolled_elimination_matches_unrolled_and_svd(self, b, batch):
+    # Above _UNROLL_MAX_ROWS rows the null vector uses the rolled loop.
+    self.assertGreater(b - 1, _linalg._UNROLL_MAX_ROWS)
+    rng = np.random.default_rng()
+    a = rng.standard_normal((b - 1, b) + batch)
+    rolled = np.asarray(_linalg._householder_null_rolled(jnp.asarray(a)))
+    unrolled = np.asarray(_linalg._householder_null_unrolled(jnp.asarray(a)))
+    # Same reflections, different order of summation: 1e-12.
+    np.testing.assert_allclose(rolled, unrolled, atol=1e-12)
+    for index in np.ndindex(*batch):
+      q = rolled[(slice(None),) + index]
+      _, _, vt = np.linalg.svd(a[(slice(None), slice(None)) + index])
+      self.assertAlmostEqual(float(np.linalg.norm(q)), 1.0, places=12)
+      self.assertAlmostEqual(float(abs(q @ vt[-1])), 1.0, places=10)
+    # The public entry point takes the rolled path at this size.
+    if not batch:
+      np.testing.assert_allclose(
+        np.asarray(spear_jax.null_vector(jnp.asarray(a))), rolled,
+        atol=1e-15)
 
   def test_b1_is_trivial(self):
     q = spear_jax.null_vector(jnp.zeros((0, 1)))

@@ -29,6 +29,7 @@ from spear_jax._dictionary import (
   make_dictionary_learner as make_dictionary_learner,
 )
 from spear_jax._dictionary import round_direction as round_direction
+from spear_jax._dictionary import round_with_pattern as round_with_pattern
 from spear_jax._data import ImageSet as ImageSet
 from spear_jax._data import load_bundled as load_bundled
 from spear_jax._data import DATASET_NAMES as DATASET_NAMES
@@ -113,6 +114,7 @@ __all__ = [
   "relu_certificate",
   "resolve_tolerances",
   "round_direction",
+  "round_with_pattern",
   "sample_batch",
   "sample_rows",
   "save_error_heatmap",

@@ -23,6 +23,7 @@ from spear_jax._dictionary import estimate_found_rows
 from spear_jax._dictionary import learn_directions
 from spear_jax._dictionary import learn_directions_constrained
 from spear_jax._dictionary import round_direction
+from spear_jax._dictionary import round_with_pattern
 from spear_jax._linalg import factorize, polish_direction, resolve_tolerances
 from spear_jax._proposals import propose_block
 from spear_jax._selection import (
@@ -341,6 +342,46 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
   return starts, pivots, in_subspace, exclude
 
 
+def _pattern_round(problem, found_kxb, approx_kxb, rounded_kxb, zeros_k,
+                   floor, learner):
+  """Re-rounds, through the ReLU pattern, the end points rounding missed.
+
+  An end point counts as missed when its plain rounding has fewer than
+  ``floor`` zeros or moved it (|cos| < 0.999): typically an approximate
+  column next to a near-twin's, whose shared zero set pulls the plain
+  rounding onto a mixture. Duplicates (|cos| > 1 - 1e-6) are dropped and
+  the rest padded to a power of two (few compilations).
+  """
+  b = problem.l_mxb.shape[1]
+  k = found_kxb.shape[0]
+  cos_k = np.abs(np.sum(approx_kxb * rounded_kxb, axis=1))
+  missed = approx_kxb[(zeros_k < floor) | (cos_k < 0.999)]
+  kept = []
+  for v in missed:
+    if not kept or np.max(np.abs(np.asarray(kept) @ v)) < 1.0 - 1e-6:
+      kept.append(v)
+    if len(kept) == 2 * b:
+      break
+  if not kept:
+    return np.zeros((0, b), approx_kxb.dtype), np.zeros((0,), np.int64)
+  size = max(8, 1 << (len(kept) - 1).bit_length())
+  batch = np.zeros((size, b), approx_kxb.dtype)
+  batch[: len(kept)] = kept
+  batch[len(kept):] = kept[0]
+  padded = np.zeros((b, b), approx_kxb.dtype)
+  padded[:k] = found_kxb
+  directions, zeros = round_with_pattern(
+    jnp.asarray(batch), jnp.asarray(padded), jnp.asarray(np.arange(b) < k),
+    problem.l_mxb, problem.r_bxn, problem.weight, problem.bias,
+    problem.alive, problem.scalar(problem.tol.screen),
+    max_missing=learner.pattern_max_missing,
+    temperature=learner.pattern_temperature,
+    label_margin=learner.pattern_label_margin,
+  )
+  return (np.asarray(directions)[: len(kept)],
+          np.asarray(zeros)[: len(kept)])
+
+
 def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
                     start, max_proposals):
   """SPEAR++ rounds: search from restarts, round, absorb, select.
@@ -390,6 +431,17 @@ def _spearpp_rounds(key, problem, state, absorb, select, save, config, floor,
       if done is not None:
         return done, proposals, rounds
     chosen = state["chosen"]
+    missing = b - chosen.shape[0]
+    if (problem.weight is not None and learner.pattern_rounding
+        and 0 < missing <= learner.pattern_max_missing):
+      snapped, snapped_zeros = _pattern_round(
+        problem, state["pool"].directions[chosen], np.asarray(approx),
+        rounded, zeros, floor, learner)
+      if absorb(snapped[snapped_zeros >= floor]):
+        done = select()
+        if done is not None:
+          return done, proposals, rounds
+      chosen = state["chosen"]
     if problem.weight is not None and chosen.shape[0] == b - 1:
       # One column missing: read it off the ReLU pattern of the layer.
       found = state["pool"].directions[chosen].T

@@ -57,6 +57,16 @@ class LearnerConfig:
       the zeros and the mixture test removes them anyway). At small ``b``
       SPEAR's default is the lower one (0.46 at b = 10) and is kept: with
       0.8 a sample with few zeros at m = 200, b = 10 was shut out.
+    pattern_rounding: with the layer's ``weight`` and ``bias`` and at most
+      ``pattern_max_missing`` columns missing, search end points that the
+      plain rounding could not snap are rounded again through the ReLU
+      pattern of the missing samples (:func:`spear_jax.round_with_pattern`).
+    pattern_max_missing: the largest number of missing columns for that
+      rounding (its cost grows with it; the complement is padded to it).
+    pattern_temperature: logistic scale of the pattern fit, in units of
+      the RMS of the bias.
+    pattern_label_margin: fraction of the typical zero count labelled
+      inactive in the pattern fit.
   """
 
   objective: str = "l1"
@@ -76,6 +86,10 @@ class LearnerConfig:
   row_estimate_temperature: float = 1e-3
   row_estimate_learning_rate: float = 0.1
   tau_relative: float = 0.8
+  pattern_rounding: bool = True
+  pattern_max_missing: int = 16
+  pattern_temperature: float = 5.0
+  pattern_label_margin: float = 0.4
 
   def __post_init__(self):
     if self.objective not in ("l1", "logcosh", "l4"):
@@ -98,6 +112,12 @@ class LearnerConfig:
       raise ValueError("tau_relative must lie in (0, 1].")
     if self.row_estimate_temperature <= 0:
       raise ValueError("row_estimate_temperature must be positive.")
+    if self.pattern_max_missing < 1 or self.pattern_temperature <= 0:
+      raise ValueError(
+        "pattern_max_missing must be >= 1 and pattern_temperature positive."
+      )
+    if not 0.0 < self.pattern_label_margin < 1.0:
+      raise ValueError("pattern_label_margin must lie in (0, 1).")
 
 
 @dataclasses.dataclass(frozen=True)

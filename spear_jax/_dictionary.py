@@ -41,6 +41,7 @@ __all__ = [
   "learn_directions_constrained",
   "make_dictionary_learner",
   "round_direction",
+  "round_with_pattern",
 ]
 
 
@@ -437,3 +438,157 @@ def estimate_found_rows(
   with jax.numpy_dtype_promotion("standard"):
     rows_bxb = jax.vmap(one)(dual_bxb, active_bxm)
   return rows_bxb * valid_b[:, None].astype(rows_bxb.dtype)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("max_missing", "fractions", "newton_steps", "repeats",
+                   "temperature", "label_margin"),
+)
+def round_with_pattern(
+  approx_kxb: Float[Array, "K b"],
+  found_bxb: Float[Array, "b b"],
+  valid_b: Bool[Array, " b"],
+  l_mxb: Float[Array, "m b"],
+  r_bxn: Float[Array, "b n"],
+  weight_mxn: Float[Array, "m n"],
+  bias_m: Float[Array, " m"],
+  alive_m: Bool[Array, " m"],
+  zero_tol: Float[Array, ""],
+  *,
+  max_missing: int,
+  fractions: tuple[float, ...] = (0.25, 0.4, 0.6, 0.8),
+  newton_steps: int = 30,
+  repeats: int = 2,
+  temperature: float = 8.0,
+  label_margin: float = 0.4,
+) -> tuple[Float[Array, "K b"], Int[Array, " K"]]:
+  r"""Rounding of approximate missing columns through the layer's ReLU.
+
+  With the ``k`` found columns exact (rows ``found_bxb[valid_b]``), the
+  rows of ``Q^{-1}`` of the ``d = b - k`` missing samples span exactly the
+  orthogonal complement ``C`` of the found columns (``Q^{-1} Q = I``), so a
+  missing sample is ``x = R^T C y`` for some ``y`` in ``R^d``, and its
+  inactive neurons ``{j : A_j y + beta_j <= 0}`` (``A = W R^T C``) are cut
+  out by ``m`` hyperplanes in only ``d`` dimensions. Its column ``q``
+  vanishes on them. From an approximate column ``q~`` (rows with the
+  smallest ``|L_j q~| / ||L_j||`` labelled inactive, the largest active,
+  the ambiguous middle left out) a ridge-regularised logistic regression
+  in ``y`` (Newton with a step-size search; convex, so no restarts) fits
+  the pattern; with ``d`` parameters and ``m`` labels it is robust to the
+  labels the approximation gets wrong. The rows deepest on the inactive
+  side (the fraction ``f`` of the predicted inactive rows, for every
+  ``f`` in ``fractions``) are then taken as exact zeros: the smallest
+  eigenvector of their Gram matrix is the candidate column. The one with
+  the most zeros wins, and it seeds the labels of the next of
+  ``repeats`` passes. This snaps columns that the plain rounding cannot,
+  e.g. a sample whose near-twin's column shares most of its zero set.
+
+  ``d`` must be at most the static ``max_missing`` (the complement is
+  padded to that width, so one compilation serves every ``k``).
+  ``temperature`` is the logistic scale in units of the RMS of the bias;
+  ``label_margin`` the fraction of the typical zero count (the median over
+  found columns) labelled inactive, ``label_margin / 2`` of the rest of
+  the rows being labelled active.
+
+  Returns:
+    ``(directions, zeros)``: the best unit column per approximate one and
+    its number of zeros (``zero_tol``) over alive rows.
+  """
+  m, b = l_mxb.shape
+  dtype = l_mxb.dtype
+  found_bxb = found_bxb * valid_b[:, None].astype(dtype)
+  u_bxb, s_b, _ = jnp.linalg.svd(found_bxb.T)
+  eps = jnp.finfo(dtype).eps
+  complement_b = s_b <= b * eps * jnp.maximum(s_b[0], 1.0)
+  # Complement columns come last in the SVD: take the last max_missing.
+  width = min(max_missing, b)
+  basis_bxd = (u_bxb[:, b - width:]
+               * complement_b[b - width:][None, :].astype(dtype))
+  a_mxd = jnp.dot(jnp.dot(weight_mxn, r_bxn.T, precision=_HI), basis_bxd,
+                  precision=_HI)
+  tiny = jnp.finfo(dtype).tiny
+  a_norm_m = jnp.maximum(jnp.linalg.norm(a_mxd, axis=1), tiny)
+  alive_f = alive_m.astype(dtype)
+  n_alive = jnp.maximum(jnp.sum(alive_f), 1.0)
+  rms_bias = jnp.sqrt(jnp.sum(alive_f * bias_m**2) / n_alive)
+  scale = temperature * jnp.where(rms_bias > 0, rms_bias, 1.0)
+  ridge = 1e-9 * jnp.sum(alive_f[:, None] * a_mxd**2) / (width * scale**2) \
+      + tiny
+  row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
+  found_zeros_b = jnp.sum(
+    (jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI)) <= zero_tol)
+    & alive_m[None, :], axis=1)
+  typical = jnp.median(jnp.where(valid_b, found_zeros_b, jnp.nan)) / n_alive
+  typical = jnp.where(jnp.isnan(typical), 0.5, typical)
+  low = label_margin * typical * n_alive
+  high = (typical + 0.5 * label_margin * (1.0 - typical)) * n_alive
+  steps_s = 2.0 ** -jnp.arange(10, dtype=dtype)
+
+  def loss(y_d, labels_m):
+    margin_m = (jnp.dot(a_mxd, y_d, precision=_HI) + bias_m) / scale
+    return (jnp.sum(jnp.abs(labels_m) * jax.nn.softplus(-labels_m * margin_m))
+            + 0.5 * ridge * jnp.dot(y_d, y_d))
+
+  def newton(labels_m):
+    def body(y_d, _):
+      margin_m = (jnp.dot(a_mxd, y_d, precision=_HI) + bias_m) / scale
+      p_m = jax.nn.sigmoid(-labels_m * margin_m) * jnp.abs(labels_m)
+      g_d = -jnp.dot(p_m * labels_m, a_mxd, precision=_HI) / scale \
+          + ridge * y_d
+      h_m = p_m * (1.0 - jax.nn.sigmoid(-labels_m * margin_m)) / scale**2
+      h_dxd = jnp.dot(a_mxd.T * h_m[None, :], a_mxd, precision=_HI) \
+          + ridge * jnp.eye(width, dtype=dtype)
+      step_d = jnp.linalg.solve(h_dxd, g_d)
+      trial_s = jax.vmap(lambda t: loss(y_d - t * step_d, labels_m))(steps_s)
+      best = jnp.argmin(trial_s)
+      better = trial_s[best] < loss(y_d, labels_m)
+      return jnp.where(better, y_d - steps_s[best] * step_d, y_d), None
+
+    y_d, _ = jax.lax.scan(body, jnp.zeros((width,), dtype), None,
+                          length=newton_steps)
+    return y_d
+
+  def zero_count(q_b):
+    return jnp.sum((jnp.abs(jnp.dot(l_mxb, q_b, precision=_HI)) <= zero_tol)
+                   & alive_m)
+
+  def one_pass(q_b):
+    score_m = jnp.where(alive_m,
+                        jnp.abs(jnp.dot(l_mxb, q_b, precision=_HI))
+                        / row_norm_m, jnp.inf)
+    rank_m = jnp.argsort(jnp.argsort(score_m)).astype(dtype)
+    labels_m = jnp.where(rank_m < low, -1.0,
+                         jnp.where(rank_m >= high, 1.0, 0.0))
+    labels_m = jnp.where(alive_m, labels_m, 0.0).astype(dtype)
+    y_d = newton(labels_m)
+    margin_m = jnp.where(
+      alive_m, (jnp.dot(a_mxd, y_d, precision=_HI) + bias_m) / a_norm_m,
+      jnp.inf)
+    negative = jnp.maximum(jnp.sum(margin_m < 0), b - 1)
+    order_m = jnp.argsort(margin_m)
+    depth_m = jnp.zeros((m,), dtype).at[order_m].set(
+      jnp.arange(m, dtype=dtype))
+
+    def candidate(fraction):
+      count = jnp.maximum(jnp.floor(fraction * negative), b - 1)
+      rows_m = (depth_m < count).astype(dtype)
+      gram = jnp.dot(l_mxb.T * rows_m[None, :], l_mxb, precision=_HI)
+      _, vectors = jnp.linalg.eigh(gram)
+      return vectors[:, 0]
+
+    q_fxb = jax.vmap(candidate)(jnp.asarray(fractions, dtype))
+    zeros_f = jax.vmap(zero_count)(q_fxb)
+    best = jnp.argmax(zeros_f)
+    return q_fxb[best], zeros_f[best]
+
+  def one(q_b):
+    best_q, best_zeros = q_b, zero_count(q_b)
+    for _ in range(repeats):
+      q_new, zeros_new = one_pass(best_q)
+      better = zeros_new > best_zeros
+      best_q = jnp.where(better, q_new, best_q)
+      best_zeros = jnp.where(better, zeros_new, best_zeros)
+    return best_q, best_zeros
+
+  return jax.vmap(one)(approx_kxb)

@@ -457,7 +457,7 @@ def round_with_pattern(
   zero_tol: Float[Array, ""],
   *,
   max_missing: int,
-  fractions: tuple[float, ...] = (0.25, 0.4, 0.6, 0.8),
+  fractions: tuple[float, ...] = (0.0, 0.25, 0.4, 0.6, 0.8),
   newton_steps: int = 30,
   repeats: int = 2,
   temperature: float = 8.0,
@@ -518,7 +518,7 @@ def round_with_pattern(
   row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
   found_zeros_b = jnp.sum(
     (jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI)) <= zero_tol)
-    & alive_m[None, :], axis=1)
+    & alive_m[None, :], axis=1).astype(dtype)
   typical = jnp.median(jnp.where(valid_b, found_zeros_b, jnp.nan)) / n_alive
   typical = jnp.where(jnp.isnan(typical), 0.5, typical)
   low = label_margin * typical * n_alive
@@ -565,13 +565,13 @@ def round_with_pattern(
     margin_m = jnp.where(
       alive_m, (jnp.dot(a_mxd, y_d, precision=_HI) + bias_m) / a_norm_m,
       jnp.inf)
-    negative = jnp.maximum(jnp.sum(margin_m < 0), b - 1)
+    negative = jnp.maximum(jnp.sum(margin_m < 0).astype(dtype), b - 1.0)
     order_m = jnp.argsort(margin_m)
     depth_m = jnp.zeros((m,), dtype).at[order_m].set(
       jnp.arange(m, dtype=dtype))
 
     def candidate(fraction):
-      count = jnp.maximum(jnp.floor(fraction * negative), b - 1)
+      count = jnp.maximum(jnp.floor(fraction * negative), b - 1.0)
       rows_m = (depth_m < count).astype(dtype)
       gram = jnp.dot(l_mxb.T * rows_m[None, :], l_mxb, precision=_HI)
       _, vectors = jnp.linalg.eigh(gram)

@@ -82,6 +82,57 @@ class RoundingTest(parameterized.TestCase):
                        1 - 1e-12)
 
 
+def _twin_problem(seed, m, n, b, closeness):
+  """A ReLU layer whose samples 0 and 1 are near twins (numpy, exact D)."""
+  rng = np.random.default_rng(seed)
+  x_nxb = rng.standard_normal((n, b))
+  x_nxb[:, 1] = x_nxb[:, 0] + closeness * rng.standard_normal(n)
+  w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
+  beta_m = 0.1 * rng.standard_normal(m)
+  d_mxb = (w_mxn @ x_nxb + beta_m[:, None] > 0) * rng.standard_normal((m, b))
+  return {"weight_grad": d_mxb @ x_nxb.T, "weight": w_mxn, "bias": beta_m,
+          "grad_z": d_mxb}
+
+
+class PatternRoundingTest(parameterized.TestCase):
+
+  def test_twin_columns_snap_through_the_relu_pattern(self):
+    # Samples 0 and 1 are near twins: their columns share most of their
+    # zero sets, so an approximate column 0 tilted towards column 1 is
+    # pulled by the plain rounding onto a mixture of the two, with about
+    # the shared zero count. With the other 14 columns exact, the pattern
+    # rounding must return column 0 itself, with exactly its zero count
+    # (the truth, q = L^T D, is independent of the code under test).
+    b, m, n, seeds = 16, 300, 60, range(6)
+    plain_exact = 0
+    for seed in seeds:
+      p = _twin_problem(seed, m, n, b, closeness=0.3)
+      l_mxb, r_bxn, q_true = _factor(p, b)
+      alive = np.any(p["grad_z"] != 0, axis=1)
+      found = np.zeros((b, b))
+      found[: b - 2] = q_true[:, 2:].T
+      rng = np.random.default_rng(100 + seed)
+      approx = q_true[:, 0] + 0.3 * q_true[:, 1] + 0.02 * rng.standard_normal(b)
+      approx = np.stack([approx, -approx]) / np.linalg.norm(approx)
+      args = (jnp.asarray(l_mxb), jnp.asarray(alive), jnp.asarray(1e-8))
+      rounded, _ = _dictionary.round_direction(
+        jax.random.key(seed), jnp.asarray(approx[0]), *args, tries=10,
+        pool=2 * b)
+      plain_exact += abs(float(rounded @ q_true[:, 0])) > 1 - 1e-12
+      directions, zeros = _dictionary.round_with_pattern(
+        jnp.asarray(approx), jnp.asarray(found),
+        jnp.asarray(np.arange(b) < b - 2), jnp.asarray(l_mxb),
+        jnp.asarray(r_bxn), jnp.asarray(p["weight"]), jnp.asarray(p["bias"]),
+        *args[1:], max_missing=4)
+      chex.assert_shape(directions, (2, b))
+      true_zeros = int(np.sum((p["grad_z"][:, 0] == 0) & alive))
+      for direction, count in zip(np.asarray(directions), np.asarray(zeros)):
+        self.assertGreater(abs(float(direction @ q_true[:, 0])), 1 - 1e-12)
+        self.assertEqual(int(count), true_zeros)
+    # The case is a hard one for the plain rounding (measured: 2 of 6).
+    self.assertLess(plain_exact, len(seeds))
+
+
 class ConstrainedSearchTest(parameterized.TestCase):
 
   def _problem(self, seed, m, n, b):
@@ -202,6 +253,10 @@ class SpearPlusPlusTest(parameterized.TestCase):
       spear_jax.LearnerConfig(subspace_fraction=1.5)
     with self.assertRaisesRegex(ValueError, "temperature"):
       spear_jax.LearnerConfig(row_estimate_temperature=0.0)
+    with self.assertRaisesRegex(ValueError, "pattern_max_missing"):
+      spear_jax.LearnerConfig(pattern_max_missing=0)
+    with self.assertRaisesRegex(ValueError, "pattern_label_margin"):
+      spear_jax.LearnerConfig(pattern_label_margin=1.0)
 
   def test_deflated_rounds_without_the_layer(self):
     # 8 restarts cannot find 16 columns in one round: later rounds use the

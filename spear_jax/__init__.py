@@ -57,6 +57,7 @@ from spear_jax._linalg import Tolerances as Tolerances
 from spear_jax._linalg import factorize as factorize
 from spear_jax._linalg import null_vector as null_vector
 from spear_jax._linalg import polish_direction as polish_direction
+from spear_jax._linalg import split_mixture as split_mixture
 from spear_jax._linalg import resolve_tolerances as resolve_tolerances
 from spear_jax._proposals import propose_block as propose_block
 from spear_jax._proposals import propose_direction as propose_direction
@@ -107,6 +108,7 @@ __all__ = [
   "null_vector",
   "paper_layout",
   "polish_direction",
+  "split_mixture",
   "propose_block",
   "propose_direction",
   "psnr",

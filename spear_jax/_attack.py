@@ -24,7 +24,12 @@ from spear_jax._dictionary import learn_directions
 from spear_jax._dictionary import learn_directions_constrained
 from spear_jax._dictionary import round_direction
 from spear_jax._dictionary import round_with_pattern
-from spear_jax._linalg import factorize, polish_direction, resolve_tolerances
+from spear_jax._linalg import (
+  factorize,
+  polish_direction,
+  resolve_tolerances,
+  split_mixture,
+)
 from spear_jax._proposals import propose_block
 from spear_jax._selection import (
   CandidatePool,
@@ -125,6 +130,13 @@ def _devices(config: AttackConfig):
 def _polish_many(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
   return jax.vmap(polish_direction, in_axes=(0, None, None, None, None))(
     directions_kxb, l_mxb, alive_m, screen_tol, zero_tol
+  )
+
+
+@jax.jit
+def _split_many(directions_kxb, l_mxb, alive_m, screen_tol):
+  return jax.vmap(split_mixture, in_axes=(0, None, None, None))(
+    directions_kxb, l_mxb, alive_m, screen_tol
   )
 
 
@@ -621,8 +633,10 @@ def invert(
   state = {"pool": pool, "chosen": chosen, "result": result,
            "threshold": threshold, "signature": None}
 
-  def absorb(raw):
-    """Polishes new passers, drops mixtures, merges; returns #new."""
+  split = method != "spear" and config.learner.split_mixtures
+
+  def absorb(raw, split=split):
+    """Polishes new passers, drops (or splits) mixtures; returns #new."""
     pool = state["pool"]
     if raw.shape[0] and pool.zeros.shape[0]:
       # Most passers re-find a known column: count those as hits without
@@ -655,6 +669,18 @@ def invert(
     state["pool"], num_new = merge_candidates(
       pool, polished[keep], zeros[keep], tol.dedup, config.pool_capacity
     )
+    mixtures = np.flatnonzero((zeros >= floor) & ~keep)
+    if split and mixtures.size:
+      # SPEAR++: a sparse two-column mixture (near-twin samples) is split
+      # into its columns (split_mixture); the sparsest chunk of them.
+      mixtures = mixtures[np.argsort(-zeros[mixtures])][:_POLISH_CHUNK]
+      batch = np.repeat(polished[mixtures[:1]], _POLISH_CHUNK, axis=0)
+      batch[: mixtures.size] = polished[mixtures]
+      parts, counts = _split_many(batch, l_mxb, alive,
+                                  problem.scalar(tol.screen))
+      parts = np.asarray(parts)[: mixtures.size].reshape(-1, b)
+      counts = np.asarray(counts)[: mixtures.size].reshape(-1)
+      num_new += absorb(parts[counts >= 2], split=False)
     return num_new
 
   def select():

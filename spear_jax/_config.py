@@ -67,6 +67,9 @@ class LearnerConfig:
       the RMS of the bias.
     pattern_label_margin: fraction of the typical zero count labelled
       inactive in the pattern fit.
+    split_mixtures: split sparse two-column mixtures (what near-twin
+      samples' columns round to) into their columns
+      (:func:`spear_jax.split_mixture`) instead of only discarding them.
   """
 
   objective: str = "l1"
@@ -90,6 +93,7 @@ class LearnerConfig:
   pattern_max_missing: int = 16
   pattern_temperature: float = 5.0
   pattern_label_margin: float = 0.4
+  split_mixtures: bool = True
 
   def __post_init__(self):
     if self.objective not in ("l1", "logcosh", "l4"):

@@ -22,6 +22,7 @@ __all__ = [
   "numerical_rank",
   "polish_direction",
   "resolve_tolerances",
+  "split_mixture",
 ]
 
 
@@ -338,3 +339,78 @@ def polish_direction(
   degenerate = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
   max_leverage = jnp.where(degenerate, jnp.inf, max_leverage)
   return polished, zeros, max_leverage
+
+
+def split_mixture(
+  direction: Float[Array, " b"],
+  l_mxb: Float[Array, "m b"],
+  alive_m: Bool[Array, " m"],
+  screen_tol: Float[Array, ""],
+  angle_tol: float = 1e-8,
+) -> tuple[Float[Array, "2 b"], Int[Array, " 2"]]:
+  r"""The two columns behind a mixture of two columns of ``Q``.
+
+  A mixture ``q = a q_1 + c q_2`` vanishes on the rows where both columns
+  vanish (plus pinning rows, which :func:`polish_direction` flags with
+  leverage one). Without the pinning rows that zero set annihilates exactly
+  ``V = span(q_1, q_2)``, two-dimensional. Inside ``V`` each other alive
+  row ``L_j`` vanishes along exactly one direction, at the angle
+  ``theta_j`` with ``L_j V (cos theta_j, sin theta_j)^T = 0``; every row
+  where ``q_1`` alone vanishes gives the same angle (that of ``q_1``),
+  likewise for ``q_2``, while the other rows scatter. The two largest
+  clusters of equal angles (within ``angle_tol``; rows nearly orthogonal
+  to ``V`` are left out as their angles are ill-conditioned) are the
+  columns. This splits near-twin samples, whose columns share most of their
+  zero sets and whose mixtures therefore look almost as sparse as the
+  columns, without sampling.
+
+  Returns:
+    ``(directions, counts)``: two unit directions and the sizes of their
+    angle clusters; counts are zero where ``direction`` is not a
+    two-column mixture (its zero set annihilates one or three or more
+    dimensions).
+  """
+  dtype = l_mxb.dtype
+  eps = jnp.finfo(dtype).eps
+  tiny = jnp.finfo(dtype).tiny
+  m = l_mxb.shape[0]
+  v_m = jnp.dot(l_mxb, direction, precision=_HI)
+  zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
+
+  def gram_eigh(rows_m):
+    masked = l_mxb * rows_m[:, None].astype(dtype)
+    return jnp.linalg.eigh(jnp.dot(masked.T, masked, precision=_HI))
+
+  eigvals_b, eigvecs_bxb = gram_eigh(zero_set)
+  coords_mxb = jnp.dot(l_mxb, eigvecs_bxb, precision=_HI)[:, 1:]
+  leverage_m = jnp.sum(
+    coords_mxb**2 / jnp.maximum(eigvals_b[1:], tiny)[None, :], axis=1)
+  flat = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
+  # Drop the pinning rows, unless the zero set is already degenerate.
+  kept = zero_set & (flat | (leverage_m <= 0.5))
+  eigvals_b, eigvecs_bxb = gram_eigh(kept)
+  small = jnp.sqrt(eps) * eigvals_b[-1]
+  two_dim = (eigvals_b[1] <= small) & (eigvals_b[2] > small)
+  basis_bx2 = eigvecs_bxb[:, :2]
+  p_mx2 = jnp.dot(l_mxb, basis_bx2, precision=_HI)
+  row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
+  usable = (alive_m & ~kept
+            & (jnp.linalg.norm(p_mx2, axis=1) >= 1e-4 * row_norm_m))
+  theta_m = jnp.mod(jnp.arctan2(-p_mx2[:, 0], p_mx2[:, 1]), jnp.pi)
+  theta_m = jnp.where(usable, theta_m, jnp.inf)
+  sorted_m = jnp.sort(theta_m)
+  new_cluster = jnp.concatenate([
+    jnp.ones((1,), bool), (sorted_m[1:] - sorted_m[:-1]) > angle_tol])
+  cluster_m = jnp.cumsum(new_cluster) - 1
+  counts_m = jax.ops.segment_sum(
+    jnp.isfinite(sorted_m).astype(jnp.int32), cluster_m, num_segments=m)
+  counts_2, top_2 = jax.lax.top_k(counts_m, 2)
+  # First angle of each of the two largest clusters.
+  first_m = jnp.where(new_cluster, jnp.arange(m), m)
+  starts_m = jax.ops.segment_min(first_m, cluster_m, num_segments=m)
+  angles_2 = sorted_m[jnp.clip(starts_m[top_2], 0, m - 1)]
+  angles_2 = jnp.where(jnp.isfinite(angles_2), angles_2, 0.0)
+  coeffs_2x2 = jnp.stack([jnp.cos(angles_2), jnp.sin(angles_2)], axis=1)
+  directions_2xb = jnp.dot(coeffs_2x2, basis_bx2.T, precision=_HI)
+  counts_2 = jnp.where(two_dim, counts_2, 0)
+  return directions_2xb, counts_2

@@ -136,5 +136,58 @@ class PolishTest(chex.TestCase):
       self.assertLess(float(leverage), 0.9)
 
 
+class SplitMixtureTest(chex.TestCase):
+
+  def _twins(self, seed, m=200, b=10):
+    # Columns 0 and 1 share most of their zero sets (near-twin samples).
+    rng = np.random.default_rng(seed)
+    d_mxb = (rng.random((m, b)) < 0.5) * rng.standard_normal((m, b))
+    active = np.where(d_mxb[:, 0] != 0, rng.random(m) < 0.95,
+                      rng.random(m) < 0.1)
+    d_mxb[:, 1] = active * rng.standard_normal(m)
+    l_mxb, s, vt = np.linalg.svd(d_mxb, full_matrices=False)
+    q_bxb = s[:, None] * vt  # D = L Q, independent of the code under test
+    return d_mxb, l_mxb, q_bxb / np.linalg.norm(q_bxb, axis=0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((20, False), (21, True), (22, True))
+  def test_two_column_mixture_splits_into_both_columns(self, seed, pinned):
+    d_mxb, l_mxb, q_bxb = self._twins(seed)
+    m = d_mxb.shape[0]
+    coef = np.random.default_rng(seed + 100).standard_normal(2)
+    if pinned:
+      # As rounding returns it: also vanishing on one row where both
+      # columns are nonzero (the pinning row, leverage one).
+      pin = np.flatnonzero((d_mxb[:, 0] != 0) & (d_mxb[:, 1] != 0))[0]
+      coef = np.array([d_mxb[pin, 1], -d_mxb[pin, 0]])
+    mix = q_bxb[:, :2] @ coef
+    mix /= np.linalg.norm(mix)
+    directions, counts = self.variant(spear_jax.split_mixture)(
+      jnp.asarray(mix), jnp.asarray(l_mxb), jnp.ones(m, bool),
+      jnp.asarray(1e-8))
+    chex.assert_shape(directions, (2, 10))
+    directions = np.asarray(directions)
+    cos = np.abs(directions @ q_bxb[:, :2])
+    # One output per column, each exact to 1e-12 in angle.
+    self.assertGreater(min(cos[0].max(), cos[1].max()), 1 - 1e-12)
+    self.assertNotEqual(int(np.argmax(cos[0])), int(np.argmax(cos[1])))
+    # Cluster sizes: the rows where only that column vanishes.
+    only = {0: np.sum((d_mxb[:, 0] == 0) & (d_mxb[:, 1] != 0)),
+            1: np.sum((d_mxb[:, 1] == 0) & (d_mxb[:, 0] != 0))}
+    self.assertEqual(
+      sorted(np.asarray(counts).tolist()), sorted(only.values()))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_columns_and_three_column_mixtures_are_not_split(self):
+    d_mxb, l_mxb, q_bxb = self._twins(23)
+    m = d_mxb.shape[0]
+    split = self.variant(spear_jax.split_mixture)
+    for direction in (q_bxb[:, 0], q_bxb[:, 5], q_bxb[:, :3].sum(axis=1)):
+      _, counts = split(jnp.asarray(direction / np.linalg.norm(direction)),
+                        jnp.asarray(l_mxb), jnp.ones(m, bool),
+                        jnp.asarray(1e-8))
+      np.testing.assert_array_equal(np.asarray(counts), 0)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -102,6 +102,32 @@ class PolishTest(chex.TestCase):
     self.assertLess(float(leverage), 0.9)
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_tiny_genuine_nonzero_does_not_pull_the_fit(self):
+    # A true nonzero of D below the screening tolerance (seen at m = 4000:
+    # 1.2e-8 of a unit column) enters Z; the screen-level refits keep it and
+    # land ~1e-10 off, losing zeros at the final tolerance.
+    rng = np.random.default_rng(9)
+    m, b = 400, 8
+    d_mxb = (rng.random((m, b)) < 0.5) * rng.standard_normal((m, b))
+    column = d_mxb[:, 3] / np.linalg.norm(d_mxb[:, 3])
+    tiny_row = np.flatnonzero(column != 0)[0]
+    column[tiny_row] = 5e-9  # genuine, below screen_tol = 1e-8
+    d_mxb[:, 3] = column
+    l_mxb, s, vt = np.linalg.svd(d_mxb, full_matrices=False)
+    q_true = (s[:, None] * vt)[:, 3]
+    q_true /= np.linalg.norm(q_true)
+    noisy = q_true + 1e-11 * rng.standard_normal(b)
+    polished, zeros, _ = self.variant(spear_jax.polish_direction)(
+      jnp.asarray(noisy / np.linalg.norm(noisy)), jnp.asarray(l_mxb),
+      jnp.ones(m, bool), jnp.asarray(1e-8), jnp.asarray(1e-12),
+    )
+    np.testing.assert_allclose(np.abs(np.asarray(polished) @ q_true), 1.0,
+                               atol=1e-15)
+    residual = np.abs(l_mxb @ np.asarray(polished))
+    self.assertLess(residual[d_mxb[:, 3] == 0].max(), 1e-14)
+    self.assertEqual(int(zeros), int(np.sum(d_mxb[:, 3] == 0)))
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_mixture_of_two_columns_has_unit_leverage(self):
     # A 2-mixture pinned by one row outside the common zero set: that row
     # is the only one with a component along the rest of the plane.

@@ -190,7 +190,9 @@ def _householder_null_rolled(rows_kxb_batch: Array) -> Array:
 
   _, v_bxk = jax.lax.fori_loop(
     0, k, eliminate, (m_bxk, jnp.zeros_like(m_bxk)))
-  q = jnp.zeros((b, *batch), dtype).at[-1].set(1.0)
+  # Built from the data (not a fresh constant) so that under shard_map the
+  # carry has the same varying-axis type as the loop body's output.
+  q = jnp.zeros_like(m_bxk[:, 0]).at[-1].set(1.0)
 
   def apply(i, q):
     v = v_bxk[:, k - 1 - i]

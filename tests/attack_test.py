@@ -11,6 +11,7 @@ import spear_jax
 from spear_jax import _attack
 from spear_jax import _client
 from spear_jax import _data
+from spear_jax import _linalg
 from spear_jax import _selection
 import helpers
 
@@ -189,6 +190,20 @@ class DevicesTest(parameterized.TestCase):
     )
     self.assertTrue(result.success)
     self.assertLess(_max_error(result, p["inputs"]), 1e-10)
+
+  def test_sharded_sampler_above_the_unroll_limit(self):
+    # b - 1 > 48 rows takes the rolled (fori_loop) null vector; under
+    # shard_map its carry must have the body's varying-axis type (this
+    # crashed the m = 4000, b = 50 SPEAR benchmark on two devices).
+    b = _linalg._UNROLL_MAX_ROWS + 2
+    p = helpers.relu_layer_problem(43, 200, 80, b)
+    cfg = spear_jax.AttackConfig(block_size=64, chunk_size=32,
+                                 max_proposals=128, num_devices=2)
+    result = spear_jax.invert(p["weight_grad"], p["bias_grad"],
+                              key=jax.random.key(0), config=cfg)
+    self.assertEqual(result.stats.proposals, 128)
+    self.assertEqual(result.stats.stop_reason, "max_proposals")
+    self.assertFalse(result.success)
 
   def test_too_many_devices(self):
     p = helpers.relu_layer_problem(0, 40, 30, 3)

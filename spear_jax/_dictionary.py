@@ -343,6 +343,22 @@ def complete_last_column(
 
 
 
+def _complement_basis(found_bxb, valid_b):
+  """Masked found columns and an orthonormal basis of their complement.
+
+  Returns ``(found, basis)``: ``found_bxb`` with invalid rows zeroed, and
+  the left singular vectors of ``found^T`` with the columns outside the
+  orthogonal complement of the found columns zeroed (complement columns
+  come last).
+  """
+  b = found_bxb.shape[0]
+  found_bxb = found_bxb * valid_b[:, None].astype(found_bxb.dtype)
+  u_bxb, s_b, _ = jnp.linalg.svd(found_bxb.T)
+  eps = jnp.finfo(found_bxb.dtype).eps
+  complement_b = s_b <= b * eps * jnp.maximum(s_b[0], 1.0)
+  return found_bxb, u_bxb * complement_b[None, :].astype(u_bxb.dtype)
+
+
 @functools.partial(jax.jit,
                    static_argnames=("steps", "temperature", "learning_rate"))
 def estimate_found_rows(
@@ -391,11 +407,7 @@ def estimate_found_rows(
     ``found_bxb``.
   """
   b = found_bxb.shape[0]
-  found_bxb = found_bxb * valid_b[:, None].astype(found_bxb.dtype)
-  u_bxb, s_b, _ = jnp.linalg.svd(found_bxb.T)
-  eps = jnp.finfo(found_bxb.dtype).eps
-  complement_b = s_b <= b * eps * jnp.maximum(s_b[0], 1.0)
-  basis_bxb = u_bxb * complement_b[None, :].astype(u_bxb.dtype)
+  found_bxb, basis_bxb = _complement_basis(found_bxb, valid_b)
   dual_bxb = jnp.linalg.pinv(found_bxb.T)
   wr_mxb = jnp.dot(weight_mxn, r_bxn.T, precision=_HI)
   active_bxm = (jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI))
@@ -497,14 +509,10 @@ def round_with_pattern(
   """
   m, b = l_mxb.shape
   dtype = l_mxb.dtype
-  found_bxb = found_bxb * valid_b[:, None].astype(dtype)
-  u_bxb, s_b, _ = jnp.linalg.svd(found_bxb.T)
-  eps = jnp.finfo(dtype).eps
-  complement_b = s_b <= b * eps * jnp.maximum(s_b[0], 1.0)
-  # Complement columns come last in the SVD: take the last max_missing.
+  found_bxb, basis_bxb = _complement_basis(found_bxb, valid_b)
+  # Complement columns come last: take the last max_missing.
   width = min(max_missing, b)
-  basis_bxd = (u_bxb[:, b - width:]
-               * complement_b[b - width:][None, :].astype(dtype))
+  basis_bxd = basis_bxb[:, b - width:]
   a_mxd = jnp.dot(jnp.dot(weight_mxn, r_bxn.T, precision=_HI), basis_bxd,
                   precision=_HI)
   tiny = jnp.finfo(dtype).tiny

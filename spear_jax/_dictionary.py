@@ -28,6 +28,7 @@ import optax
 
 from spear_jax._config import LearnerConfig
 from spear_jax._linalg import null_vector
+from spear_jax._linalg import rows_gram_eigh
 from spear_jax._types import Array, Bool, Float, Int, PRNGKeyArray
 
 _HI = jax.lax.Precision.HIGHEST
@@ -329,9 +330,7 @@ def complete_last_column(
 
   def evaluate(alpha):
     inactive = (alpha * u_m + bias_m <= 0) & alive_m
-    masked = l_mxb * inactive[:, None].astype(l_mxb.dtype)
-    gram = jnp.dot(masked.T, masked, precision=_HI)
-    eigvals, eigvecs = jnp.linalg.eigh(gram)
+    eigvals, eigvecs = rows_gram_eigh(l_mxb, inactive)
     enough = jnp.sum(inactive) >= b + 3
     relative = jnp.where(enough, eigvals[0] / jnp.maximum(eigvals[-1], 1e-300),
                          jnp.inf)
@@ -580,9 +579,7 @@ def round_with_pattern(
 
     def candidate(fraction):
       count = jnp.maximum(jnp.floor(fraction * negative), b - 1.0)
-      rows_m = (depth_m < count).astype(dtype)
-      gram = jnp.dot(l_mxb.T * rows_m[None, :], l_mxb, precision=_HI)
-      _, vectors = jnp.linalg.eigh(gram)
+      _, vectors = rows_gram_eigh(l_mxb, depth_m < count)
       return vectors[:, 0]
 
     q_fxb = jax.vmap(candidate)(jnp.asarray(fractions, dtype))

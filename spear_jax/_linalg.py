@@ -266,6 +266,26 @@ def _null_vector_vmap(axis_size, in_batched, rows_nxkxb):
   return jnp.moveaxis(q_bxn, -1, 0), True
 
 
+def rows_gram_eigh(
+  l_mxb: Float[Array, "m b"], rows_m: Bool[Array, " m"]
+) -> tuple[Float[Array, " b"], Float[Array, "b b"]]:
+  """Ascending eigenpairs of ``L_S^T L_S`` over the rows ``S`` in ``rows_m``.
+
+  The smallest eigenvector is the least-squares kernel of ``L_S``: the
+  exact column when every row of ``S`` is a true zero of it.
+  """
+  masked_mxb = l_mxb * rows_m[:, None].astype(l_mxb.dtype)
+  return jnp.linalg.eigh(jnp.dot(masked_mxb.T, masked_mxb, precision=_HI))
+
+
+def _leverages(l_mxb, eigvals_b, eigvecs_bxb):
+  """Each row's leverage off the smallest eigenvector (see polish)."""
+  coords_mxb = jnp.dot(l_mxb, eigvecs_bxb, precision=_HI)[:, 1:]
+  tiny = jnp.finfo(l_mxb.dtype).tiny
+  return jnp.sum(
+    coords_mxb**2 / jnp.maximum(eigvals_b[1:], tiny)[None, :], axis=1)
+
+
 def polish_direction(
   direction: Float[Array, " b"],
   l_mxb: Float[Array, "m b"],
@@ -326,9 +346,7 @@ def polish_direction(
   for index, tolerance in enumerate(tolerances):
     v_m = jnp.dot(l_mxb, polished, precision=_HI)
     in_zero_set = (jnp.abs(v_m) <= tolerance) & alive_m
-    masked_mxb = l_mxb * in_zero_set[:, None].astype(l_mxb.dtype)
-    gram_bxb = jnp.dot(masked_mxb.T, masked_mxb, precision=_HI)
-    eigvals_b, eigvecs_bxb = jnp.linalg.eigh(gram_bxb)
+    eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, in_zero_set)
     refit = eigvecs_bxb[:, 0]
     # Keep the sign of the input so that duplicates line up.
     sign = jnp.where(jnp.dot(refit, direction, precision=_HI) < 0, -1.0, 1.0)
@@ -346,11 +364,7 @@ def polish_direction(
         better, new, old), state, best)
   polished, zeros, in_zero_set, eigvals_b, eigvecs_bxb = best
   # The eigenpairs of the last refit's zero set give the leverages.
-  coords_mxb = jnp.dot(l_mxb, eigvecs_bxb, precision=_HI)[:, 1:]
-  tiny = jnp.finfo(l_mxb.dtype).tiny
-  leverage_m = jnp.sum(
-    coords_mxb**2 / jnp.maximum(eigvals_b[1:], tiny)[None, :], axis=1
-  )
+  leverage_m = _leverages(l_mxb, eigvals_b, eigvecs_bxb)
   max_leverage = jnp.max(jnp.where(in_zero_set, leverage_m, 0.0))
   # A zero set that leaves a 2-D null space (the exact intersection of two
   # columns' zero sets) does not pin the direction down at all.
@@ -396,18 +410,12 @@ def split_mixture(
   v_m = jnp.dot(l_mxb, direction, precision=_HI)
   zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
 
-  def gram_eigh(rows_m):
-    masked = l_mxb * rows_m[:, None].astype(dtype)
-    return jnp.linalg.eigh(jnp.dot(masked.T, masked, precision=_HI))
-
-  eigvals_b, eigvecs_bxb = gram_eigh(zero_set)
-  coords_mxb = jnp.dot(l_mxb, eigvecs_bxb, precision=_HI)[:, 1:]
-  leverage_m = jnp.sum(
-    coords_mxb**2 / jnp.maximum(eigvals_b[1:], tiny)[None, :], axis=1)
+  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, zero_set)
+  leverage_m = _leverages(l_mxb, eigvals_b, eigvecs_bxb)
   flat = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
   # Drop the pinning rows, unless the zero set is already degenerate.
   kept = zero_set & (flat | (leverage_m <= 0.5))
-  eigvals_b, eigvecs_bxb = gram_eigh(kept)
+  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, kept)
   small = jnp.sqrt(eps) * eigvals_b[-1]
   two_dim = (eigvals_b[1] <= small) & (eigvals_b[2] > small)
   basis_bx2 = eigvecs_bxb[:, :2]

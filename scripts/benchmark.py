@@ -123,7 +123,8 @@ def _throughput(config, emit):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import spear_jax  # pylint: disable=g-import-not-at-top
-  from spear_jax import _attack  # pylint: disable=g-import-not-at-top
+  from spear_jax import _linalg  # pylint: disable=g-import-not-at-top
+  from spear_jax import _proposals  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import numpy_baseline  # pylint: disable=g-import-not-at-top
@@ -142,14 +143,14 @@ def _throughput(config, emit):
       first_call_s = time.perf_counter() - start
 
       # Throughput of the vmapped proposal stage alone.
-      tol = spear_jax.resolve_tolerances(config, jnp.float64, m, 3072)
-      l_mxb, _, _, _ = spear_jax.factorize(warm.weight_grad, b,
+      tol = _linalg.resolve_tolerances(config, jnp.float64, m, 3072)
+      l_mxb, _, _, _ = spear_jax.attack.factorize(warm.weight_grad, b,
                                            tol.rank_rtol)
       alive = jnp.ones((m,), bool)
       rows = jnp.arange(m, dtype=jnp.int32)
 
-      devices = _attack._devices(config)  # pylint: disable=protected-access
-      screen = _attack._screen_block_fn(  # pylint: disable=protected-access
+      devices = _proposals._devices(config)  # pylint: disable=protected-access
+      screen = _proposals._screen_block_fn(  # pylint: disable=protected-access
         devices, config.block_size, config.chunk_size,
         config.max_candidates_per_block,
       )
@@ -284,7 +285,7 @@ def _sweep(config, env):
     for setting, pending in plan:
       name = setting["dataset"]
       if name not in image_sets:
-        image_sets[name] = spear_jax.load_dataset(name,
+        image_sets[name] = spear_jax.data.load_dataset(name,
                                                   data_dir=_DATA_DIR.value)
       learner = spear_jax.LearnerConfig(
         objective=("l1" if setting["objective"] == "none"

@@ -154,7 +154,7 @@ def main(argv):
   from spear_jax import _report  # pylint: disable=g-import-not-at-top
 
   try:
-    image_set = spear_jax.load_dataset(_DATASET.value,
+    image_set = spear_jax.data.load_dataset(_DATASET.value,
                                        data_dir=_DATA_DIR.value)
   except (ValueError, FileNotFoundError, ImportError) as err:
     _fail(str(err).splitlines()[0])
@@ -234,11 +234,11 @@ def main(argv):
         out_dir, f"trial_{trials[0]['trial']:03d}.npz")) as arrays:
       picture = os.path.join(out_dir, "reconstruction.png")
       if arrays["truth"].ndim == 4:
-        spear_jax.save_image_grid(picture, arrays["truth"],
+        spear_jax.metrics.save_image_grid(picture, arrays["truth"],
                                   arrays["recovered"],
                                   exact=arrays["exact"])
       else:  # hidden activations: |error| per sample and feature
-        spear_jax.save_error_heatmap(picture, arrays["recovered"],
+        spear_jax.metrics.save_error_heatmap(picture, arrays["recovered"],
                                      arrays["truth"])
 
   nan = float("nan")

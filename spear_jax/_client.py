@@ -8,7 +8,7 @@ Layouts: flax ``nn.Dense`` stores its kernel as ``(in, out) = (n, m)``, the
 transpose of the paper's ``W`` (``m x n``); :func:`paper_layout` converts.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -82,7 +82,7 @@ def _torch_bias(fan_in: int):
 
 def init_mlp(
   key: PRNGKeyArray, model: MLP, n: int, dtype=jnp.float32
-) -> dict[str, Any]:
+) -> Mapping[str, Any]:
   """Initial parameters of ``model`` for ``n``-dimensional inputs."""
   return model.init(key, jnp.zeros((1, n), dtype))
 

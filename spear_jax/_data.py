@@ -47,9 +47,10 @@ import importlib.resources
 import importlib.util
 import numbers
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 NAMES = ("cifar_like", "faces", "digits")
 _RESOURCE = ("data", "bundled_images.npz")
@@ -138,7 +139,7 @@ class LazyArray:
     feature: str,
     item_shape: tuple[int, ...],
     dtype: np.dtype | type,
-    convert: collections.abc.Callable[[Any], np.ndarray],
+    convert: collections.abc.Callable[[Any], npt.ArrayLike],
   ):
     """Wraps ``source``.
 
@@ -166,7 +167,7 @@ class LazyArray:
       f" dtype={self.dtype})"
     )
 
-  def _index(self, index: int | np.integer) -> int:
+  def _index(self, index: int | np.integer | numbers.Integral) -> int:
     """Returns ``index`` as a non-negative int; raises IndexError if out."""
     index = int(index)
     if not -len(self) <= index < len(self):
@@ -187,6 +188,8 @@ class LazyArray:
       key, rest = (key[0], key[1:]) if key else (slice(None), ())
     # Read the records that the first index selects, then index them with an
     # equivalent first index, so that numpy's rules apply to the whole key.
+    records: collections.abc.Sequence[int]
+    first: int | slice | np.ndarray
     if isinstance(key, numbers.Integral) and not isinstance(key, bool):
       records, first = [self._index(key)], 0
     elif isinstance(key, slice):
@@ -240,7 +243,8 @@ class ImageSet:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     """Shape ``(H, W, C)`` of one image."""
-    return self.images.shape[1:]
+    # images is (N, H, W, C) by contract; numpy types shapes as tuple[Any].
+    return cast(tuple[int, int, int], self.images.shape[1:])
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -378,6 +382,119 @@ def _import_tfds() -> Any:
   return tfds
 
 
+def _check_tfds_args(
+  name: str, image_size: int | None
+) -> tuple[_TfdsSpec, int | None]:
+  """The spec of ``name`` and ``image_size`` as an int (or ``None``).
+
+  Raises:
+    ValueError: If ``name`` is not in ``TFDS_NAMES`` or ``image_size`` is
+      not positive.
+  """
+  if name not in _TFDS_SPECS:
+    raise ValueError(
+      f"Unknown tensorflow-datasets set {name!r}; valid names:"
+      f" {', '.join(TFDS_NAMES)}."
+    )
+  if image_size is not None:
+    image_size = _check_int(image_size, "image_size")
+    if image_size < 1:
+      raise ValueError(f"image_size must be positive, got {image_size}.")
+  return _TFDS_SPECS[name], image_size
+
+
+def _tfds_data_dir(data_dir: str | os.PathLike[str] | None) -> str:
+  """``data_dir`` as a path string, ``None`` being tfds's default.
+
+  The default is ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``; ``~``
+  is expanded.
+  """
+  if data_dir is None:
+    data_dir = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  return os.path.expanduser(os.fspath(data_dir))
+
+
+def _open_tfds_source(
+  tfds: Any, name: str, spec: _TfdsSpec, split: str, data_dir: str
+) -> Any:
+  """Opens the array_record data source of ``name`` in ``data_dir``.
+
+  Raises:
+    FileNotFoundError: If ``data_dir`` does not exist or the dataset is not
+      prepared in it as array_record, with the command that prepares it.
+    ValueError: From tfds, e.g. if ``split`` is not a split of the set.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  build = (
+    f"tfds build {spec.tfds_name} --data_dir={data_dir}"
+    f" --file_format=array_record{spec.build_flags}"
+  )
+  if not epath.Path(data_dir).is_dir():
+    raise FileNotFoundError(
+      f"data_dir {data_dir!r} does not exist; prepare {name!r} in it (on a"
+      f" machine with internet and tensorflow) with: {build}"
+    )
+  try:
+    return tfds.data_source(
+      spec.tfds_name, split=split, data_dir=data_dir, download=False
+    )
+  except (NotImplementedError, ValueError) as err:
+    # tfds reports a missing dataset as an unsupported file format.
+    if not tfds.builder(spec.tfds_name, data_dir=data_dir).is_prepared():
+      raise FileNotFoundError(
+        f"{name!r} is not prepared in {data_dir!r}; prepare it (on a machine"
+        f" with internet and tensorflow) with: {build}"
+      ) from err
+    if isinstance(err, NotImplementedError):
+      raise FileNotFoundError(
+        f"{name!r} is prepared in {data_dir!r} but not as array_record, which"
+        " random access needs; delete it (or use another data_dir) and"
+        f" rebuild it with: {build}"
+      ) from err
+    raise
+
+
+def _lazy_tfds_images(
+  source: Any, spec: _TfdsSpec, image_size: int | None
+) -> LazyArray:
+  """The images of ``source``, decoded to float32 [0, 1] when indexed.
+
+  Images are cropped and resized to ``image_size``, else to the spec's
+  default size; a set without one (fixed-size images) keeps their shape.
+  """
+  *native_shape, channels = source.dataset_info.features["image"].shape
+  size = spec.image_size if image_size is None else image_size
+  if size is None:
+    item_shape = (*native_shape, channels)
+  else:
+    item_shape = (size, size, channels)
+  return LazyArray(
+    source,
+    "image",
+    item_shape,
+    np.float32,
+    functools.partial(_decode_image, size=size, channels=channels),
+  )
+
+
+def _lazy_tfds_labels(
+  tfds: Any, spec: _TfdsSpec, split: str, data_dir: str
+) -> LazyArray:
+  """The int64 labels, through a second view that skips image decoding.
+
+  Reading ``labels[i]`` is then cheap: the image is not decoded.
+  """
+  label_source = tfds.data_source(
+    spec.tfds_name,
+    split=split,
+    data_dir=data_dir,
+    download=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )
+  return LazyArray(label_source, "label", (), np.int64, np.int64)
+
+
 def load_tfds(
   name: str,
   *,
@@ -421,74 +538,14 @@ def load_tfds(
     ImportError: If tensorflow-datasets, or both Pillow and OpenCV, are
       missing.
   """
-  if name not in _TFDS_SPECS:
-    raise ValueError(
-      f"Unknown tensorflow-datasets set {name!r}; valid names:"
-      f" {', '.join(TFDS_NAMES)}."
-    )
-  spec = _TFDS_SPECS[name]
-  if image_size is not None:
-    image_size = _check_int(image_size, "image_size")
-    if image_size < 1:
-      raise ValueError(f"image_size must be positive, got {image_size}.")
+  spec, image_size = _check_tfds_args(name, image_size)
   tfds = _import_tfds()
-  from etils import epath  # pylint: disable=g-import-not-at-top
-
-  if data_dir is None:
-    data_dir = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  data_dir = os.path.expanduser(os.fspath(data_dir))
-  build = (
-    f"tfds build {spec.tfds_name} --data_dir={data_dir}"
-    f" --file_format=array_record{spec.build_flags}"
-  )
-  if not epath.Path(data_dir).is_dir():
-    raise FileNotFoundError(
-      f"data_dir {data_dir!r} does not exist; prepare {name!r} in it (on a"
-      f" machine with internet and tensorflow) with: {build}"
-    )
-  try:
-    source = tfds.data_source(
-      spec.tfds_name, split=split, data_dir=data_dir, download=False
-    )
-  except (NotImplementedError, ValueError) as err:
-    # tfds reports a missing dataset as an unsupported file format.
-    if not tfds.builder(spec.tfds_name, data_dir=data_dir).is_prepared():
-      raise FileNotFoundError(
-        f"{name!r} is not prepared in {data_dir!r}; prepare it (on a machine"
-        f" with internet and tensorflow) with: {build}"
-      ) from err
-    if isinstance(err, NotImplementedError):
-      raise FileNotFoundError(
-        f"{name!r} is prepared in {data_dir!r} but not as array_record, which"
-        " random access needs; delete it (or use another data_dir) and"
-        f" rebuild it with: {build}"
-      ) from err
-    raise
-  features = source.dataset_info.features
-  *native_shape, channels = features["image"].shape
-  size = spec.image_size if image_size is None else image_size
-  if size is None:
-    item_shape = (*native_shape, channels)
-  else:
-    item_shape = (size, size, channels)
-  images = LazyArray(
-    source,
-    "image",
-    item_shape,
-    np.float32,
-    functools.partial(_decode_image, size=size, channels=channels),
-  )
+  data_dir = _tfds_data_dir(data_dir)
+  source = _open_tfds_source(tfds, name, spec, split, data_dir)
+  images = _lazy_tfds_images(source, spec, image_size)
   labels = None
-  if "label" in features:
-    # A second view that skips image decoding, so labels[i] is cheap.
-    label_source = tfds.data_source(
-      spec.tfds_name,
-      split=split,
-      data_dir=data_dir,
-      download=False,
-      decoders={"image": tfds.decode.SkipDecoding()},
-    )
-    labels = LazyArray(label_source, "label", (), np.int64, np.int64)
+  if "label" in source.dataset_info.features:
+    labels = _lazy_tfds_labels(tfds, spec, split, data_dir)
   mean, std = spec.stats
   return ImageSet(
     images=images,

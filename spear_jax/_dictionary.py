@@ -18,8 +18,8 @@ References:
   ICLR 2019.
 """
 
-from collections.abc import Callable
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from spear_jax._config import LearnerConfig
-from spear_jax._linalg import null_vector
-from spear_jax._linalg import rows_gram_eigh
+from spear_jax._linalg import null_vector, rows_gram_eigh
 from spear_jax._types import Array, Bool, Float, Int, PRNGKeyArray
 
 _HI = jax.lax.Precision.HIGHEST
@@ -341,7 +340,6 @@ def complete_last_column(
   return vectors[best], relative[best]
 
 
-
 def _complement_basis(found_bxb, valid_b):
   """Masked found columns and an orthonormal basis of their complement.
 
@@ -451,6 +449,207 @@ def estimate_found_rows(
   return rows_bxb * valid_b[:, None].astype(rows_bxb.dtype)
 
 
+class _PatternProblem(NamedTuple):
+  """What every column of :func:`round_with_pattern` shares (no batch axis).
+
+  ``d`` is the padded width of the complement; ``low`` and ``high`` are
+  the rank thresholds of the labels (see :func:`_pattern_labels`).
+  """
+
+  l_mxb: Float[Array, "m b"]
+  row_norm_m: Float[Array, " m"]
+  alive_m: Bool[Array, " m"]
+  zero_tol: Float[Array, ""]
+  a_mxd: Float[Array, "m d"]
+  a_norm_m: Float[Array, " m"]
+  bias_m: Float[Array, " m"]
+  scale: Float[Array, ""]
+  ridge: Float[Array, ""]
+  low: Float[Array, ""]
+  high: Float[Array, ""]
+
+
+def _pattern_subspace(found_bxb, valid_b, weight_mxn, r_bxn, max_missing):
+  """Masked found columns and ``A = W R^T C`` on the padded complement.
+
+  Returns ``(found, a_mxd)``: ``found_bxb`` with invalid rows zeroed, and
+  ``A`` with ``A y = W x`` for ``x = R^T C y``, ``C`` the last ``d =
+  min(max_missing, b)`` columns of the complement basis (zero padded).
+  """
+  b = found_bxb.shape[0]
+  found_bxb, basis_bxb = _complement_basis(found_bxb, valid_b)
+  # Complement columns come last: take the last max_missing.
+  width = min(max_missing, b)
+  basis_bxd = basis_bxb[:, b - width:]
+  a_mxd = jnp.dot(jnp.dot(weight_mxn, r_bxn.T, precision=_HI), basis_bxd,
+                  precision=_HI)
+  return found_bxb, a_mxd
+
+
+def _label_ranks(found_bxb, valid_b, l_mxb, alive_m, zero_tol, n_alive,
+                 label_margin):
+  """Rank thresholds ``(low, high)`` of the inactive and active labels.
+
+  ``low`` is ``label_margin`` times the typical zero count (the median
+  over found columns; half the alive rows when none is found), ``high``
+  leaves out ``label_margin / 2`` of the rows above the typical count.
+  """
+  dtype = l_mxb.dtype
+  found_zeros_b = jnp.sum(
+    (jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI)) <= zero_tol)
+    & alive_m[None, :], axis=1).astype(dtype)
+  typical = jnp.median(jnp.where(valid_b, found_zeros_b, jnp.nan)) / n_alive
+  typical = jnp.where(jnp.isnan(typical), 0.5, typical)
+  low = label_margin * typical * n_alive
+  high = (typical + 0.5 * label_margin * (1.0 - typical)) * n_alive
+  return low, high
+
+
+def _pattern_problem(found_bxb, valid_b, l_mxb, r_bxn, weight_mxn, bias_m,
+                     alive_m, zero_tol, max_missing, temperature,
+                     label_margin):
+  """The shared data of :func:`round_with_pattern` (a ``_PatternProblem``).
+
+  The logistic scale is ``temperature`` times the RMS of the alive biases
+  (1 if they are all zero); the ridge is ``1e-9`` times the mean diagonal
+  of ``A^T A / scale^2`` over alive rows, plus ``tiny``.
+  """
+  dtype = l_mxb.dtype
+  found_bxb, a_mxd = _pattern_subspace(found_bxb, valid_b, weight_mxn, r_bxn,
+                                       max_missing)
+  width = a_mxd.shape[1]
+  tiny = jnp.finfo(dtype).tiny
+  a_norm_m = jnp.maximum(jnp.linalg.norm(a_mxd, axis=1), tiny)
+  alive_f = alive_m.astype(dtype)
+  n_alive = jnp.maximum(jnp.sum(alive_f), 1.0)
+  rms_bias = jnp.sqrt(jnp.sum(alive_f * bias_m**2) / n_alive)
+  scale = temperature * jnp.where(rms_bias > 0, rms_bias, 1.0)
+  ridge = 1e-9 * jnp.sum(alive_f[:, None] * a_mxd**2) / (width * scale**2) \
+      + tiny
+  row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
+  low, high = _label_ranks(found_bxb, valid_b, l_mxb, alive_m, zero_tol,
+                           n_alive, label_margin)
+  return _PatternProblem(
+    l_mxb=l_mxb, row_norm_m=row_norm_m, alive_m=alive_m, zero_tol=zero_tol,
+    a_mxd=a_mxd, a_norm_m=a_norm_m, bias_m=bias_m, scale=scale, ridge=ridge,
+    low=low, high=high)
+
+
+def _logistic_loss(problem, y_d, labels_m):
+  """Ridge-regularised logistic loss of the labels at ``y`` (weights |l|)."""
+  margin_m = (jnp.dot(problem.a_mxd, y_d, precision=_HI)
+              + problem.bias_m) / problem.scale
+  return (jnp.sum(jnp.abs(labels_m) * jax.nn.softplus(-labels_m * margin_m))
+          + 0.5 * problem.ridge * jnp.dot(y_d, y_d))
+
+
+def _fit_pattern(problem, labels_m, newton_steps):
+  """``y`` minimising :func:`_logistic_loss`: Newton from 0, step search.
+
+  Each step tries the Newton step scaled by ``2^-i`` (``i < 10``) and
+  takes the best trial if it lowers the loss, else stays.
+  """
+  a_mxd, scale, ridge = problem.a_mxd, problem.scale, problem.ridge
+  dtype = labels_m.dtype
+  width = a_mxd.shape[1]
+  steps_s = 2.0 ** -jnp.arange(10, dtype=dtype)
+
+  def body(y_d, _):
+    margin_m = (jnp.dot(a_mxd, y_d, precision=_HI) + problem.bias_m) / scale
+    p_m = jax.nn.sigmoid(-labels_m * margin_m) * jnp.abs(labels_m)
+    g_d = -jnp.dot(p_m * labels_m, a_mxd, precision=_HI) / scale \
+        + ridge * y_d
+    h_m = p_m * (1.0 - jax.nn.sigmoid(-labels_m * margin_m)) / scale**2
+    h_dxd = jnp.dot(a_mxd.T * h_m[None, :], a_mxd, precision=_HI) \
+        + ridge * jnp.eye(width, dtype=dtype)
+    step_d = jnp.linalg.solve(h_dxd, g_d)
+    trial_s = jax.vmap(
+      lambda t: _logistic_loss(problem, y_d - t * step_d, labels_m))(steps_s)
+    best = jnp.argmin(trial_s)
+    better = trial_s[best] < _logistic_loss(problem, y_d, labels_m)
+    return jnp.where(better, y_d - steps_s[best] * step_d, y_d), None
+
+  y_d, _ = jax.lax.scan(body, jnp.zeros((width,), dtype), None,
+                        length=newton_steps)
+  return y_d
+
+
+def _zero_count(problem, q_b):
+  """Number of alive rows ``j`` with ``|L_j q| <= zero_tol``."""
+  return jnp.sum(
+    (jnp.abs(jnp.dot(problem.l_mxb, q_b, precision=_HI)) <= problem.zero_tol)
+    & problem.alive_m)
+
+
+def _pattern_labels(problem, q_b):
+  """Labels of the rows from ``q``: -1 inactive, +1 active, 0 left out.
+
+  Alive rows ranked by ``|L_j q| / ||L_j||``: below rank ``low`` inactive,
+  from rank ``high`` active; dead rows are left out.
+  """
+  dtype = problem.l_mxb.dtype
+  score_m = jnp.where(problem.alive_m,
+                      jnp.abs(jnp.dot(problem.l_mxb, q_b, precision=_HI))
+                      / problem.row_norm_m, jnp.inf)
+  rank_m = jnp.argsort(jnp.argsort(score_m)).astype(dtype)
+  labels_m = jnp.where(rank_m < problem.low, -1.0,
+                       jnp.where(rank_m >= problem.high, 1.0, 0.0))
+  return jnp.where(problem.alive_m, labels_m, 0.0).astype(dtype)
+
+
+def _deepest_rows_columns(problem, y_d, fractions):
+  """Candidate columns: kernels of the rows deepest on the inactive side.
+
+  Rows are ranked by their normalised margin ``(A_j y + beta_j) /
+  ||A_j||``; for each ``f`` in ``fractions``, the ``max(floor(f N), b -
+  1)`` deepest (``N`` the predicted inactive count, at least ``b - 1``)
+  give the smallest eigenvector of their Gram matrix: ``(len(fractions),
+  b)`` unit columns.
+  """
+  m, b = problem.l_mxb.shape
+  dtype = problem.l_mxb.dtype
+  margin_m = jnp.where(
+    problem.alive_m,
+    (jnp.dot(problem.a_mxd, y_d, precision=_HI) + problem.bias_m)
+    / problem.a_norm_m, jnp.inf)
+  negative = jnp.maximum(jnp.sum(margin_m < 0).astype(dtype), b - 1.0)
+  order_m = jnp.argsort(margin_m)
+  depth_m = jnp.zeros((m,), dtype).at[order_m].set(
+    jnp.arange(m, dtype=dtype))
+
+  def candidate(fraction):
+    count = jnp.maximum(jnp.floor(fraction * negative), b - 1.0)
+    _, vectors = rows_gram_eigh(problem.l_mxb, depth_m < count)
+    return vectors[:, 0]
+
+  return jax.vmap(candidate)(jnp.asarray(fractions, dtype))
+
+
+def _pattern_pass(problem, q_b, newton_steps, fractions):
+  """One pass from ``q``: label, fit, and the candidate with most zeros."""
+  labels_m = _pattern_labels(problem, q_b)
+  y_d = _fit_pattern(problem, labels_m, newton_steps)
+  q_fxb = _deepest_rows_columns(problem, y_d, fractions)
+  zeros_f = jax.vmap(functools.partial(_zero_count, problem))(q_fxb)
+  best = jnp.argmax(zeros_f)
+  return q_fxb[best], zeros_f[best]
+
+
+def _round_one_with_pattern(problem, q_b, newton_steps, fractions, repeats):
+  """``repeats`` passes from ``q``, each seeded by the best column so far.
+
+  Returns ``(column, zeros)``: ``q`` itself unless a pass finds a column
+  with strictly more zeros.
+  """
+  best_q, best_zeros = q_b, _zero_count(problem, q_b)
+  for _ in range(repeats):
+    q_new, zeros_new = _pattern_pass(problem, best_q, newton_steps, fractions)
+    better = zeros_new > best_zeros
+    best_q = jnp.where(better, q_new, best_q)
+    best_zeros = jnp.where(better, zeros_new, best_zeros)
+  return best_q, best_zeros
+
+
 @functools.partial(
   jax.jit,
   static_argnames=("max_missing", "fractions", "newton_steps", "repeats",
@@ -506,94 +705,9 @@ def round_with_pattern(
     ``(directions, zeros)``: the best unit column per approximate one and
     its number of zeros (``zero_tol``) over alive rows.
   """
-  m, b = l_mxb.shape
-  dtype = l_mxb.dtype
-  found_bxb, basis_bxb = _complement_basis(found_bxb, valid_b)
-  # Complement columns come last: take the last max_missing.
-  width = min(max_missing, b)
-  basis_bxd = basis_bxb[:, b - width:]
-  a_mxd = jnp.dot(jnp.dot(weight_mxn, r_bxn.T, precision=_HI), basis_bxd,
-                  precision=_HI)
-  tiny = jnp.finfo(dtype).tiny
-  a_norm_m = jnp.maximum(jnp.linalg.norm(a_mxd, axis=1), tiny)
-  alive_f = alive_m.astype(dtype)
-  n_alive = jnp.maximum(jnp.sum(alive_f), 1.0)
-  rms_bias = jnp.sqrt(jnp.sum(alive_f * bias_m**2) / n_alive)
-  scale = temperature * jnp.where(rms_bias > 0, rms_bias, 1.0)
-  ridge = 1e-9 * jnp.sum(alive_f[:, None] * a_mxd**2) / (width * scale**2) \
-      + tiny
-  row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
-  found_zeros_b = jnp.sum(
-    (jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI)) <= zero_tol)
-    & alive_m[None, :], axis=1).astype(dtype)
-  typical = jnp.median(jnp.where(valid_b, found_zeros_b, jnp.nan)) / n_alive
-  typical = jnp.where(jnp.isnan(typical), 0.5, typical)
-  low = label_margin * typical * n_alive
-  high = (typical + 0.5 * label_margin * (1.0 - typical)) * n_alive
-  steps_s = 2.0 ** -jnp.arange(10, dtype=dtype)
-
-  def loss(y_d, labels_m):
-    margin_m = (jnp.dot(a_mxd, y_d, precision=_HI) + bias_m) / scale
-    return (jnp.sum(jnp.abs(labels_m) * jax.nn.softplus(-labels_m * margin_m))
-            + 0.5 * ridge * jnp.dot(y_d, y_d))
-
-  def newton(labels_m):
-    def body(y_d, _):
-      margin_m = (jnp.dot(a_mxd, y_d, precision=_HI) + bias_m) / scale
-      p_m = jax.nn.sigmoid(-labels_m * margin_m) * jnp.abs(labels_m)
-      g_d = -jnp.dot(p_m * labels_m, a_mxd, precision=_HI) / scale \
-          + ridge * y_d
-      h_m = p_m * (1.0 - jax.nn.sigmoid(-labels_m * margin_m)) / scale**2
-      h_dxd = jnp.dot(a_mxd.T * h_m[None, :], a_mxd, precision=_HI) \
-          + ridge * jnp.eye(width, dtype=dtype)
-      step_d = jnp.linalg.solve(h_dxd, g_d)
-      trial_s = jax.vmap(lambda t: loss(y_d - t * step_d, labels_m))(steps_s)
-      best = jnp.argmin(trial_s)
-      better = trial_s[best] < loss(y_d, labels_m)
-      return jnp.where(better, y_d - steps_s[best] * step_d, y_d), None
-
-    y_d, _ = jax.lax.scan(body, jnp.zeros((width,), dtype), None,
-                          length=newton_steps)
-    return y_d
-
-  def zero_count(q_b):
-    return jnp.sum((jnp.abs(jnp.dot(l_mxb, q_b, precision=_HI)) <= zero_tol)
-                   & alive_m)
-
-  def one_pass(q_b):
-    score_m = jnp.where(alive_m,
-                        jnp.abs(jnp.dot(l_mxb, q_b, precision=_HI))
-                        / row_norm_m, jnp.inf)
-    rank_m = jnp.argsort(jnp.argsort(score_m)).astype(dtype)
-    labels_m = jnp.where(rank_m < low, -1.0,
-                         jnp.where(rank_m >= high, 1.0, 0.0))
-    labels_m = jnp.where(alive_m, labels_m, 0.0).astype(dtype)
-    y_d = newton(labels_m)
-    margin_m = jnp.where(
-      alive_m, (jnp.dot(a_mxd, y_d, precision=_HI) + bias_m) / a_norm_m,
-      jnp.inf)
-    negative = jnp.maximum(jnp.sum(margin_m < 0).astype(dtype), b - 1.0)
-    order_m = jnp.argsort(margin_m)
-    depth_m = jnp.zeros((m,), dtype).at[order_m].set(
-      jnp.arange(m, dtype=dtype))
-
-    def candidate(fraction):
-      count = jnp.maximum(jnp.floor(fraction * negative), b - 1.0)
-      _, vectors = rows_gram_eigh(l_mxb, depth_m < count)
-      return vectors[:, 0]
-
-    q_fxb = jax.vmap(candidate)(jnp.asarray(fractions, dtype))
-    zeros_f = jax.vmap(zero_count)(q_fxb)
-    best = jnp.argmax(zeros_f)
-    return q_fxb[best], zeros_f[best]
-
-  def one(q_b):
-    best_q, best_zeros = q_b, zero_count(q_b)
-    for _ in range(repeats):
-      q_new, zeros_new = one_pass(best_q)
-      better = zeros_new > best_zeros
-      best_q = jnp.where(better, q_new, best_q)
-      best_zeros = jnp.where(better, zeros_new, best_zeros)
-    return best_q, best_zeros
-
-  return jax.vmap(one)(approx_kxb)
+  problem = _pattern_problem(found_bxb, valid_b, l_mxb, r_bxn, weight_mxn,
+                             bias_m, alive_m, zero_tol, max_missing,
+                             temperature, label_margin)
+  return jax.vmap(functools.partial(
+    _round_one_with_pattern, problem, newton_steps=newton_steps,
+    fractions=fractions, repeats=repeats))(approx_kxb)

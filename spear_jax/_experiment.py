@@ -64,8 +64,8 @@ def run_trial(
     config = AttackConfig()
   batch_key, model_key, label_key, attack_key = jax.random.split(key, 4)
   seed = int(jax.random.randint(batch_key, (), 0, 2**31 - 1))
-  inputs, indices = _data.sample_batch(seed, image_set, batch_size)
-  inputs = jnp.asarray(inputs, dtype)
+  batch, indices = _data.sample_batch(seed, image_set, batch_size)
+  inputs = jnp.asarray(batch, dtype)
   if image_set.labels is not None:
     labels = jnp.asarray(np.asarray(image_set.labels[indices]) % num_classes)
   else:

@@ -342,7 +342,7 @@ def polish_direction(
   tight = jnp.sqrt(screen_tol * zero_tol)
   tolerances = [screen_tol] * iterations + [tight, tight]
   polished = direction
-  best = None
+  best: tuple[Array, Array, Array, Array, Array] | None = None
   for index, tolerance in enumerate(tolerances):
     v_m = jnp.dot(l_mxb, polished, precision=_HI)
     in_zero_set = (jnp.abs(v_m) <= tolerance) & alive_m
@@ -362,6 +362,8 @@ def polish_direction(
       better = zeros > best[1]
       best = jax.tree.map(lambda new, old, better=better: jnp.where(
         better, new, old), state, best)
+  # The last tolerance always records a state (it is past the skipped ones).
+  assert best is not None
   polished, zeros, in_zero_set, eigvals_b, eigvecs_bxb = best
   # The eigenpairs of the last refit's zero set give the leverages.
   leverage_m = _leverages(l_mxb, eigvals_b, eigvecs_bxb)

@@ -1,27 +1,31 @@
 """Matching reconstructions to the ground truth, and how good they are.
 
 A gradient does not reveal the order of the batch, so reconstructions are
-first matched to the true samples by the Hungarian algorithm on relative L2
-distances. Each matched pair is then scored in the normalized input space
-the attack works in (relative L2 error, max abs error, an exact flag) and,
-for images, in the de-normalized ``[0, 1]`` pixel space that image
-reconstruction papers report: ``mse``, ``psnr`` and ``ssim``, named as in
-the breaching library. :func:`aggregate_trials` pools the scores of many
-attacked batches into the exact-batch rate and mean metrics.
+first matched to the true samples by an optimal assignment on relative L2
+distances (``scipy.optimize.linear_sum_assignment``). Each matched pair is
+then scored in the normalized input space the attack works in (relative L2
+error, max abs error, an exact flag) and, for images, in the de-normalized
+``[0, 1]`` pixel space that image reconstruction papers report: ``mse``,
+``psnr`` and ``ssim``, named as in the breaching library.
+:func:`aggregate_trials` pools the scores of many attacked batches into the
+exact-batch rate and mean metrics.
 
-``mse``, ``psnr`` and ``ssim`` are undecorated ``jax.numpy`` kernels
-(vectorized over the batch, jit-able); matching and scoring run in numpy
-float64 on the host.
+``mse``, ``psnr`` and ``ssim`` wrap the ``dm_pix`` image metrics with the
+conventions of this module (a leading batch axis, a PSNR cap, a shrinking
+SSIM window); they are undecorated and jit-able. Matching and scoring run
+in numpy float64 on the host.
 """
 
 from collections.abc import Mapping, Sequence
 import math
 from typing import Any
 
+import dm_pix
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 import numpy as np
+from scipy import optimize
 
 __all__ = [
   "EXACT_RTOL",
@@ -47,52 +51,25 @@ PSNR_MAX_DB = 100.0
 def hungarian(cost: np.ndarray) -> np.ndarray:
   """Minimum-cost perfect matching of a square cost matrix.
 
-  Shortest augmenting paths with row/column potentials (Kuhn-Munkres in
-  ``O(b^3)``).
+  A thin wrapper over :func:`scipy.optimize.linear_sum_assignment`.
 
   Args:
-    cost: ``(b, b)`` costs; ``cost[i, j]`` of assigning row ``i`` to ``j``.
+    cost: ``(b, b)`` costs; ``cost[i, j]`` of assigning row ``i`` to ``j``
+      (``inf`` forbids the pair).
 
   Returns:
     ``assignment`` with ``assignment[i]`` the column of row ``i``.
+
+  Raises:
+    ValueError: if ``cost`` is not square, or (from scipy) contains NaN or
+      admits no assignment of finite cost.
   """
   cost = np.asarray(cost, np.float64)
-  n = cost.shape[0]
-  if cost.shape != (n, n):
+  if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
     raise ValueError(f"cost must be square, got {cost.shape}.")
-  u = np.zeros(n + 1)
-  v = np.zeros(n + 1)
-  owner = np.zeros(n + 1, int)  # owner[j]: row matched to column j (1-based)
-  way = np.zeros(n + 1, int)
-  for i in range(1, n + 1):
-    owner[0] = i
-    j0 = 0
-    minv = np.full(n + 1, np.inf)
-    used = np.zeros(n + 1, bool)
-    while True:
-      used[j0] = True
-      i0 = owner[j0]
-      free = ~used[1:]
-      reduced = cost[i0 - 1] - u[i0] - v[1:]
-      better = free & (reduced < minv[1:])
-      minv[1:][better] = reduced[better]
-      way[1:][better] = j0
-      candidates = np.where(free, minv[1:], np.inf)
-      j1 = int(np.argmin(candidates)) + 1
-      delta = candidates[j1 - 1]
-      u[owner[used]] += delta
-      v[used] -= delta
-      minv[1:][free] -= delta
-      j0 = j1
-      if owner[j0] == 0:
-        break
-    while j0:
-      j1 = way[j0]
-      owner[j0] = owner[j1]
-      j0 = j1
-  assignment = np.zeros(n, int)
-  for j in range(1, n + 1):
-    assignment[owner[j] - 1] = j - 1
+  rows, columns = optimize.linear_sum_assignment(cost)
+  assignment = np.empty(cost.shape[0], int)
+  assignment[rows] = columns
   return assignment
 
 
@@ -145,6 +122,17 @@ def _float_pair(images: ArrayLike, reference: ArrayLike) -> tuple[Array, Array]:
   return images.astype(dtype), reference.astype(dtype)
 
 
+def _as_nhwc(*arrays: Array) -> tuple[Array, ...]:
+  """Each sample flattened to a ``(d, 1, 1)`` image, the layout of dm_pix.
+
+  dm_pix averages over the last three axes, so this gives the mean over
+  every entry of a sample whatever its shape.
+  """
+  b = arrays[0].shape[0]
+  d = math.prod(arrays[0].shape[1:])
+  return tuple(a.reshape(b, d, 1, 1) for a in arrays)
+
+
 def mse(images: ArrayLike, reference: ArrayLike) -> Float[Array, " b"]:
   r"""Mean squared error of each sample.
 
@@ -168,8 +156,7 @@ def mse(images: ArrayLike, reference: ArrayLike) -> Float[Array, " b"]:
     [0.25, 0.25]
   """
   images, reference = _float_pair(images, reference)
-  axes = tuple(range(1, images.ndim))
-  return jnp.mean(jnp.square(images - reference), axis=axes)
+  return dm_pix.mse(*_as_nhwc(images, reference))
 
 
 def psnr(
@@ -187,7 +174,8 @@ def psnr(
   (``MSE = 0``) finite, so means over samples stay meaningful; a capped
   value says "below ``R * 10**(-max_db / 20)`` RMS error", not "exact" (use
   the ``exact`` flag of :func:`score_reconstruction` for that). Inputs are
-  not clipped here. A NaN in a sample gives a NaN PSNR.
+  not clipped here. A NaN in a sample gives a NaN PSNR. Computed as
+  ``dm_pix.psnr`` (which assumes ``R = 1``) plus ``20 log10(R)``.
 
   Args:
     images: samples, the first axis indexing them.
@@ -208,8 +196,11 @@ def psnr(
     >>> np.round(db, 6).tolist()
     [20.0, 20.0]
   """
-  err = mse(images, reference)
-  db = 10.0 * jnp.log10(data_range**2 / err)
+  images, reference = _float_pair(images, reference)
+  # dm_pix assumes a data range of 1: -10 log10(MSE). A zero MSE gives +inf,
+  # which the cap turns into max_db; a NaN stays NaN.
+  db = dm_pix.psnr(*_as_nhwc(images, reference))
+  db = db + 20.0 * jnp.log10(jnp.asarray(data_range, db.dtype))
   return jnp.minimum(db, max_db)
 
 
@@ -219,20 +210,6 @@ def _ssim_window_size(win_size: int, height: int, width: int) -> int:
     raise ValueError(f"win_size must be odd and positive, got {win_size}.")
   side = min(height, width)
   return min(win_size, side if side % 2 else side - 1)
-
-
-def _valid_gaussian_filter(length: int, size: int, sigma: float) -> np.ndarray:
-  """``(length - size + 1, length)`` matrix of a 'valid' Gaussian filter.
-
-  Row ``i`` holds the normalized Gaussian of ``size`` taps at ``i .. i +
-  size - 1``, so multiplying by it averages each window that lies inside.
-  """
-  taps = np.arange(size) - (size - 1) / 2
-  window = np.exp(-0.5 * (taps / sigma) ** 2)
-  window /= window.sum()
-  offset = np.arange(length)[None, :] - np.arange(length - size + 1)[:, None]
-  inside = (offset >= 0) & (offset < size)
-  return np.where(inside, window[np.clip(offset, 0, size - 1)], 0.0)
 
 
 def ssim(
@@ -266,6 +243,13 @@ def ssim(
   leaving 2x2 positions; 1 for a 1x1 image, where SSIM reduces to the
   luminance term) and keeps the same ``sigma``, truncated to the smaller
   window and renormalized. skimage refuses such images instead.
+
+  Computed by ``dm_pix.ssim`` (separable 'valid' Gaussian filtering at
+  ``HIGHEST`` precision). dm_pix floors the local variances at float32
+  ``eps**2`` (about 1.4e-14), so on flat windows (constant images, a 1x1
+  image) the value is off by up to ``2 eps**2 / C_2`` (3.2e-11 for
+  ``R = 1``); elsewhere it agrees with skimage to rounding (float64). The
+  result has the dtype of the (promoted) images.
 
   Args:
     images: ``(b, H, W, C)`` images.
@@ -301,25 +285,15 @@ def ssim(
     )
   height, width = x.shape[1], x.shape[2]
   size = _ssim_window_size(win_size, height, width)
-  filter_h = jnp.asarray(_valid_gaussian_filter(height, size, sigma), x.dtype)
-  filter_w = jnp.asarray(_valid_gaussian_filter(width, size, sigma), x.dtype)
-  stats = jnp.einsum(
-    "ih,kbhwc,jw->kbijc",
-    filter_h,
-    jnp.stack([x, y, x * x, y * y, x * y]),
-    filter_w,
-    precision=jax.lax.Precision.HIGHEST,
-  )
-  mu_x, mu_y, mean_xx, mean_yy, mean_xy = stats
-  var_x = mean_xx - mu_x * mu_x
-  var_y = mean_yy - mu_y * mu_y
-  cov_xy = mean_xy - mu_x * mu_y
-  c1 = (k1 * data_range) ** 2
-  c2 = (k2 * data_range) ** 2
-  ssim_map = ((2.0 * mu_x * mu_y + c1) * (2.0 * cov_xy + c2)) / (
-    (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-  )
-  return jnp.mean(ssim_map, axis=(1, 2, 3))
+  # dm_pix builds its Gaussian taps in the default float dtype (float64
+  # under x64), so float32 images need standard promotion; the result keeps
+  # the dtype of the images.
+  with jax.numpy_dtype_promotion("standard"):
+    value = dm_pix.ssim(
+      x, y, max_val=data_range, filter_size=size, filter_sigma=sigma,
+      k1=k1, k2=k2, precision=jax.lax.Precision.HIGHEST,
+    )
+  return value.astype(x.dtype)
 
 
 def denormalize_images(

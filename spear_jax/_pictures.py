@@ -3,9 +3,8 @@
 :func:`image_grid` lays out a ground-truth row above a reconstruction row,
 as in Figure 1 of the SPEAR paper, and can frame the reconstructions that
 are not exact; :func:`error_heatmap` shows ``|error|`` per sample and
-feature for inputs that are not images. Everything is numpy only, and
-:func:`write_png` is a small PNG encoder (``zlib`` and ``struct``), so the
-scripts can save figures without Pillow or matplotlib.
+feature for inputs that are not images. The pictures are numpy arrays;
+:func:`encode_png` and :func:`write_png` save them with Pillow.
 
 References:
   Dimitrov, Baader, Mueller, Vechev. SPEAR: Exact Gradient Inversion of
@@ -13,14 +12,13 @@ References:
   https://arxiv.org/abs/2403.03945
 """
 
+import io
 import math
 import os
-import pathlib
-import struct
-import zlib
 
 import numpy as np
 from numpy.typing import ArrayLike
+from PIL import Image
 
 __all__ = [
   "colormap",
@@ -32,7 +30,6 @@ __all__ = [
   "write_png",
 ]
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Five samples of matplotlib's viridis at 0, 1/4, 1/2, 3/4 and 1; their
 # luminance increases, so the linear interpolation between them does too.
 _VIRIDIS_5 = np.array([
@@ -44,18 +41,24 @@ _VIRIDIS_5 = np.array([
 ], np.float64)
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-  """One PNG chunk: length, type, data and the CRC-32 of type and data."""
-  crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-  return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+def _pil_image(image: ArrayLike) -> Image.Image:
+  """An 8-bit grayscale (``L``) or RGB Pillow image; raises on others."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"PNG images must be uint8, got {image.dtype}.")
+  if image.ndim == 3 and image.shape[2] == 1:
+    image = image[:, :, 0]
+  if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+    raise ValueError(
+      f"PNG images must be (H, W), (H, W, 1) or (H, W, 3), got {image.shape}."
+    )
+  if image.shape[0] == 0 or image.shape[1] == 0:
+    raise ValueError(f"PNG images must be non-empty, got {image.shape}.")
+  return Image.fromarray(np.ascontiguousarray(image))
 
 
 def encode_png(image: ArrayLike, compression: int = 6) -> bytes:
-  """Encodes an 8-bit grayscale or RGB image as PNG bytes.
-
-  One ``IHDR`` (bit depth 8, color type 0 or 2, no interlace), one ``IDAT``
-  holding the zlib-compressed scanlines, each with filter type 0 (none),
-  and ``IEND``.
+  """Encodes an 8-bit grayscale or RGB image as PNG bytes (with Pillow).
 
   Args:
     image: uint8 ``(H, W)`` or ``(H, W, 1)`` (grayscale) or ``(H, W, 3)``
@@ -63,40 +66,19 @@ def encode_png(image: ArrayLike, compression: int = 6) -> bytes:
     compression: zlib level, 0 to 9.
 
   Returns:
-    The PNG file contents.
+    The PNG file contents: bit depth 8, color type 0 (grayscale) or 2
+    (RGB), not interlaced.
 
   Raises:
     ValueError: if the image is not uint8, has another shape, or is empty.
   """
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f"PNG images must be uint8, got {image.dtype}.")
-  if image.ndim == 3 and image.shape[2] == 1:
-    image = image[:, :, 0]
-  if image.ndim == 2:
-    color_type = 0
-  elif image.ndim == 3 and image.shape[2] == 3:
-    color_type = 2
-  else:
-    raise ValueError(
-      f"PNG images must be (H, W), (H, W, 1) or (H, W, 3), got {image.shape}."
-    )
-  height, width = image.shape[:2]
-  if height == 0 or width == 0:
-    raise ValueError(f"PNG images must be non-empty, got {image.shape}.")
-  rows = np.ascontiguousarray(image).reshape(height, -1)
-  scanlines = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)
-  header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-  return b"".join([
-    _PNG_SIGNATURE,
-    _chunk(b"IHDR", header),
-    _chunk(b"IDAT", zlib.compress(scanlines.tobytes(), compression)),
-    _chunk(b"IEND", b""),
-  ])
+  buffer = io.BytesIO()
+  _pil_image(image).save(buffer, format="PNG", compress_level=compression)
+  return buffer.getvalue()
 
 
 def write_png(path: str | os.PathLike[str], image: ArrayLike) -> None:
-  """Writes an 8-bit grayscale or RGB image to a PNG file.
+  """Writes an 8-bit grayscale or RGB image to a PNG file (with Pillow).
 
   Args:
     path: the file to write (overwritten).
@@ -110,7 +92,7 @@ def write_png(path: str | os.PathLike[str], image: ArrayLike) -> None:
     >>> path = os.path.join(tempfile.mkdtemp(), "ramp.png")
     >>> write_png(path, np.arange(256, dtype=np.uint8).reshape(16, 16))
   """
-  pathlib.Path(path).write_bytes(encode_png(image))
+  _pil_image(image).save(path, format="PNG")
 
 
 def _check_images(name: str, images: np.ndarray) -> None:

@@ -6,21 +6,32 @@ If the ``b - 1`` rows all lie in the zero set of column ``i`` of ``D``, then
 ``q`` is column ``i`` of ``Q`` up to scale and ``L q`` is about half zeros;
 otherwise ``L q`` has only the ``b - 1`` forced zeros (plus the rows where all
 mixed columns vanish). :func:`propose_direction` handles one proposal;
-:func:`propose_block` applies it to a block with one ``vmap``.
+:func:`propose_block` applies it to a block with one ``vmap``;
+:func:`spear_sampler` is the SPEAR strategy that runs jitted blocks of them
+(split over the local devices) for :func:`spear_jax.invert`.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from spear_jax._config import AttackConfig
 from spear_jax._linalg import null_vector
 from spear_jax._sampling import sample_rows
+from spear_jax._strategy import StepOutput, Strategy
 from spear_jax._types import Array, Bool, Float, Int, PRNGKeyArray
 
 _HI = jax.lax.Precision.HIGHEST
 
-__all__ = ["propose_block", "propose_direction"]
+__all__ = [
+  "SamplerState",
+  "propose_block",
+  "propose_direction",
+  "spear_sampler",
+]
 
 
 def propose_direction(
@@ -100,3 +111,112 @@ def propose_block(
   directions, zeros = jax.lax.map(one_chunk, keys)
   b = l_mxb.shape[1]
   return directions.reshape(block_size, b), zeros.reshape(block_size)
+
+
+def _devices(config: AttackConfig) -> tuple[jax.Device, ...]:
+  """Devices that share a block: all local ones, unless the config says."""
+  devices = jax.local_devices()
+  if config.num_devices is not None:
+    if not 1 <= config.num_devices <= len(devices):
+      raise ValueError(
+        f"num_devices={config.num_devices} but {len(devices)} local devices."
+      )
+    devices = devices[: config.num_devices]
+  # Each device needs a whole number of chunks.
+  chunk = min(config.chunk_size, config.block_size)
+  while config.block_size % (len(devices) * chunk):
+    devices = devices[:-1]
+  return tuple(devices)
+
+
+@functools.cache
+def _screen_block_fn(devices, block_size, chunk_size, max_out):
+  """Jitted block of proposals, compacted to (a random subset of) passers.
+
+  Returns ``screen(keys, ...) -> (directions, valid)`` (one key per
+  device) where the rows flagged ``valid`` are the filter-passing
+  proposals. With several local devices (for example
+  ``--xla_force_host_platform_device_count`` on a multi-core CPU host) the
+  block is split evenly across them with ``shard_map``; each device samples
+  and compacts its own share, so the devices never communicate (no
+  collectives, which on CPU hosts could deadlock with several blocks in
+  flight).
+  """
+  num_devices = len(devices)
+  local_max_out = max_out // num_devices
+
+  def local(keys, l_mxb, alive_rows_m, alive_m, num_alive, tol, floor):
+    directions, zeros = propose_block(
+      keys[0], l_mxb, alive_rows_m, alive_m, num_alive, tol,
+      block_size=block_size // num_devices, chunk_size=chunk_size,
+    )
+    passed = zeros >= floor
+    (index,) = jnp.nonzero(passed, size=local_max_out, fill_value=0)
+    valid = jnp.arange(local_max_out) < jnp.sum(passed)
+    return directions[index], valid
+
+  if num_devices == 1:
+    return jax.jit(local)
+  mesh = jax.sharding.Mesh(np.array(devices), ("proposals",))
+  spec = jax.sharding.PartitionSpec("proposals")
+  rep = jax.sharding.PartitionSpec()
+  return jax.jit(jax.shard_map(
+    local, mesh=mesh, in_specs=(spec, rep, rep, rep, rep, rep, rep),
+    out_specs=(spec, spec),
+  ))
+
+
+class SamplerState(NamedTuple):
+  """SPEAR sampler state: the key and the block already in flight."""
+
+  key: PRNGKeyArray
+  pending: tuple[jax.Array, jax.Array] | None
+
+
+def spear_sampler(config: AttackConfig | None = None) -> Strategy:
+  """SPEAR's strategy: blocks of sampled submatrices, screened on device.
+
+  Each step returns the filter-passing proposals of one block of
+  ``config.block_size`` proposals (split over the local devices) and
+  dispatches the next block first, so that one block is always in flight
+  while the host absorbs the previous one.
+
+  Args:
+    config: the attack's settings (block and chunk sizes, devices).
+
+  Returns:
+    A :class:`Strategy`.
+  """
+  config = AttackConfig() if config is None else config
+  devices = _devices(config)
+  block_size = config.block_size
+  screen = _screen_block_fn(
+    devices, block_size, min(config.chunk_size, block_size),
+    max(1, min(config.max_candidates_per_block, block_size)),
+  )
+
+  def dispatch(key, problem):
+    key, block_key = jax.random.split(key)
+    return key, screen(
+      jax.random.split(block_key, len(devices)), problem.l_mxb,
+      problem.alive_rows, problem.alive, jnp.asarray(problem.num_alive),
+      problem.scalar(problem.tol.screen), jnp.asarray(problem.floor),
+    )
+
+  def init(key, problem):
+    del problem
+    return SamplerState(key, None)
+
+  def step(state, problem, pool, selection):
+    del pool, selection
+    key, pending = state
+    if pending is None:
+      key, pending = dispatch(key, problem)
+    directions, valid = pending
+    key, pending = dispatch(key, problem)
+    return StepOutput(
+      np.asarray(directions)[np.asarray(valid)], SamplerState(key, pending),
+      proposals=block_size, blocks=1,
+    )
+
+  return Strategy("SPEAR", init, step)

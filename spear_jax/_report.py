@@ -10,6 +10,9 @@ by an interruption is ignored (and reported) when the log is read back.
 that table and :func:`plot_summary` draws the exact-batch rate and the
 time per batch against ``b`` (matplotlib, an optional dependency:
 ``pip install -e ".[plots]"``).
+
+:class:`ProgressBar` shows the progress of a sweep (tqdm on a terminal,
+one plain line per update in logs).
 """
 
 import csv
@@ -23,11 +26,12 @@ import time
 from typing import Any
 
 from absl import logging
+import tqdm
 
 __all__ = [
-  "ProgressBar",
   "SUMMARY_FIELDS",
   "TRIAL_KEY",
+  "ProgressBar",
   "append_record",
   "plot_summary",
   "read_records",
@@ -177,8 +181,8 @@ def _series(rows):
       label += f" ({row['objective']})"
     label += f", {row['dataset']}, m={row['width']}"
     lines.setdefault(label, []).append(row)
-  for label in lines:
-    lines[label].sort(key=lambda r: r["batch_size"])
+  for series in lines.values():
+    series.sort(key=lambda r: r["batch_size"])
   return lines
 
 
@@ -237,49 +241,74 @@ def plot_summary(rows: Sequence[Mapping[str, Any]],
 
 
 class ProgressBar:
-  """A text progress bar over trials on stderr.
+  """A progress bar over trials on stderr, drawn by tqdm.
 
-  On a terminal it redraws one line; otherwise (a log file, CI) it prints
-  one line per update. Shows the count, the elapsed time and an estimate
-  of the time left from the mean time per finished item.
+  On a terminal it is a tqdm bar redrawn in place. Elsewhere (a log file,
+  CI, a pipe) the start and every update write one plain line, tqdm's
+  meter (count, elapsed time, estimated time left, the note) and a
+  newline, without carriage returns. The time left is estimated from the
+  mean time per timed item.
   """
 
   def __init__(self, total: int, unit: str = "trials", width: int = 24,
                stream=None):
+    """Starts the bar.
+
+    Args:
+      total: the number of items.
+      unit: what an item is called.
+      width: the width of the bar in the plain lines, in characters.
+      stream: where to write (stderr by default).
+    """
     self.total, self.unit, self.width = total, unit, width
     self.stream = stream if stream is not None else sys.stderr
     self.done = 0
     self.timed = 0
-    self.start = time.perf_counter()
+    self.start = time.time()
     self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-    self._draw("")
+    self._bar = None
+    if self.tty:
+      # smoothing=0: the rate is the mean, (n - initial) / elapsed.
+      self._bar = tqdm.tqdm(total=total, unit=unit, file=self.stream,
+                            dynamic_ncols=True, smoothing=0.0,
+                            mininterval=0.0, miniters=1)
+    else:
+      self._write_line("")
 
   def advance(self, count: int = 1, note: str = "", timed: bool = True):
-    """Marks ``count`` more items done; ``timed=False`` for read-back ones."""
+    """Marks ``count`` more items done; ``timed=False`` for read-back ones.
+
+    Items that are not timed (finished earlier, read back from a log) count
+    towards the total but restart the clock, so they do not shorten the
+    estimate of the time left.
+    """
     self.done += count
     if timed:
       self.timed += count
     else:
-      self.start = time.perf_counter()
-    self._draw(note)
-
-  def _draw(self, note):
-    filled = (self.width * self.done) // max(self.total, 1)
-    bar = "#" * filled + "-" * (self.width - filled)
-    elapsed = time.perf_counter() - self.start
-    line = f"[{bar}] {self.done}/{self.total} {self.unit} {elapsed:.0f} s"
-    if self.timed and self.done < self.total:
-      left = elapsed / self.timed * (self.total - self.done)
-      line += f", ~{left:.0f} s left"
-    if note:
-      line += f" ({note})"
-    if self.tty:
-      self.stream.write("\r\033[K" + line)
+      self.start = time.time()
+    if self._bar is None:
+      self._write_line(note)
+      return
+    if timed:
+      increment = count
     else:
-      self.stream.write(line + "\n")
+      self._bar.reset()  # restarts tqdm's clock and its count
+      self._bar.initial = self.done - self.timed
+      increment = self.done
+    self._bar.set_postfix_str(note, refresh=False)
+    self._bar.update(increment)  # redraws
+
+  def _write_line(self, note: str):
+    line = tqdm.tqdm.format_meter(
+      self.done, self.total, time.time() - self.start, unit=self.unit,
+      initial=self.done - self.timed, postfix=note or None, ascii=True,
+      bar_format=f"{{l_bar}}{{bar:{self.width}}}{{r_bar}}",
+    )
+    self.stream.write(line + "\n")
     self.stream.flush()
 
   def close(self):
-    if self.tty:
-      self.stream.write("\n")
-      self.stream.flush()
+    """Ends the bar (a newline on a terminal); closing twice is harmless."""
+    if self._bar is not None:
+      self._bar.close()

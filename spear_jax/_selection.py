@@ -1,119 +1,39 @@
-"""Candidate pool, deduplication, two-stage greedy selection, scale recovery.
+"""Selection: ``b`` independent candidates, their scales, the certificate.
 
-After the sparsity filter, every correct direction is proposed many times
-and a few wrong ones (mixtures of several columns of ``Q`` that happen to
-be sparse) appear too. This module keeps the distinct candidates, picks
-``b`` independent ones, and turns them into ``Q`` with the bias gradient.
+After the filter (:mod:`spear_jax._pool`) every correct direction is in
+the pool, together with a few wrong ones (sparse mixtures of several
+columns of ``Q``). :func:`select` picks ``b`` independent candidates
+(sparsest first, then swaps while more samples verify), turns them into
+``Q`` with the bias gradient and certifies every sample. A
+:class:`Selection` is an immutable value: :func:`select` returns a new one.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spear_jax._types import Array, Bool, Float, Int
+from spear_jax._certificate import relu_certificate
+from spear_jax._config import AttackConfig
+from spear_jax._pool import CandidatePool
+from spear_jax._problem import Problem
+from spear_jax._types import Array, ArrayLike, Bool, Float, Int
 
 _HI = jax.lax.Precision.HIGHEST
 
 __all__ = [
-  "CandidatePool",
-  "empty_pool",
-  "merge_candidates",
+  "Reconstruction",
+  "Selection",
+  "complete_basis",
+  "empty_selection",
+  "reconstruct",
   "recover_batch",
+  "select",
   "select_independent",
+  "threshold",
 ]
-
-
-class CandidatePool(NamedTuple):
-  """Distinct filter-passing directions found so far (host-side arrays).
-
-  Attributes:
-    directions: unit directions, one per row.
-    zeros: number of zeros of ``L q`` over alive rows, after polishing.
-    hits: how many proposals landed on each direction.
-  """
-
-  directions: np.ndarray
-  zeros: np.ndarray
-  hits: np.ndarray
-
-
-def empty_pool(b: int, dtype) -> CandidatePool:
-  """A pool with no candidates for batch size ``b``."""
-  return CandidatePool(
-    directions=np.zeros((0, b), dtype),
-    zeros=np.zeros((0,), np.int64),
-    hits=np.zeros((0,), np.int64),
-  )
-
-
-def merge_candidates(
-  pool: CandidatePool,
-  directions: np.ndarray,
-  zeros: np.ndarray,
-  dedup_tol: float,
-  capacity: int,
-) -> tuple[CandidatePool, int]:
-  r"""Adds new directions to the pool, merging duplicates.
-
-  Two unit directions are the same if ``|<u, v>| >= 1 - dedup_tol`` (a
-  direction and its negative are the same column of ``Q`` up to the scale
-  that the bias gradient fixes). Of two copies the sparser one is kept: a
-  nearby mixture must not shadow the exact column. When the pool exceeds
-  ``capacity`` the least sparse candidates are dropped.
-
-  Args:
-    pool: the current pool.
-    directions: new unit directions, one per row.
-    zeros: their zero counts.
-    dedup_tol: duplicate tolerance.
-    capacity: maximum pool size.
-
-  Returns:
-    ``(pool, num_new)``: the updated pool and how many distinct new
-    directions it gained.
-  """
-  dirs = np.asarray(directions)
-  zeros = np.asarray(zeros, np.int64)
-  hits = pool.hits.copy()
-  if dirs.shape[0] == 0:
-    return pool, 0
-  pool_dirs, pool_zeros = pool.directions.copy(), pool.zeros.copy()
-  if pool_dirs.shape[0]:
-    sim = np.abs(dirs @ pool_dirs.T)
-    is_known = (sim >= 1.0 - dedup_tol).any(axis=1)
-    for i in np.flatnonzero(is_known):
-      j = int(np.argmax(sim[i]))
-      hits[j] += 1
-      if zeros[i] > pool_zeros[j]:  # the sparser copy is the better fit
-        pool_dirs[j], pool_zeros[j] = dirs[i], zeros[i]
-    dirs, zeros = dirs[~is_known], zeros[~is_known]
-  # Deduplicate the new directions among themselves: keep the first of each
-  # group, count the rest as hits of it.
-  # Sparsest first, so that the copy kept of each group is the sparsest.
-  order = np.argsort(-zeros, kind="stable")
-  dirs, zeros = dirs[order], zeros[order]
-  keep = np.ones(dirs.shape[0], bool)
-  new_hits = np.ones(dirs.shape[0], np.int64)
-  if dirs.shape[0] > 1:
-    sim = np.abs(dirs @ dirs.T) >= 1.0 - dedup_tol
-    for i in range(dirs.shape[0]):
-      if keep[i]:
-        dup = sim[i] & keep
-        dup[: i + 1] = False
-        new_hits[i] += dup.sum()
-        keep[dup] = False
-  dirs, zeros, new_hits = dirs[keep], zeros[keep], new_hits[keep]
-  merged = CandidatePool(
-    directions=np.concatenate([pool_dirs, dirs]),
-    zeros=np.concatenate([pool_zeros, zeros]),
-    hits=np.concatenate([hits, new_hits]),
-  )
-  if merged.zeros.shape[0] > capacity:
-    order = np.argsort(-merged.zeros, kind="stable")[:capacity]
-    merged = CandidatePool(*(a[order] for a in merged))
-  return merged, int(dirs.shape[0])
 
 
 @jax.jit
@@ -193,3 +113,219 @@ def recover_batch(
   inputs_bxn = jnp.linalg.solve(q_bxb, r_bxn)
   grad_z_mxb = jnp.dot(l_mxb, q_bxb, precision=_HI)
   return inputs_bxn, grad_z_mxb, q_bxb
+
+
+class Reconstruction(NamedTuple):
+  """A batch rebuilt from ``b`` directions (columns of ``Q`` up to scale)."""
+
+  inputs: Float[Array, "b n"]
+  grad_z: Float[Array, "m b"]
+  q: Float[Array, "b b"]
+  verified: Bool[Array, " b"]
+
+
+def reconstruct(problem: Problem, directions_bxb: ArrayLike) -> Reconstruction:
+  """Scales the directions with the bias gradient, rebuilds and certifies.
+
+  Args:
+    problem: the problem.
+    directions_bxb: ``b`` independent unit directions as columns.
+
+  Returns:
+    The batch, ``D``, ``Q`` and, with the layer's weight and bias, the ReLU
+    certificate of every sample (all ``False`` without them).
+  """
+  inputs, grad_z, q = recover_batch(
+    jnp.asarray(directions_bxb), problem.l_mxb, problem.r_bxn,
+    problem.bias_grad,
+  )
+  if problem.weight is None or problem.bias is None:
+    verified = jnp.zeros((q.shape[0],), bool)
+  else:
+    verified = relu_certificate(
+      inputs, grad_z, problem.weight, problem.bias,
+      problem.scalar(problem.tol.zero), problem.scalar(problem.tol.certificate),
+    )
+  return Reconstruction(inputs, grad_z, q, verified)
+
+
+class Selection(NamedTuple):
+  """The current choice of ``b`` (or fewer) pool entries.
+
+  Attributes:
+    chosen: indices into the pool's directions, at most ``b``.
+    result: the reconstruction of the last complete selection, or ``None``.
+    threshold: the sparsity threshold (zeros over alive rows) it used.
+    signature: the last complete selection evaluated (its directions'
+      bytes), so that an unchanged selection is not evaluated again.
+    tried: selections already evaluated by the swap stage.
+  """
+
+  chosen: np.ndarray
+  result: Reconstruction | None
+  threshold: int
+  signature: bytes | None
+  tried: frozenset[frozenset[int]]
+
+
+def empty_selection(problem: Problem) -> Selection:
+  """Nothing selected yet."""
+  return Selection(np.zeros((0,), int), None, problem.floor, None,
+                   frozenset())
+
+
+def threshold(
+  problem: Problem, pool: CandidatePool, config: AttackConfig, search: bool
+) -> int:
+  """Adaptive sparsity threshold of the selection (see ``AttackConfig``).
+
+  With ``search`` (SPEAR++) the default fraction of the typical zero count
+  is at most ``config.learner.tau_relative``: the search reaches columns
+  with fewer zeros just as easily, so the sampling argument behind
+  ``min_hit_ratio`` (0.93 at b = 100) must not make it stricter; at small
+  ``b`` that argument gives the lower value (0.46 at b = 10) and is kept.
+  """
+  b, floor = problem.b, problem.floor
+  if config.tau is not None:
+    return max(floor, math.ceil(config.tau * problem.num_alive))
+  if pool.zeros.shape[0] == 0:
+    return floor
+  top = np.sort(pool.zeros)[::-1][:b]
+  relative = config.tau_relative
+  if relative is None:
+    relative = config.min_hit_ratio ** (1.0 / (b - 1))
+    if search:
+      relative = min(relative, config.learner.tau_relative)
+  return max(floor, math.ceil(relative * float(np.median(top))))
+
+
+def _greedy(
+  problem: Problem, pool: CandidatePool, threshold: int, capacity: int
+) -> np.ndarray:
+  """Stage 1: sparsest first, keep the independent ones.
+
+  The pool is padded to the power of two at or above ``max(2 b, size)``
+  (at most ``capacity``); after the mixture test the pool rarely outgrows
+  ``2 b``, so one compilation of :func:`select_independent` serves a run.
+  """
+  b = problem.b
+  order = np.argsort(-pool.zeros, kind="stable")
+  size = order.shape[0]
+  padded = min(capacity, 1 << (max(2 * b, size) - 1).bit_length())
+  directions = np.zeros((padded, b), pool.directions.dtype)
+  directions[:size] = pool.directions[order]
+  eligible = np.zeros((padded,), bool)
+  eligible[:size] = pool.zeros[order] >= threshold
+  selected, count = select_independent(
+    jnp.asarray(directions), jnp.asarray(eligible),
+    jnp.asarray(problem.tol.independence, pool.directions.dtype),
+  )
+  return order[np.asarray(selected)[: int(count)]]
+
+
+def _num_verified(result: Reconstruction) -> int:
+  return int(np.sum(np.asarray(result.verified)))
+
+
+def _swap(
+  problem: Problem,
+  pool: CandidatePool,
+  chosen: np.ndarray,
+  threshold: int,
+  tried: frozenset[frozenset[int]],
+) -> tuple[np.ndarray, Reconstruction, frozenset[frozenset[int]]]:
+  """Stage 2: swap in unselected candidates while more samples verify.
+
+  A sparse mixture of two columns of ``Q`` can outrank a true column in
+  stage 1 when their zero sets are nearly nested; it then spoils the
+  samples it mixes. For each unverified sample we try replacing its
+  direction by another eligible candidate (sparsest first) and keep a swap
+  that increases the number of verified samples. Selections already
+  evaluated (``tried``) are skipped, and at most ``2 b`` new selections are
+  evaluated per call.
+
+  Returns:
+    The chosen indices, their reconstruction and the selections tried.
+  """
+  b, budget = chosen.shape[0], 2 * chosen.shape[0]
+  best = reconstruct(problem, pool.directions[chosen].T)
+  seen = set(tried) | {frozenset(chosen.tolist())}
+  in_selection = set(chosen.tolist())
+  others = [
+    int(c) for c in np.argsort(-pool.zeros, kind="stable")
+    if pool.zeros[c] >= threshold and int(c) not in in_selection
+  ]
+  trials, improved = 0, True
+  while improved and _num_verified(best) < b and trials < budget:
+    improved = False
+    failing = np.flatnonzero(~np.asarray(best.verified))
+    for slot, c in ((s, c) for s in failing for c in others):
+      trial = chosen.copy()
+      trial[slot] = c
+      if frozenset(trial.tolist()) in seen:
+        continue
+      seen.add(frozenset(trial.tolist()))
+      basis = pool.directions[trial]
+      if np.linalg.matrix_rank(basis, tol=problem.tol.independence) < b:
+        continue
+      trials += 1
+      result = reconstruct(problem, basis.T)
+      if _num_verified(result) > _num_verified(best):
+        others = [o for o in others if o != c] + [int(chosen[slot])]
+        chosen, best, improved = trial, result, True
+        break
+      if trials >= budget:
+        break
+  return chosen, best, frozenset(seen)
+
+
+def select(
+  problem: Problem,
+  pool: CandidatePool,
+  previous: Selection,
+  config: AttackConfig,
+  *,
+  search: bool = False,
+) -> tuple[Selection, str | None]:
+  """Two-stage greedy selection and the certificate.
+
+  Args:
+    problem: the problem.
+    pool: the candidate pool.
+    previous: the selection before the pool changed.
+    config: the attack's settings.
+    search: whether the pool comes from a search (SPEAR++; see
+      :func:`threshold`).
+
+  Returns:
+    ``(selection, stop_reason)``: the stop reason is ``"certified"`` when
+    every sample verifies, ``"recovered"`` when ``b`` directions are
+    selected and no weights were given to certify, else ``None``.
+  """
+  tau = threshold(problem, pool, config, search)
+  chosen = _greedy(problem, pool, tau, config.pool_capacity)
+  selection = previous._replace(chosen=chosen, threshold=tau)
+  signature = pool.directions[np.sort(chosen)].tobytes()
+  if chosen.shape[0] < problem.b or signature == previous.signature:
+    return selection, None
+  result = reconstruct(problem, pool.directions[chosen].T)
+  selection = selection._replace(signature=signature, result=result)
+  if not problem.certifiable:
+    return selection, "recovered"
+  if _num_verified(result) < problem.b:
+    chosen, result, tried = _swap(problem, pool, chosen, tau, previous.tried)
+    selection = selection._replace(chosen=chosen, result=result, tried=tried)
+  if _num_verified(selection.result) == problem.b:
+    return selection, "certified"
+  return selection, None
+
+
+def complete_basis(directions_sxb: np.ndarray, b: int) -> np.ndarray:
+  """Completes ``s <= b`` independent directions to a basis (columns)."""
+  s = directions_sxb.shape[0]
+  if s == b:
+    return directions_sxb.T
+  rng = np.random.default_rng(0)
+  filler = rng.standard_normal((b - s, b)).astype(directions_sxb.dtype)
+  basis, _ = np.linalg.qr(np.concatenate([directions_sxb, filler]).T)
+  return np.concatenate([directions_sxb.T, basis[:, s:]], axis=1)

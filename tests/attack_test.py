@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import spear_jax
-from spear_jax import _attack
 from spear_jax import _client
 from spear_jax import _data
 from spear_jax import _linalg
+from spear_jax import _pool
+from spear_jax import _proposals
 from spear_jax import _selection
 import helpers
 
@@ -127,10 +128,10 @@ class ExactRecoveryTest(parameterized.TestCase):
     kwargs = dict(weight=p["weight"], bias=p["bias"], config=_SMALL)
     spear_jax.invert(p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
                      **kwargs)
-    screen = _attack._screen_block_fn(_attack._devices(_SMALL), 2048, 64, 256)
-    jitted = (screen, _attack._polish_many,
+    screen = _proposals._screen_block_fn(_proposals._devices(_SMALL), 2048, 64, 256)
+    jitted = (screen, _pool._polish_many,
               _selection.select_independent, _selection.recover_batch,
-              spear_jax.relu_certificate)
+              spear_jax.attack.relu_certificate)
     sizes = [f._cache_size() for f in jitted]
     q = helpers.relu_layer_problem(31, *shapes)
     result = spear_jax.invert(q["weight_grad"], q["bias_grad"],
@@ -178,7 +179,7 @@ class DevicesTest(parameterized.TestCase):
 
   def test_suite_runs_on_two_devices(self):
     self.assertLen(jax.local_devices(), 2)
-    self.assertLen(_attack._devices(_SMALL), 2)
+    self.assertLen(_proposals._devices(_SMALL), 2)
 
   @parameterized.parameters(1, 2)
   def test_single_and_sharded_sampler_recover_exactly(self, num_devices):
@@ -226,7 +227,7 @@ class CertificateTest(parameterized.TestCase):
                                     p["bias_grad"])
     np.testing.assert_allclose(np.asarray(good[0]), x, atol=1e-10)
     tol = jnp.asarray(1e-11)
-    ok = spear_jax.relu_certificate(good[0], good[1], p["weight"], p["bias"],
+    ok = spear_jax.attack.relu_certificate(good[0], good[1], p["weight"], p["bias"],
                                     tol, jnp.asarray(1e-8))
     self.assertTrue(np.all(np.asarray(ok)))
     # Replace column 0 by a mixture of columns 0 and 1: samples 0 and 1 go
@@ -236,7 +237,7 @@ class CertificateTest(parameterized.TestCase):
     wrong[:, 0] /= np.linalg.norm(wrong[:, 0])
     bad = _selection.recover_batch(jnp.asarray(wrong), l_mxb, r_bxn,
                                    p["bias_grad"])
-    flags = np.asarray(spear_jax.relu_certificate(
+    flags = np.asarray(spear_jax.attack.relu_certificate(
       bad[0], bad[1], p["weight"], p["bias"], tol, jnp.asarray(1e-8)))
     errors = np.abs(np.asarray(bad[0]) - x).max(axis=1)
     # X^T = T^-1 Q^-1 R: sample 1 absorbs the mixture, sample 0 stays exact

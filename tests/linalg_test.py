@@ -19,7 +19,7 @@ class NullVectorTest(chex.TestCase):
   def test_matches_svd_null_space(self, b, seed):
     rng = np.random.default_rng(seed)
     a_kxb = rng.standard_normal((b - 1, b))
-    q = np.asarray(self.variant(spear_jax.null_vector)(jnp.asarray(a_kxb)))
+    q = np.asarray(self.variant(_linalg.null_vector)(jnp.asarray(a_kxb)))
     chex.assert_shape(q, (b,))
     # Independent reference: last right singular vector from LAPACK.
     reference = np.linalg.svd(a_kxb)[2][-1]
@@ -45,16 +45,16 @@ class NullVectorTest(chex.TestCase):
     # The public entry point takes the rolled path at this size.
     if not batch:
       np.testing.assert_allclose(
-        np.asarray(spear_jax.null_vector(jnp.asarray(a))), rolled,
+        np.asarray(_linalg.null_vector(jnp.asarray(a))), rolled,
         atol=1e-15)
 
   def test_b1_is_trivial(self):
-    q = spear_jax.null_vector(jnp.zeros((0, 1)))
+    q = _linalg.null_vector(jnp.zeros((0, 1)))
     np.testing.assert_allclose(np.abs(np.asarray(q)), [1.0])
 
   def test_rejects_wrong_shape(self):
     with self.assertRaisesRegex(ValueError, "b-1"):
-      spear_jax.null_vector(jnp.zeros((3, 3)))
+      _linalg.null_vector(jnp.zeros((3, 3)))
 
 
 class FactorizeTest(chex.TestCase):
@@ -63,10 +63,10 @@ class FactorizeTest(chex.TestCase):
   def test_rank_and_product(self, b):
     rng = np.random.default_rng(b)
     g = rng.standard_normal((30, b)) @ rng.standard_normal((b, 20))
-    tol = spear_jax.resolve_tolerances(
+    tol = _linalg.resolve_tolerances(
       spear_jax.AttackConfig(), jnp.float64, 30, 20
     )
-    l, r, rank, _ = spear_jax.factorize(jnp.asarray(g), None, tol.rank_rtol)
+    l, r, rank, _ = spear_jax.attack.factorize(jnp.asarray(g), None, tol.rank_rtol)
     self.assertEqual(rank, b)
     chex.assert_shape((l, r), ((30, b), (b, 20)))
     np.testing.assert_allclose(np.asarray(l.T @ l), np.eye(b), atol=1e-13)
@@ -74,8 +74,8 @@ class FactorizeTest(chex.TestCase):
 
   def test_float32_tolerances_are_looser(self):
     cfg = spear_jax.AttackConfig()
-    t64 = spear_jax.resolve_tolerances(cfg, jnp.float64, 10, 10)
-    t32 = spear_jax.resolve_tolerances(cfg, jnp.float32, 10, 10)
+    t64 = _linalg.resolve_tolerances(cfg, jnp.float64, 10, 10)
+    t32 = _linalg.resolve_tolerances(cfg, jnp.float32, 10, 10)
     self.assertLess(t64.screen, t32.screen)
     self.assertLess(t64.zero, t64.screen)
     np.testing.assert_allclose(t64.screen, np.finfo(np.float64).eps ** 0.5)
@@ -93,7 +93,7 @@ class PolishTest(chex.TestCase):
     q_true /= np.linalg.norm(q_true)
     noisy = q_true + 1e-10 * rng.standard_normal(b)
     noisy /= np.linalg.norm(noisy)
-    polished, zeros, leverage = self.variant(spear_jax.polish_direction)(
+    polished, zeros, leverage = self.variant(spear_jax.attack.polish_direction)(
       jnp.asarray(noisy), jnp.asarray(l_mxb), jnp.ones(m, bool),
       jnp.asarray(1e-8), jnp.asarray(1e-12),
     )
@@ -117,7 +117,7 @@ class PolishTest(chex.TestCase):
     q_true = (s[:, None] * vt)[:, 3]
     q_true /= np.linalg.norm(q_true)
     noisy = q_true + 1e-11 * rng.standard_normal(b)
-    polished, zeros, _ = self.variant(spear_jax.polish_direction)(
+    polished, zeros, _ = self.variant(spear_jax.attack.polish_direction)(
       jnp.asarray(noisy / np.linalg.norm(noisy)), jnp.asarray(l_mxb),
       jnp.ones(m, bool), jnp.asarray(1e-8), jnp.asarray(1e-12),
     )
@@ -146,7 +146,7 @@ class PolishTest(chex.TestCase):
     coef = np.array([d_mxb[pin, 1], -d_mxb[pin, 0]])
     mix = q_mxb[:, :2] @ coef
     mix /= np.linalg.norm(mix)
-    polish = self.variant(spear_jax.polish_direction)
+    polish = self.variant(spear_jax.attack.polish_direction)
     _, zeros, leverage = polish(
       jnp.asarray(mix), jnp.asarray(l_mxb), jnp.ones(m, bool),
       jnp.asarray(1e-8), jnp.asarray(1e-12),
@@ -188,7 +188,7 @@ class SplitMixtureTest(chex.TestCase):
       coef = np.array([d_mxb[pin, 1], -d_mxb[pin, 0]])
     mix = q_bxb[:, :2] @ coef
     mix /= np.linalg.norm(mix)
-    directions, counts = self.variant(spear_jax.split_mixture)(
+    directions, counts = self.variant(spear_jax.attack.split_mixture)(
       jnp.asarray(mix), jnp.asarray(l_mxb), jnp.ones(m, bool),
       jnp.asarray(1e-8))
     chex.assert_shape(directions, (2, 10))
@@ -207,7 +207,7 @@ class SplitMixtureTest(chex.TestCase):
   def test_columns_and_three_column_mixtures_are_not_split(self):
     d_mxb, l_mxb, q_bxb = self._twins(23)
     m = d_mxb.shape[0]
-    split = self.variant(spear_jax.split_mixture)
+    split = self.variant(spear_jax.attack.split_mixture)
     for direction in (q_bxb[:, 0], q_bxb[:, 5], q_bxb[:, :3].sum(axis=1)):
       _, counts = split(jnp.asarray(direction / np.linalg.norm(direction)),
                         jnp.asarray(l_mxb), jnp.ones(m, bool),

@@ -57,6 +57,13 @@ class HungarianTest(parameterized.TestCase):
       self.assertAlmostEqual(cost[np.arange(b), assignment].sum(), best,
                              places=12)
 
+  def test_forbidden_pairs_and_bad_shapes(self):
+    # inf forbids a pair: the only finite assignment is the anti-diagonal.
+    cost = np.array([[np.inf, 5.0], [1.0, np.inf]])
+    np.testing.assert_array_equal(_metrics.hungarian(cost), [1, 0])
+    with self.assertRaisesRegex(ValueError, "square"):
+      _metrics.hungarian(np.zeros((2, 3)))
+
   def test_match_shuffled_batch(self):
     rng = np.random.default_rng()
     truth = rng.standard_normal((7, 30))
@@ -66,7 +73,6 @@ class HungarianTest(parameterized.TestCase):
     np.testing.assert_array_equal(scores["order"], perm)
     self.assertTrue(scores["exact"].all())
     self.assertLess(scores["max_abs_error"].max(), 1e-11)
-
 
   def test_match_and_score_keeps_its_fields(self):
     rng = np.random.default_rng()
@@ -141,8 +147,10 @@ class SsimTest(chex.TestCase):
   )
   def test_image_with_itself_is_one(self, shape):
     x = np.random.default_rng().random((2,) + shape)
+    # 1x1 images are flat windows: dm_pix's variance floor (float32 eps**2)
+    # leaves 1 - C2 / (2 eps**2 + C2) = 3.2e-11.
     np.testing.assert_allclose(self.variant(_metrics.ssim)(x, x), 1.0,
-                               atol=1e-12)
+                               atol=1e-10)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_constant_images(self):
@@ -156,8 +164,10 @@ class SsimTest(chex.TestCase):
     # by hand: (0.2401/0.4001 + 1 + 0.5401/0.9001) / 3
     np.testing.assert_allclose(expected, (0.2401 / 0.4001 + 1.0
                                           + 0.5401 / 0.9001) / 3, rtol=1e-15)
+    # dm_pix floors the zero variances at float32 eps**2 ~ 1.4e-14, which
+    # moves the contrast term by 2 eps**2 / C2 ~ 3.2e-11.
     np.testing.assert_allclose(self.variant(_metrics.ssim)(x, y), expected,
-                               rtol=1e-12)
+                               rtol=1e-10)
     # With R = 255 the constants are (2.55)^2 and (7.65)^2.
     ssim255 = self.variant(functools.partial(_metrics.ssim, data_range=255.0))
     c1 = 2.55**2
@@ -209,6 +219,27 @@ class SsimTest(chex.TestCase):
     # Same arithmetic up to summation order: 1e-12 absolute.
     np.testing.assert_allclose(_metrics.ssim(x, y), expected, rtol=0,
                                atol=1e-12)
+    expected_db = [metrics.peak_signal_noise_ratio(xi, yi, data_range=1.0)
+                   for xi, yi in zip(x, y)]
+    np.testing.assert_allclose(_metrics.psnr(x, y), expected_db, rtol=1e-12)
+
+  @parameterized.named_parameters(("rgb_32", (32, 32, 3)),
+                                  ("digits_8", (8, 8, 1)))
+  def test_float32_keeps_dtype(self, shape):
+    rng = np.random.default_rng()
+    x = rng.random((2,) + shape).astype(np.float32)
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1).astype(
+      np.float32)
+    size = min(11, shape[0] - (1 - shape[0] % 2))
+    expected = [_ssim_by_loop(xi.astype(np.float64), yi.astype(np.float64),
+                              size) for xi, yi in zip(x, y)]
+    value = _metrics.ssim(x, y)
+    self.assertEqual(value.dtype, np.float32)
+    np.testing.assert_allclose(value, expected, rtol=0, atol=1e-5)
+    db = _metrics.psnr(x, y)
+    self.assertEqual(db.dtype, np.float32)
+    mse = np.mean((x.astype(np.float64) - y) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(db, -10 * np.log10(mse), rtol=1e-5)
 
   def test_no_retrace(self):
     ssim = jax.jit(chex.assert_max_traces(_metrics.ssim, n=1))

@@ -1,10 +1,13 @@
-"""The sweep log (append, read back, resume), its summary, CSV and plots."""
+"""The sweep log (append, read back, resume), summary, plots, progress."""
 
 import csv
+import io
 import json
 import math
 import os
+import re
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -112,6 +115,59 @@ class SummaryTest(absltest.TestCase):
     for path in paths:
       with open(path, "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+class _Terminal(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+class ProgressBarTest(absltest.TestCase):
+
+  def test_plain_stream_gets_one_line_per_update(self):
+    stream = io.StringIO()
+    bar = _report.ProgressBar(10, "trials", stream=stream)
+    bar.advance(3, "finished earlier, read back", timed=False)
+    bar.advance(1, "last: 4/4 exact")
+    bar.advance(2)
+    bar.close()
+    bar.close()  # the scripts may close twice
+    text = stream.getvalue()
+    self.assertNotIn("\r", text)
+    self.assertNotIn("\x1b", text)
+    lines = text.splitlines()
+    self.assertLen(lines, 4)  # the start and three updates
+    self.assertTrue(text.endswith("\n"))
+    for line, count in zip(lines, ("0/10", "3/10", "4/10", "6/10")):
+      self.assertIn(count, line)
+      self.assertIn("trials", line)
+    self.assertIn("finished earlier, read back", lines[1])
+    self.assertIn("last: 4/4 exact", lines[2])
+    self.assertNotIn("exact", lines[3])
+
+  def test_time_left_counts_timed_items_only(self):
+    # A fake clock: 3 items read back at t=100, then 2 timed ones of 10 s
+    # each: 20 s elapsed since the read-back, 5 items left at 10 s each.
+    stream = io.StringIO()
+    with mock.patch.object(_report.time, "time", return_value=100.0):
+      bar = _report.ProgressBar(10, "trials", stream=stream)
+      bar.advance(3, timed=False)
+    with mock.patch.object(_report.time, "time", return_value=120.0):
+      bar.advance(2)
+    last = stream.getvalue().splitlines()[-1]
+    self.assertIn("5/10 [00:20<00:50", last)
+
+  def test_terminal_gets_a_tqdm_bar(self):
+    stream = _Terminal()
+    bar = _report.ProgressBar(4, "trials", stream=stream)
+    for _ in range(4):
+      bar.advance(1, "note")
+    bar.close()
+    text = stream.getvalue()
+    self.assertIn("\r", text)  # redrawn in place
+    self.assertEqual(text.count("\n"), 1)  # the newline of close
+    self.assertRegex(text, re.escape("4/4 [") + r".*note\]")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import spear_jax
+from spear_jax import _sampling
 
 
 class SampleRowsTest(chex.TestCase):
@@ -18,7 +19,7 @@ class SampleRowsTest(chex.TestCase):
     alive = np.array([0, 2, 3, 5, 6, 7, 8, 10, 11, 1], np.int32)
     alive_rows = jnp.asarray(np.concatenate([alive, np.zeros(2, np.int32)]))
     sample = self.variant(
-      lambda key: spear_jax.sample_rows(key, alive_rows, jnp.asarray(10), k)
+      lambda key: _sampling.sample_rows(key, alive_rows, jnp.asarray(10), k)
     )
     for i in range(30):
       rows = np.asarray(sample(jax.random.key(i)))
@@ -30,7 +31,7 @@ class SampleRowsTest(chex.TestCase):
     # All C(5, 2) = 10 subsets of 5 rows; chi-square over 20000 draws.
     keys = jax.random.split(jax.random.key(0), 20000)
     rows = jax.vmap(
-      lambda key: spear_jax.sample_rows(
+      lambda key: _sampling.sample_rows(
         key, jnp.arange(5, dtype=jnp.int32), jnp.asarray(5), 2
       )
     )(keys)

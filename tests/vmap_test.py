@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import spear_jax
+from spear_jax import _proposals
+from spear_jax import _linalg
 
 
 class VmapTest(chex.TestCase):
@@ -24,12 +26,12 @@ class VmapTest(chex.TestCase):
     l_mxb, rows, alive, num_alive = self._problem()
     key = jax.random.key(3)
     tol = jnp.asarray(1e-8)
-    directions, zeros = spear_jax.propose_block(
+    directions, zeros = _proposals.propose_block(
       key, l_mxb, rows, alive, num_alive, tol, block_size=12, chunk_size=4
     )
     keys = jax.random.split(key, 12)
     for i in range(12):
-      q, z = spear_jax.propose_direction(keys[i], l_mxb, rows, alive,
+      q, z = spear_jax.attack.propose_direction(keys[i], l_mxb, rows, alive,
                                          num_alive, tol)
       np.testing.assert_allclose(directions[i], q, rtol=0, atol=1e-14)
       self.assertEqual(int(zeros[i]), int(z))
@@ -37,9 +39,9 @@ class VmapTest(chex.TestCase):
   def test_null_vector_vmap_equals_loop(self):
     rng = np.random.default_rng(1)
     a = jnp.asarray(rng.standard_normal((7, 4, 5)))
-    batched = jax.vmap(spear_jax.null_vector)(a)
+    batched = jax.vmap(_linalg.null_vector)(a)
     for i in range(7):
-      np.testing.assert_allclose(batched[i], spear_jax.null_vector(a[i]),
+      np.testing.assert_allclose(batched[i], _linalg.null_vector(a[i]),
                                  rtol=0, atol=1e-14)
 
   def test_no_retrace_with_new_values(self):
@@ -47,7 +49,7 @@ class VmapTest(chex.TestCase):
     @chex.assert_max_traces(n=1)
     def block(key, l_mxb, rows, alive, num_alive):
       return jax.vmap(
-        spear_jax.propose_direction, in_axes=(0, None, None, None, None, None)
+        spear_jax.attack.propose_direction, in_axes=(0, None, None, None, None, None)
       )(jax.random.split(key, 8), l_mxb, rows, alive, num_alive,
         jnp.asarray(1e-8))
 
@@ -55,13 +57,13 @@ class VmapTest(chex.TestCase):
       l_mxb, rows, alive, num_alive = self._problem(seed=seed)
       jax.block_until_ready(block(jax.random.key(seed), l_mxb, rows, alive,
                                   num_alive))
-    before = spear_jax.propose_block._cache_size()
+    before = _proposals.propose_block._cache_size()
     for seed in (5, 6):
       l_mxb, rows, alive, num_alive = self._problem(seed=seed)
-      spear_jax.propose_block(jax.random.key(seed), l_mxb, rows, alive,
+      _proposals.propose_block(jax.random.key(seed), l_mxb, rows, alive,
                               num_alive, jnp.asarray(1e-8), block_size=8,
                               chunk_size=4)
-    self.assertLessEqual(spear_jax.propose_block._cache_size(), before + 1)
+    self.assertLessEqual(_proposals.propose_block._cache_size(), before + 1)
 
 
 if __name__ == "__main__":

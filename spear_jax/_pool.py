@@ -1,0 +1,230 @@
+"""The candidate pool and the filter stage that feeds it.
+
+Every strategy proposes raw directions; :func:`absorb` turns them into pool
+entries: directions that re-find a known column count as hits, the rest are
+polished (refit on their zero set), mixtures of several columns of ``Q``
+are dropped or, for SPEAR++, split into their columns, and the distinct
+sparse ones are merged into a new :class:`CandidatePool`. The pool is an
+immutable value: every function here returns a new one.
+"""
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from spear_jax._config import AttackConfig
+from spear_jax._linalg import polish_direction, split_mixture
+from spear_jax._problem import Problem
+
+__all__ = ["CandidatePool", "absorb", "empty_pool", "merge_candidates"]
+
+# Directions are polished and split in chunks of one fixed size, so one
+# compilation serves a run.
+_CHUNK = 32
+
+
+class CandidatePool(NamedTuple):
+  """Distinct filter-passing directions found so far (host-side arrays).
+
+  Attributes:
+    directions: unit directions, one per row.
+    zeros: number of zeros of ``L q`` over alive rows, after polishing.
+    hits: how many proposals landed on each direction.
+  """
+
+  directions: np.ndarray
+  zeros: np.ndarray
+  hits: np.ndarray
+
+
+def empty_pool(b: int, dtype) -> CandidatePool:
+  """A pool with no candidates for batch size ``b``."""
+  return CandidatePool(
+    directions=np.zeros((0, b), dtype),
+    zeros=np.zeros((0,), np.int64),
+    hits=np.zeros((0,), np.int64),
+  )
+
+
+def merge_candidates(
+  pool: CandidatePool,
+  directions: np.ndarray,
+  zeros: np.ndarray,
+  dedup_tol: float,
+  capacity: int,
+) -> tuple[CandidatePool, int]:
+  r"""Adds new directions to the pool, merging duplicates.
+
+  Two unit directions are the same if ``|<u, v>| >= 1 - dedup_tol`` (a
+  direction and its negative are the same column of ``Q`` up to the scale
+  that the bias gradient fixes). Of two copies the sparser one is kept: a
+  nearby mixture must not shadow the exact column. When the pool exceeds
+  ``capacity`` the least sparse candidates are dropped.
+
+  Args:
+    pool: the current pool.
+    directions: new unit directions, one per row.
+    zeros: their zero counts.
+    dedup_tol: duplicate tolerance.
+    capacity: maximum pool size.
+
+  Returns:
+    ``(pool, num_new)``: the updated pool and how many distinct new
+    directions it gained.
+  """
+  dirs = np.asarray(directions)
+  zeros = np.asarray(zeros, np.int64)
+  hits = pool.hits.copy()
+  if dirs.shape[0] == 0:
+    return pool, 0
+  pool_dirs, pool_zeros = pool.directions.copy(), pool.zeros.copy()
+  if pool_dirs.shape[0]:
+    sim = np.abs(dirs @ pool_dirs.T)
+    is_known = (sim >= 1.0 - dedup_tol).any(axis=1)
+    for i in np.flatnonzero(is_known):
+      j = int(np.argmax(sim[i]))
+      hits[j] += 1
+      if zeros[i] > pool_zeros[j]:  # the sparser copy is the better fit
+        pool_dirs[j], pool_zeros[j] = dirs[i], zeros[i]
+    dirs, zeros = dirs[~is_known], zeros[~is_known]
+  # Deduplicate the new directions among themselves: keep the first of each
+  # group, count the rest as hits of it.
+  # Sparsest first, so that the copy kept of each group is the sparsest.
+  order = np.argsort(-zeros, kind="stable")
+  dirs, zeros = dirs[order], zeros[order]
+  keep = np.ones(dirs.shape[0], bool)
+  new_hits = np.ones(dirs.shape[0], np.int64)
+  if dirs.shape[0] > 1:
+    sim = np.abs(dirs @ dirs.T) >= 1.0 - dedup_tol
+    for i in range(dirs.shape[0]):
+      if keep[i]:
+        dup = sim[i] & keep
+        dup[: i + 1] = False
+        new_hits[i] += dup.sum()
+        keep[dup] = False
+  dirs, zeros, new_hits = dirs[keep], zeros[keep], new_hits[keep]
+  merged = CandidatePool(
+    directions=np.concatenate([pool_dirs, dirs]),
+    zeros=np.concatenate([pool_zeros, zeros]),
+    hits=np.concatenate([hits, new_hits]),
+  )
+  if merged.zeros.shape[0] > capacity:
+    order = np.argsort(-merged.zeros, kind="stable")[:capacity]
+    merged = CandidatePool(*(a[order] for a in merged))
+  return merged, int(dirs.shape[0])
+
+
+@jax.jit
+def _polish_many(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
+  return jax.vmap(polish_direction, in_axes=(0, None, None, None, None))(
+    directions_kxb, l_mxb, alive_m, screen_tol, zero_tol
+  )
+
+
+@jax.jit
+def _split_many(directions_kxb, l_mxb, alive_m, screen_tol):
+  return jax.vmap(split_mixture, in_axes=(0, None, None, None))(
+    directions_kxb, l_mxb, alive_m, screen_tol
+  )
+
+
+def _count_known(
+  pool: CandidatePool, raw_kxb: np.ndarray, screen_tol: float
+) -> tuple[CandidatePool, np.ndarray]:
+  """Counts raw directions that re-find a pool entry as its hits.
+
+  Most passers re-find a known column; they are not polished again (the
+  raw null vectors are accurate to ``O(eps cond)``).
+
+  Returns:
+    The pool with updated hit counts and the raw directions that are new.
+  """
+  if not (raw_kxb.shape[0] and pool.zeros.shape[0]):
+    return pool, raw_kxb
+  similarity = np.abs(raw_kxb @ pool.directions.T)
+  known = np.max(similarity, axis=1) >= 1.0 - screen_tol
+  hits = pool.hits.copy()
+  np.add.at(hits, np.argmax(similarity[known], axis=1), 1)
+  return pool._replace(hits=hits), raw_kxb[~known]
+
+
+def _polish(
+  problem: Problem, raw_kxb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Polished directions, their zero counts and leverages (host arrays)."""
+  count, b = raw_kxb.shape
+  padded = np.zeros((-(-count // _CHUNK) * _CHUNK, b), problem.dtype)
+  padded[:count] = raw_kxb
+  screen, zero = problem.scalar(problem.tol.screen), problem.scalar(
+    problem.tol.zero
+  )
+  outputs = [
+    _polish_many(padded[i : i + _CHUNK], problem.l_mxb, problem.alive,
+                 screen, zero)
+    for i in range(0, count, _CHUNK)
+  ]
+  polished, zeros, leverage = (
+    np.concatenate([np.asarray(o[i]) for o in outputs])[:count]
+    for i in range(3)
+  )
+  return polished, zeros, leverage
+
+
+def _split(problem: Problem, mixtures_kxb: np.ndarray) -> np.ndarray:
+  """The columns of (at most one chunk of) sparse two-column mixtures."""
+  count, b = mixtures_kxb.shape
+  batch = np.repeat(mixtures_kxb[:1], _CHUNK, axis=0)
+  batch[:count] = mixtures_kxb
+  parts, found = _split_many(batch, problem.l_mxb, problem.alive,
+                             problem.scalar(problem.tol.screen))
+  parts = np.asarray(parts)[:count].reshape(-1, b)
+  found = np.asarray(found)[:count].reshape(-1)
+  return parts[found >= 2]
+
+
+def absorb(
+  problem: Problem,
+  pool: CandidatePool,
+  raw_kxb: np.ndarray,
+  config: AttackConfig,
+  *,
+  split: bool = False,
+) -> tuple[CandidatePool, int]:
+  """The filter stage: polish new directions and merge the sparse ones.
+
+  Mixtures of several columns of ``Q`` are recognisable by their leverage
+  (see :func:`polish_direction`) and never enter the pool. With ``split``
+  (SPEAR++) the sparsest chunk of them is split into its columns
+  (:func:`split_mixture`; a sparse two-column mixture comes from near-twin
+  samples), which are absorbed in turn.
+
+  Args:
+    problem: the problem.
+    pool: the current pool.
+    raw_kxb: raw unit directions, one per row.
+    config: the attack's settings (pool capacity).
+    split: whether to split sparse mixtures.
+
+  Returns:
+    ``(pool, num_new)``: the new pool and how many distinct directions it
+    gained.
+  """
+  raw_kxb = np.asarray(raw_kxb, problem.dtype).reshape(-1, problem.b)
+  pool, raw_kxb = _count_known(pool, raw_kxb, problem.tol.screen)
+  if not raw_kxb.shape[0]:
+    return pool, 0
+  polished, zeros, leverage = _polish(problem, raw_kxb)
+  sparse = zeros >= problem.floor
+  keep = sparse & (leverage < 1.0 - problem.tol.leverage)
+  pool, num_new = merge_candidates(
+    pool, polished[keep], zeros[keep], problem.tol.dedup,
+    config.pool_capacity,
+  )
+  mixtures = np.flatnonzero(sparse & ~keep)
+  if split and mixtures.size:
+    sparsest = mixtures[np.argsort(-zeros[mixtures])][:_CHUNK]
+    pool, num_split = absorb(problem, pool, _split(problem, polished[sparsest]),
+                             config)
+    num_new += num_split
+  return pool, num_new

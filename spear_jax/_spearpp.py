@@ -1,0 +1,307 @@
+"""SPEAR++'s strategy: l1 dictionary learning from restarts, then rounding.
+
+One round of :func:`spearpp_learner` is three named stages, each one step
+of the :class:`~spear_jax._strategy.Strategy` (the driver absorbs and
+selects between them):
+
+1. ``search``: restarts of the sphere-constrained l1 search
+   (:func:`learn_directions`; deflated by :func:`learn_directions_constrained`
+   once columns are selected), each end point rounded to an exact column
+   (:func:`round_direction`).
+2. ``pattern``: with the layer's weights and at most
+   ``learner.pattern_max_missing`` columns missing, the end points the plain
+   rounding missed are rounded through the ReLU pattern of the missing
+   samples (:func:`round_with_pattern`).
+3. ``complete``: with one column missing, it is read off the ReLU pattern
+   (:func:`complete_last_column`).
+
+Sparse two-column mixtures are split by the filter
+(``Strategy.split_mixtures``). A round that adds no distinct direction
+counts towards ``learner.patience``; the strategy stops as ``"stalled"``
+after that many, or as ``"max_rounds"``.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spear_jax._config import AttackConfig, LearnerConfig
+from spear_jax._dictionary import (
+  complete_last_column,
+  estimate_found_rows,
+  learn_directions,
+  learn_directions_constrained,
+  round_direction,
+  round_with_pattern,
+)
+from spear_jax._pool import CandidatePool
+from spear_jax._problem import Problem
+from spear_jax._selection import Selection
+from spear_jax._strategy import StepOutput, Strategy
+from spear_jax._types import PRNGKeyArray
+
+__all__ = ["LearnerRoundState", "spearpp_learner"]
+
+_SEARCH, _PATTERN, _COMPLETE = range(3)
+
+
+@functools.partial(jax.jit, static_argnames=("tries", "pool"))
+def _round_many(keys, approx_kxb, l_mxb, alive_m, screen_tol, *, tries, pool):
+  return jax.vmap(
+    functools.partial(round_direction, tries=tries, pool=pool),
+    in_axes=(0, 0, None, None, None),
+  )(keys, approx_kxb, l_mxb, alive_m, screen_tol)
+
+
+def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
+  """Random points of the sphere and rows of ``L`` (deflation).
+
+  The targeted starts are rows ``L_j`` on which every column found so far
+  vanishes: they lie in the span of the missing columns' rows, so the
+  search is pushed towards columns not found yet.
+  """
+  l_np = np.asarray(problem.l_mxb)
+  b = l_np.shape[1]
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  alive = np.asarray(problem.alive)
+  targeted = int(round(targeted_fraction * count))
+  candidates = alive.copy()
+  if found_pxb.shape[0]:
+    vanish = np.all(np.abs(l_np @ found_pxb.T) <= problem.tol.screen, axis=1)
+    if np.any(vanish & alive):
+      candidates = vanish & alive
+  rows = rng.choice(np.flatnonzero(candidates), size=targeted, replace=True)
+  starts = np.concatenate([l_np[rows],
+                           rng.standard_normal((count - targeted, b))])
+  return starts / np.linalg.norm(starts, axis=1, keepdims=True)
+
+
+def _constrained_starts(key, problem, found_kxb, count, learner):
+  """Starts, pivots, subspace flags and the excluded block of a round.
+
+  ``found_kxb`` are the selected (independent) columns. With the layer's
+  ``weight`` and ``bias``, a ``subspace_fraction`` of the restarts (all of
+  them once at most ``focus_missing`` columns are missing) search the
+  orthogonal complement of the found samples' estimated rows of ``Q^-1``;
+  they start from rows of ``L`` on which every found column vanishes
+  (combinations of the missing samples' rows only). The others are
+  restricted to the zero set of one random found column (the pivot) and
+  start from a row of ``L`` in that zero set. The excluded block is padded
+  to ``b`` rows and the found columns to ``b``, so one compilation serves
+  a run.
+  """
+  l_np = np.asarray(problem.l_mxb)
+  b = l_np.shape[1]
+  k = found_kxb.shape[0]
+  dtype = l_np.dtype
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  alive = np.asarray(problem.alive)
+  zero_mxk = np.abs(l_np @ found_kxb.T) <= problem.tol.screen
+  exclude = np.zeros((b, b), dtype)
+  subspace = 0
+  if problem.weight is not None:
+    fraction = (1.0 if b - k <= learner.focus_missing
+                else learner.subspace_fraction)
+    subspace = int(round(fraction * count))
+  if subspace:
+    padded = np.zeros((b, b), dtype)
+    padded[:k] = found_kxb
+    rows = np.asarray(estimate_found_rows(
+      jnp.asarray(padded), jnp.asarray(np.arange(b) < k), problem.l_mxb,
+      problem.r_bxn, problem.weight, problem.bias, problem.alive,
+      problem.scalar(problem.tol.screen), steps=learner.row_estimate_steps,
+      temperature=learner.row_estimate_temperature,
+      learning_rate=learner.row_estimate_learning_rate,
+    ))[:k]
+    u, s, _ = np.linalg.svd(rows.T, full_matrices=False)
+    basis = u[:, s > s[0] * b * np.finfo(dtype).eps].T
+    exclude[: basis.shape[0]] = basis
+  starts = np.empty((count, b), dtype)
+  pivots = np.zeros((count, b), dtype)
+  vanish = np.all(zero_mxk, axis=1) & alive
+  candidates = np.flatnonzero(vanish if vanish.any() else alive)
+  starts[:subspace] = l_np[rng.choice(candidates, subspace)]
+  for r, f in zip(range(subspace, count), rng.integers(0, k, count)):
+    zero_rows = np.flatnonzero(zero_mxk[:, f] & alive)
+    zero_rows = zero_rows if zero_rows.size else np.flatnonzero(alive)
+    starts[r] = l_np[rng.choice(zero_rows)]
+    pivots[r] = found_kxb[f]
+  in_subspace = np.arange(count) < subspace
+  return starts, pivots, in_subspace, exclude
+
+
+def _pattern_round(problem, found_kxb, approx_kxb, rounded_kxb, zeros_k,
+                   floor, learner):
+  """Re-rounds, through the ReLU pattern, the end points rounding missed.
+
+  An end point counts as missed when its plain rounding has fewer than
+  ``floor`` zeros or moved it (|cos| < 0.999): typically an approximate
+  column next to a near-twin's, whose shared zero set pulls the plain
+  rounding onto a mixture. Duplicates (|cos| > 1 - 1e-6) are dropped and
+  the rest padded to a power of two (few compilations).
+  """
+  b = problem.l_mxb.shape[1]
+  k = found_kxb.shape[0]
+  cos_k = np.abs(np.sum(approx_kxb * rounded_kxb, axis=1))
+  missed = approx_kxb[(zeros_k < floor) | (cos_k < 0.999)]
+  kept = []
+  for v in missed:
+    if not kept or np.max(np.abs(np.asarray(kept) @ v)) < 1.0 - 1e-6:
+      kept.append(v)
+    if len(kept) == 2 * b:
+      break
+  if not kept:
+    return np.zeros((0, b), approx_kxb.dtype), np.zeros((0,), np.int64)
+  size = max(8, 1 << (len(kept) - 1).bit_length())
+  batch = np.zeros((size, b), approx_kxb.dtype)
+  batch[: len(kept)] = kept
+  batch[len(kept):] = kept[0]
+  padded = np.zeros((b, b), approx_kxb.dtype)
+  padded[:k] = found_kxb
+  directions, zeros = round_with_pattern(
+    jnp.asarray(batch), jnp.asarray(padded), jnp.asarray(np.arange(b) < k),
+    problem.l_mxb, problem.r_bxn, problem.weight, problem.bias,
+    problem.alive, problem.scalar(problem.tol.screen),
+    max_missing=learner.pattern_max_missing,
+    temperature=learner.pattern_temperature,
+    label_margin=learner.pattern_label_margin,
+  )
+  return (np.asarray(directions)[: len(kept)],
+          np.asarray(zeros)[: len(kept)])
+
+
+class LearnerRoundState(NamedTuple):
+  """SPEAR++ state between stages.
+
+  Attributes:
+    key: the PRNG key of the next round.
+    stage: the next stage (search, pattern or complete).
+    rounds: rounds started so far.
+    stalled: consecutive finished rounds that added no distinct direction.
+    pool_size: pool size when the current round started.
+    approx: the current round's search end points (for pattern rounding).
+    rounded: their plain roundings.
+    zeros: the roundings' zero counts.
+  """
+
+  key: PRNGKeyArray
+  stage: int
+  rounds: int
+  stalled: int
+  pool_size: int
+  approx: np.ndarray | None = None
+  rounded: np.ndarray | None = None
+  zeros: np.ndarray | None = None
+
+
+def _search_stage(state, problem, pool, selection, learner):
+  """Stage 1: restarts of the l1 search, each end point rounded."""
+  b = problem.b
+  key, init_key, round_key = jax.random.split(state.key, 3)
+  restarts = learner.restarts or 2 * b
+  found = pool.directions[selection.chosen]
+  if learner.constrained and found.shape[0]:
+    starts, pivots, in_subspace, exclude = _constrained_starts(
+      init_key, problem, found, restarts, learner)
+    stage1, approx = learn_directions_constrained(
+      jnp.asarray(starts), jnp.asarray(pivots), jnp.asarray(in_subspace),
+      jnp.asarray(exclude), problem.l_mxb, problem.alive,
+      problem.scalar(problem.tol.screen), config=learner,
+    )
+    # A stage-1 end point near a missing column may round exactly where
+    # the full search from it drifts to a known one: round both.
+    approx = jnp.concatenate([approx, stage1])
+  else:
+    starts = _initial_directions(init_key, problem, pool.directions,
+                                 restarts, learner.targeted_fraction)
+    approx, _ = learn_directions(jnp.asarray(starts, problem.dtype),
+                                 problem.l_mxb, problem.alive, config=learner)
+  rounded, zeros = _round_many(
+    jax.random.split(round_key, approx.shape[0]), approx, problem.l_mxb,
+    problem.alive, problem.scalar(problem.tol.screen),
+    tries=learner.rounding_tries, pool=learner.rounding_pool or 2 * b,
+  )
+  rounded, zeros = np.asarray(rounded), np.asarray(zeros)
+  state = state._replace(
+    key=key, stage=_PATTERN, rounds=state.rounds + 1,
+    pool_size=pool.zeros.shape[0], approx=np.asarray(approx),
+    rounded=rounded, zeros=zeros,
+  )
+  return StepOutput(rounded[zeros >= problem.floor], state,
+                    proposals=approx.shape[0] * learner.rounding_tries,
+                    blocks=1)
+
+
+def _pattern_stage(state, problem, pool, selection, learner):
+  """Stage 2: pattern rounding of the end points plain rounding missed."""
+  missing = problem.b - selection.chosen.shape[0]
+  directions = np.zeros((0, problem.b), problem.dtype)
+  if (problem.certifiable and learner.pattern_rounding
+      and 0 < missing <= learner.pattern_max_missing):
+    snapped, zeros = _pattern_round(
+      problem, pool.directions[selection.chosen], state.approx,
+      state.rounded, state.zeros, problem.floor, learner)
+    directions = snapped[zeros >= problem.floor]
+  return StepOutput(directions, state._replace(stage=_COMPLETE))
+
+
+def _complete_stage(state, problem, pool, selection, learner):
+  """Stage 3: one column missing, read it off the layer's ReLU pattern."""
+  del learner
+  directions = np.zeros((0, problem.b), problem.dtype)
+  if problem.certifiable and selection.chosen.shape[0] == problem.b - 1:
+    direction, _ = complete_last_column(
+      jnp.asarray(pool.directions[selection.chosen].T), problem.l_mxb,
+      problem.r_bxn, problem.weight, problem.bias, problem.alive,
+    )
+    directions = np.asarray(direction)[None, :]
+  return StepOutput(directions, state._replace(stage=_SEARCH))
+
+
+_STAGES = (_search_stage, _pattern_stage, _complete_stage)
+
+
+def _round_stop(state: LearnerRoundState, pool: CandidatePool,
+                learner: LearnerConfig) -> tuple[LearnerRoundState, str | None]:
+  """Before a new round: patience and the round limit."""
+  if not state.rounds:
+    return state, None
+  grew = pool.zeros.shape[0] > state.pool_size
+  state = state._replace(stalled=0 if grew else state.stalled + 1)
+  if state.stalled >= learner.patience:
+    return state, "stalled"
+  if state.rounds >= learner.max_rounds:
+    return state, "max_rounds"
+  return state, None
+
+
+def spearpp_learner(config: AttackConfig | None = None) -> Strategy:
+  """SPEAR++'s strategy (see the module docstring for its stages).
+
+  Args:
+    config: the attack's settings; ``config.learner`` configures the search.
+
+  Returns:
+    A :class:`Strategy` whose state is a :class:`LearnerRoundState`.
+  """
+  config = AttackConfig() if config is None else config
+  learner = config.learner
+
+  def init(key: PRNGKeyArray, problem: Problem) -> LearnerRoundState:
+    del problem
+    return LearnerRoundState(key, _SEARCH, 0, 0, 0)
+
+  def step(state: LearnerRoundState, problem: Problem, pool: CandidatePool,
+           selection: Selection) -> StepOutput:
+    if state.stage == _SEARCH:
+      state, stop = _round_stop(state, pool, learner)
+      if stop is not None:
+        return StepOutput(np.zeros((0, problem.b), problem.dtype), state,
+                          stop_reason=stop)
+    return _STAGES[state.stage](state, problem, pool, selection, learner)
+
+  return Strategy("SPEAR++", init, step,
+                  split_mixtures=learner.split_mixtures, search=True)

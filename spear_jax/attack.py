@@ -1,0 +1,87 @@
+"""The attack: :func:`invert`, its settings, results and search strategies.
+
+``invert`` is prepare (:func:`prepare_problem`), one loop (a
+:class:`Strategy` step, :func:`absorb` into the :class:`CandidatePool`,
+:func:`select`, budgets, logs and checkpoints) and finalize. SPEAR's
+sampler (:func:`spear_sampler`) and SPEAR++'s dictionary learner
+(:func:`spearpp_learner`) are the two built-in strategies; the kernels
+below are the stages they are made of, for writing new ones.
+"""
+
+from spear_jax._attack import METHODS as METHODS
+from spear_jax._attack import SearchState as SearchState
+from spear_jax._attack import default_max_proposals as default_max_proposals
+from spear_jax._attack import invert as invert
+from spear_jax._attack import make_strategy as make_strategy
+from spear_jax._certificate import relu_certificate as relu_certificate
+from spear_jax._config import AttackConfig as AttackConfig
+from spear_jax._config import LearnerConfig as LearnerConfig
+from spear_jax._dictionary import complete_last_column as complete_last_column
+from spear_jax._dictionary import learn_directions as learn_directions
+from spear_jax._dictionary import (
+  make_dictionary_learner as make_dictionary_learner,
+)
+from spear_jax._dictionary import round_direction as round_direction
+from spear_jax._dictionary import round_with_pattern as round_with_pattern
+from spear_jax._linalg import Tolerances as Tolerances
+from spear_jax._linalg import factorize as factorize
+from spear_jax._linalg import polish_direction as polish_direction
+from spear_jax._linalg import split_mixture as split_mixture
+from spear_jax._pool import CandidatePool as CandidatePool
+from spear_jax._pool import absorb as absorb
+from spear_jax._pool import empty_pool as empty_pool
+from spear_jax._problem import Problem as Problem
+from spear_jax._problem import prepare_problem as prepare_problem
+from spear_jax._problem import structure_floor as structure_floor
+from spear_jax._proposals import propose_direction as propose_direction
+from spear_jax._proposals import spear_sampler as spear_sampler
+from spear_jax._selection import Reconstruction as Reconstruction
+from spear_jax._selection import Selection as Selection
+from spear_jax._selection import empty_selection as empty_selection
+from spear_jax._selection import reconstruct as reconstruct
+from spear_jax._selection import select as select
+from spear_jax._spearpp import LearnerRoundState as LearnerRoundState
+from spear_jax._spearpp import spearpp_learner as spearpp_learner
+from spear_jax._strategy import StepOutput as StepOutput
+from spear_jax._strategy import Strategy as Strategy
+from spear_jax._types import InversionResult as InversionResult
+from spear_jax._types import InversionStats as InversionStats
+
+__all__ = [
+  "METHODS",
+  "AttackConfig",
+  "CandidatePool",
+  "InversionResult",
+  "InversionStats",
+  "LearnerConfig",
+  "LearnerRoundState",
+  "Problem",
+  "Reconstruction",
+  "SearchState",
+  "Selection",
+  "StepOutput",
+  "Strategy",
+  "Tolerances",
+  "absorb",
+  "complete_last_column",
+  "default_max_proposals",
+  "empty_pool",
+  "empty_selection",
+  "factorize",
+  "invert",
+  "learn_directions",
+  "make_dictionary_learner",
+  "make_strategy",
+  "polish_direction",
+  "prepare_problem",
+  "propose_direction",
+  "reconstruct",
+  "relu_certificate",
+  "round_direction",
+  "round_with_pattern",
+  "select",
+  "spear_sampler",
+  "spearpp_learner",
+  "split_mixture",
+  "structure_floor",
+]

@@ -43,16 +43,23 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_MODE = flags.DEFINE_enum("mode", "sweep", ["sweep", "throughput"],
-                          "A resumable sweep of attacks, or SPEAR's raw "
-                          "proposal throughput against the numpy baseline.")
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "sweep",
+  ["sweep", "throughput"],
+  "A resumable sweep of attacks, or SPEAR's raw "
+  "proposal throughput against the numpy baseline.",
+)
 _DATASETS = flags.DEFINE_list(
-  "datasets", ["cifar_like"], "Image sets (bundled or tensorflow-datasets).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "tensorflow-datasets data directory.")
+  "datasets", ["cifar_like"], "Image sets (bundled or tensorflow-datasets)."
+)
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir", None, "tensorflow-datasets data directory."
+)
 _DEPTH = flags.DEFINE_integer("depth", 2, "Hidden layers of the client MLP.")
 _WARMUP = flags.DEFINE_boolean(
-  "warmup", True, "Compile with one untimed attack per shape first.")
+  "warmup", True, "Compile with one untimed attack per shape first."
+)
 _BS = flags.DEFINE_list("bs", ["12", "16"], "Batch sizes b.")
 _METHODS = flags.DEFINE_list(
   "methods", ["spear"], "Attack methods to time: spear and/or spearpp."
@@ -72,17 +79,21 @@ _BASELINE_MAX_B = flags.DEFINE_integer(
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the problems and samplers.")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 8192, "Proposals per block.")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Proposals per vmap.")
-_TIME_BUDGET_S = flags.DEFINE_float("time_budget_s", 600.0,
-                                    "Per-inversion wall-time budget.")
-_OUTPUT = flags.DEFINE_string("output", "benchmark.jsonl",
-                              "JSON-lines log to append to (and resume).")
+_TIME_BUDGET_S = flags.DEFINE_float(
+  "time_budget_s", 600.0, "Per-inversion wall-time budget."
+)
+_OUTPUT = flags.DEFINE_string(
+  "output", "benchmark.jsonl", "JSON-lines log to append to (and resume)."
+)
 
 
 def _problem(key, m, b, dtype):
   """A client gradient of real images: (update, truth)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from spear_jax import _client, _data  # pylint: disable=g-import-not-at-top
+
+  from spear_jax import _client  # pylint: disable=g-import-not-at-top
+  from spear_jax import _data  # pylint: disable=g-import-not-at-top
 
   data_key, model_key, label_key = jax.random.split(key, 3)
   images = _data.load_bundled("cifar_like")
@@ -97,6 +108,7 @@ def _problem(key, m, b, dtype):
 
 def _max_error(recovered, truth):
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from spear_jax import _metrics  # pylint: disable=g-import-not-at-top
 
   scores = _metrics.match_and_score(np.asarray(recovered), np.asarray(truth))
@@ -122,6 +134,7 @@ def _throughput(config, emit):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import spear_jax  # pylint: disable=g-import-not-at-top
   from spear_jax import _linalg  # pylint: disable=g-import-not-at-top
   from spear_jax import _proposals  # pylint: disable=g-import-not-at-top
@@ -134,42 +147,62 @@ def _throughput(config, emit):
     for b in map(int, _BS.value):
       shape_key = jax.random.fold_in(jax.random.fold_in(root, m), b)
       # Warm-up on a problem of the same shape: compiles everything.
-      warm = _problem(jax.random.fold_in(shape_key, 10_000), m, b,
-                      jnp.float64)
+      warm = _problem(jax.random.fold_in(shape_key, 10_000), m, b, jnp.float64)
       start = time.perf_counter()
-      spear_jax.invert(warm.weight_grad, warm.bias_grad,
-                       key=jax.random.key(0), weight=warm.weight,
-                       bias=warm.bias, config=config)
+      spear_jax.invert(
+        warm.weight_grad,
+        warm.bias_grad,
+        key=jax.random.key(0),
+        weight=warm.weight,
+        bias=warm.bias,
+        config=config,
+      )
       first_call_s = time.perf_counter() - start
 
       # Throughput of the vmapped proposal stage alone.
       tol = _linalg.resolve_tolerances(config, jnp.float64, m, 3072)
-      l_mxb, _, _, _ = spear_jax.attack.factorize(warm.weight_grad, b,
-                                           tol.rank_rtol)
+      l_mxb, _, _, _ = spear_jax.attack.factorize(
+        warm.weight_grad, b, tol.rank_rtol
+      )
       alive = jnp.ones((m,), bool)
       rows = jnp.arange(m, dtype=jnp.int32)
 
       devices = _proposals._devices(config)  # pylint: disable=protected-access
       screen = _proposals._screen_block_fn(  # pylint: disable=protected-access
-        devices, config.block_size, config.chunk_size,
+        devices,
+        config.block_size,
+        config.chunk_size,
         config.max_candidates_per_block,
       )
 
-      def jax_block(i, l_mxb=l_mxb, alive=alive, rows=rows, screen=screen):
-        return screen(
-          jax.random.split(jax.random.key(i), len(devices)), l_mxb, rows,
-          alive, jnp.asarray(m),
-          jnp.asarray(tol.screen), jnp.asarray(b + 10),
-        )
+      args = (
+        l_mxb,
+        rows,
+        alive,
+        jnp.asarray(m),
+        jnp.asarray(tol.screen),
+        jnp.asarray(b + 10),
+      )
+      count = len(devices)
+
+      def jax_block(i, screen=screen, args=args, count=count):
+        return screen(jax.random.split(jax.random.key(i), count), *args)
 
       compile_s, times = _time_block(jax_block, _REPEATS.value)
-      emit({
-        "kind": "proposal_block", "impl": "jax", "m": m, "b": b,
-        "num_devices": len(devices),
-        "block_size": config.block_size, "compile_s": compile_s,
-        "median_s": statistics.median(times), "min_s": min(times),
-        "proposals_per_s": config.block_size / statistics.median(times),
-      })
+      emit(
+        {
+          "kind": "proposal_block",
+          "impl": "jax",
+          "m": m,
+          "b": b,
+          "num_devices": len(devices),
+          "block_size": config.block_size,
+          "compile_s": compile_s,
+          "median_s": statistics.median(times),
+          "min_s": min(times),
+          "proposals_per_s": config.block_size / statistics.median(times),
+        }
+      )
       if _BASELINE.value and b <= _BASELINE_MAX_B.value:
         l_np = np.asarray(l_mxb)
         rng = np.random.default_rng(0)
@@ -177,52 +210,75 @@ def _throughput(config, emit):
         for _ in range(_REPEATS.value):
           start = time.perf_counter()
           numpy_baseline._propose(  # pylint: disable=protected-access
-            rng, l_np, m, b, config.block_size, tol.screen)
+            rng, l_np, m, b, config.block_size, tol.screen
+          )
           np_times.append(time.perf_counter() - start)
-        emit({
-          "kind": "proposal_block", "impl": "numpy", "m": m, "b": b,
-          "block_size": config.block_size,
-          "median_s": statistics.median(np_times), "min_s": min(np_times),
-          "proposals_per_s": config.block_size / statistics.median(np_times),
-        })
+        emit(
+          {
+            "kind": "proposal_block",
+            "impl": "numpy",
+            "m": m,
+            "b": b,
+            "block_size": config.block_size,
+            "median_s": statistics.median(np_times),
+            "min_s": min(np_times),
+            "proposals_per_s": config.block_size / statistics.median(np_times),
+          }
+        )
 
       for trial in range(_TRIALS.value):
-        update = _problem(jax.random.fold_in(shape_key, trial), m, b,
-                          jnp.float64)
+        update = _problem(
+          jax.random.fold_in(shape_key, trial), m, b, jnp.float64
+        )
         start = time.perf_counter()
         result = spear_jax.invert(
-          update.weight_grad, update.bias_grad,
-          key=jax.random.key(trial), weight=update.weight,
-          bias=update.bias, config=config,
+          update.weight_grad,
+          update.bias_grad,
+          key=jax.random.key(trial),
+          weight=update.weight,
+          bias=update.bias,
+          config=config,
         )
         jax.block_until_ready(result.inputs)
         seconds = time.perf_counter() - start
         max_err, exact = _max_error(result.inputs, update.inputs)
         record = {
-          "kind": "inversion", "m": m, "b": b, "trial": trial,
-          "jax_s": seconds, "jax_first_call_s": first_call_s,
+          "kind": "inversion",
+          "m": m,
+          "b": b,
+          "trial": trial,
+          "jax_s": seconds,
+          "jax_first_call_s": first_call_s,
           "jax_proposals": result.stats.proposals,
           "jax_success": bool(result.success),
           "jax_stop_reason": result.stats.stop_reason,
-          "jax_max_abs_error": max_err, "jax_exact": exact,
+          "jax_max_abs_error": max_err,
+          "jax_exact": exact,
           "tau": result.stats.tau,
         }
         if _BASELINE.value and b <= _BASELINE_MAX_B.value:
           out = numpy_baseline.invert_numpy(
-            np.asarray(update.weight_grad), np.asarray(update.bias_grad),
-            seed=trial, weight=np.asarray(update.weight),
-            bias=np.asarray(update.bias), block_size=config.block_size,
+            np.asarray(update.weight_grad),
+            np.asarray(update.bias_grad),
+            seed=trial,
+            weight=np.asarray(update.weight),
+            bias=np.asarray(update.bias),
+            block_size=config.block_size,
             time_budget_s=_TIME_BUDGET_S.value,
           )
           np_err, np_exact = _max_error(out["inputs"], update.inputs)
-          record.update({
-            "numpy_s": out["seconds"], "numpy_proposals": out["proposals"],
-            "numpy_success": bool(out["success"]),
-            "numpy_max_abs_error": np_err, "numpy_exact": np_exact,
-            "time_ratio_numpy_over_jax": out["seconds"] / seconds,
-            "per_proposal_ratio": (out["seconds"] / out["proposals"])
-            / (seconds / result.stats.proposals),
-          })
+          record.update(
+            {
+              "numpy_s": out["seconds"],
+              "numpy_proposals": out["proposals"],
+              "numpy_success": bool(out["success"]),
+              "numpy_max_abs_error": np_err,
+              "numpy_exact": np_exact,
+              "time_ratio_numpy_over_jax": out["seconds"] / seconds,
+              "per_proposal_ratio": (out["seconds"] / out["proposals"])
+              / (seconds / result.stats.proposals),
+            }
+          )
         emit(record)
 
 
@@ -258,8 +314,10 @@ def _settings():
 def _sweep(config, env):
   """Runs the pending trials of the sweep; returns True if interrupted."""
   import dataclasses  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   import spear_jax  # pylint: disable=g-import-not-at-top
   from spear_jax import _experiment  # pylint: disable=g-import-not-at-top
   from spear_jax import _report  # pylint: disable=g-import-not-at-top
@@ -268,16 +326,27 @@ def _sweep(config, env):
   done = {_report.trial_key(r) for r in _report.read_records(_OUTPUT.value)}
   plan = []
   for method, objective, dataset, m, b in _settings():
-    setting = {"method": method, "objective": objective, "dataset": dataset,
-               "width": m, "batch_size": b, "depth": _DEPTH.value,
-               "dtype": dtype, "seed": _SEED.value}
-    pending = [t for t in range(_TRIALS.value)
-               if _report.trial_key({**setting, "trial": t}) not in done]
+    setting = {
+      "method": method,
+      "objective": objective,
+      "dataset": dataset,
+      "width": m,
+      "batch_size": b,
+      "depth": _DEPTH.value,
+      "dtype": dtype,
+      "seed": _SEED.value,
+    }
+    pending = [
+      t
+      for t in range(_TRIALS.value)
+      if _report.trial_key({**setting, "trial": t}) not in done
+    ]
     if pending:
       plan.append((setting, pending))
   total = sum(len(pending) for _, pending in plan)
-  logging.info("%d trials pending, %d already in %s", total, len(done),
-               _OUTPUT.value)
+  logging.info(
+    "%d trials pending, %d already in %s", total, len(done), _OUTPUT.value
+  )
   progress = _report.ProgressBar(total, "trials")
   image_sets = {}
   root = jax.random.key(_SEED.value)
@@ -285,20 +354,28 @@ def _sweep(config, env):
     for setting, pending in plan:
       name = setting["dataset"]
       if name not in image_sets:
-        image_sets[name] = spear_jax.data.load_dataset(name,
-                                                  data_dir=_DATA_DIR.value)
+        image_sets[name] = spear_jax.data.load_dataset(
+          name, data_dir=_DATA_DIR.value
+        )
       learner = spear_jax.LearnerConfig(
-        objective=("l1" if setting["objective"] == "none"
-                   else setting["objective"]))
+        objective=(
+          "l1" if setting["objective"] == "none" else setting["objective"]
+        )
+      )
       cfg = dataclasses.replace(config, learner=learner)
       # Problems depend on (dataset, m, b, trial) only: every method and
       # objective attacks the same gradients.
       shape_key = jax.random.fold_in(root, zlib.crc32(name.encode()))
       shape_key = jax.random.fold_in(shape_key, setting["width"])
       shape_key = jax.random.fold_in(shape_key, setting["batch_size"])
-      kwargs = dict(batch_size=setting["batch_size"], width=setting["width"],
-                    depth=setting["depth"], method=setting["method"],
-                    dtype=jnp.dtype(dtype), config=cfg)
+      kwargs = {
+        "batch_size": setting["batch_size"],
+        "width": setting["width"],
+        "depth": setting["depth"],
+        "method": setting["method"],
+        "dtype": jnp.dtype(dtype),
+        "config": cfg,
+      }
       first_call_s = None
       if _WARMUP.value:
         # Compiles everything; a short budget keeps a hopeless setting
@@ -308,28 +385,41 @@ def _sweep(config, env):
           warm_cfg = dataclasses.replace(cfg, time_budget_s=5.0)
         else:
           warm_cfg = dataclasses.replace(
-            cfg, time_budget_s=None,
-            learner=dataclasses.replace(learner, max_rounds=2))
+            cfg,
+            time_budget_s=None,
+            learner=dataclasses.replace(learner, max_rounds=2),
+          )
         start = time.perf_counter()
         _experiment.run_trial(
-          jax.random.fold_in(shape_key, 1_000_000), image_sets[name],
+          jax.random.fold_in(shape_key, 1_000_000),
+          image_sets[name],
           **{**kwargs, "config": warm_cfg},
         )
         first_call_s = time.perf_counter() - start
       for trial in pending:
-        result = _experiment.run_trial(jax.random.fold_in(shape_key, trial),
-                                       image_sets[name], **kwargs)
+        result = _experiment.run_trial(
+          jax.random.fold_in(shape_key, trial), image_sets[name], **kwargs
+        )
         if result["stats"]["stop_reason"] == "interrupted":
           raise KeyboardInterrupt
         record = _experiment.trial_record(
-          result, seed=setting["seed"], trial=trial,
-          first_call_s=first_call_s, kind="trial", **env)
+          result,
+          seed=setting["seed"],
+          trial=trial,
+          first_call_s=first_call_s,
+          kind="trial",
+          **env,
+        )
         _report.append_record(_OUTPUT.value, record)
-        progress.advance(1, (
-          f"{setting['method']}/{setting['objective']} "
-          f"{name} m={setting['width']} b={setting['batch_size']} "
-          f"trial {trial}: {record['exact_samples']}/"
-          f"{record['batch_size']} exact, {record['seconds']:.1f} s"))
+        progress.advance(
+          1,
+          (
+            f"{setting['method']}/{setting['objective']} "
+            f"{name} m={setting['width']} b={setting['batch_size']} "
+            f"trial {trial}: {record['exact_samples']}/"
+            f"{record['batch_size']} exact, {record['seconds']:.1f} s"
+          ),
+        )
   except KeyboardInterrupt:
     progress.close()
     return True
@@ -342,21 +432,25 @@ def _summarize(env):
 
   rows = _report.summarize(_report.read_records(_OUTPUT.value))
   prefix = _OUTPUT.value
-  if prefix.endswith(".jsonl"):
-    prefix = prefix[: -len(".jsonl")]
+  prefix = prefix.removesuffix(".jsonl")
   _report.write_csv(f"{prefix}_summary.csv", rows)
-  print(f"{'method':>8} {'obj':>7} {'dataset':>10} {'m':>5} {'b':>4} "
-        f"{'exact':>7} {'median s':>9} {'PSNR':>7} {'SSIM':>6}")
+  print(
+    f"{'method':>8} {'obj':>7} {'dataset':>10} {'m':>5} {'b':>4} "
+    f"{'exact':>7} {'median s':>9} {'PSNR':>7} {'SSIM':>6}"
+  )
   for r in rows:
-    print(f"{r['method']:>8} {r['objective']:>7} {r['dataset']:>10} "
-          f"{r['width']:>5} {r['batch_size']:>4} "
-          f"{r['exact_batches']:>3}/{r['trials']:<3} "
-          f"{r['median_seconds']:>9.2f} {r['mean_psnr']:>7.1f} "
-          f"{r['mean_ssim']:>6.3f}")
+    print(
+      f"{r['method']:>8} {r['objective']:>7} {r['dataset']:>10} "
+      f"{r['width']:>5} {r['batch_size']:>4} "
+      f"{r['exact_batches']:>3}/{r['trials']:<3} "
+      f"{r['median_seconds']:>9.2f} {r['mean_psnr']:>7.1f} "
+      f"{r['mean_ssim']:>6.3f}"
+    )
   written = [f"{prefix}_summary.csv"]
   try:
     written += _report.plot_summary(
-      rows, prefix, title=f"{env['device_kind']}, {env['jax_devices']} dev")
+      rows, prefix, title=f"{env['device_kind']}, {env['jax_devices']} dev"
+    )
   except ImportError as err:
     logging.warning("%s; skipping the plots.", err)
   print("wrote " + ", ".join(written))
@@ -373,8 +467,10 @@ def main(argv):
   env = _environment()
   logging.info("environment: %s", env)
   config = spear_jax.AttackConfig(
-    block_size=_BLOCK_SIZE.value, chunk_size=_CHUNK_SIZE.value,
-    time_budget_s=_TIME_BUDGET_S.value, log_every_s=30.0,
+    block_size=_BLOCK_SIZE.value,
+    chunk_size=_CHUNK_SIZE.value,
+    time_budget_s=_TIME_BUDGET_S.value,
+    log_every_s=30.0,
   )
   if _MODE.value == "throughput":
 
@@ -393,8 +489,7 @@ def main(argv):
     sys.exit(2)
   _summarize(env)
   if interrupted:
-    print("interrupted; run the same command again to resume.",
-          file=sys.stderr)
+    print("interrupted; run the same command again to resume.", file=sys.stderr)
     sys.exit(1)
 
 

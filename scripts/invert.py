@@ -31,14 +31,17 @@ _GRADIENTS = flags.DEFINE_string(
   "gradients", None, "Input .npz with weight_grad, bias_grad[, weight, bias]."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Output .npz path.")
-_METHOD = flags.DEFINE_enum("method", "spear", ["spear", "spearpp"],
-                             "Attack method: SPEAR or SPEAR++.")
+_METHOD = flags.DEFINE_enum(
+  "method", "spear", ["spear", "spearpp"], "Attack method: SPEAR or SPEAR++."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampler's PRNG key.")
 _BATCH_SIZE = flags.DEFINE_integer(
   "batch_size", None, "Batch size b; default: the numerical rank."
 )
 _DTYPE = flags.DEFINE_enum(
-  "dtype", "float64", ["float64", "float32"],
+  "dtype",
+  "float64",
+  ["float64", "float32"],
   "Computation dtype; exact recovery needs float64.",
 )
 _MAX_PROPOSALS = flags.DEFINE_integer(
@@ -51,7 +54,8 @@ _BLOCK_SIZE = flags.DEFINE_integer(
   "block_size", 8192, "Proposals per jitted block."
 )
 _CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None,
+  "checkpoint",
+  None,
   "Optional .npz where the directions found so far are saved every few "
   "seconds and on exit (also on Ctrl-C); an existing checkpoint of the same "
   "gradient is resumed.",
@@ -124,8 +128,12 @@ def _load_checkpoint(fingerprint: str):
       f"{path}: checkpoint belongs to a different gradient; remove it or "
       "pass another --checkpoint."
     )
-  logging.info("resuming from %s: %d directions, %d proposals", path,
-               candidates.shape[0], proposals)
+  logging.info(
+    "resuming from %s: %d directions, %d proposals",
+    path,
+    candidates.shape[0],
+    proposals,
+  )
   return candidates, proposals
 
 
@@ -151,13 +159,16 @@ def main(argv):
 
   jax.config.update("jax_enable_x64", _DTYPE.value == "float64")
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import spear_jax  # pylint: disable=g-import-not-at-top
 
   logging.info("devices: %s", jax.devices())
   try:
     arrays = load_gradients(_GRADIENTS.value)
-    arrays = {k: v.astype(_DTYPE.value) if np.issubdtype(v.dtype, np.number)
-              else v for k, v in arrays.items()}
+    arrays = {
+      k: v.astype(_DTYPE.value) if np.issubdtype(v.dtype, np.number) else v
+      for k, v in arrays.items()
+    }
     config = spear_jax.AttackConfig(
       max_proposals=_MAX_PROPOSALS.value,
       time_budget_s=_TIME_BUDGET_S.value,
@@ -171,9 +182,12 @@ def main(argv):
 
     def checkpoint_fn(candidates, proposals):
       if _CHECKPOINT.value:
-        _write_npz(_CHECKPOINT.value, candidates=candidates,
-                   proposals=np.asarray(earlier_proposals + proposals),
-                   fingerprint=np.asarray(fingerprint))
+        _write_npz(
+          _CHECKPOINT.value,
+          candidates=candidates,
+          proposals=np.asarray(earlier_proposals + proposals),
+          fingerprint=np.asarray(fingerprint),
+        )
 
     result = spear_jax.invert(
       arrays["weight_grad"],

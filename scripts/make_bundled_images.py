@@ -30,8 +30,10 @@ Usage:
 
 import os
 
+from absl import app
+from absl import flags
+from absl import logging
 import numpy as np
-from absl import app, flags, logging
 
 _OUTPUT = flags.DEFINE_string(
   "output",

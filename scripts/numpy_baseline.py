@@ -76,9 +76,7 @@ def _check_inputs(weight_grad, bias_grad, weight, bias):
     weight = _as_float(weight, "weight").astype(dtype)
     bias = _as_float(bias, "bias").astype(dtype)
     if weight.shape != (m, n):
-      raise ValueError(
-        f"weight must have shape {(m, n)}, got {weight.shape}."
-      )
+      raise ValueError(f"weight must have shape {(m, n)}, got {weight.shape}.")
     if bias.shape != (m,):
       raise ValueError(f"bias must have shape ({m},), got {bias.shape}.")
   return weight_grad, bias_grad, weight, bias
@@ -87,8 +85,9 @@ def _check_inputs(weight_grad, bias_grad, weight, bias):
 class _Problem:
   """Factors, certificate inputs and tolerances of one inversion."""
 
-  def __init__(self, l_mxb, r_bxn, bias_grad, weight, bias, zero_tol,
-               cert_slack):
+  def __init__(
+    self, l_mxb, r_bxn, bias_grad, weight, bias, zero_tol, cert_slack
+  ):
     self.l_mxb, self.r_bxn, self.bias_grad = l_mxb, r_bxn, bias_grad
     self.weight, self.bias = weight, bias
     self.zero_tol, self.cert_slack = zero_tol, cert_slack
@@ -127,9 +126,7 @@ class _Problem:
         np.abs(self.weight) @ np.abs(inputs_bxn).T + np.abs(self.bias)[:, None]
       )
       column_norm_b = np.linalg.norm(grad_z_mxb, axis=0)
-      nonzero_mxb = (
-        np.abs(grad_z_mxb) > self.zero_tol * column_norm_b[None, :]
-      )
+      nonzero_mxb = np.abs(grad_z_mxb) > self.zero_tol * column_norm_b[None, :]
       inactive_mxb = z_mxb <= -self.cert_slack * scale_mxb
     violated_b = np.any(nonzero_mxb & inactive_mxb, axis=0)
     finite_b = np.all(np.isfinite(inputs_bxn), axis=1)
@@ -197,7 +194,8 @@ def _polish(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
   # of the direction (1 for the rows that pinned a mixture), or inf when the
   # zero set leaves a null space of dimension two or more.
   eigvals, eigvecs = np.linalg.eigh(
-    np.swapaxes(masked_kxmxb, 1, 2) @ masked_kxmxb)
+    np.swapaxes(masked_kxmxb, 1, 2) @ masked_kxmxb
+  )
   coords = (l_mxb[None, :, :] @ eigvecs)[:, :, 1:]
   lam = np.maximum(eigvals[:, 1:], np.finfo(l_mxb.dtype).tiny)
   leverage = np.sum(coords**2 / lam[:, None, :], axis=2)
@@ -277,8 +275,9 @@ def _select_independent(pool_dirs, pool_zeros, threshold, indep_tol, b):
   return np.asarray(chosen, dtype=np.int64)
 
 
-def _swap_stage(problem, pool_dirs, pool_zeros, chosen, threshold, budget,
-                tried, indep_tol):
+def _swap_stage(
+  problem, pool_dirs, pool_zeros, chosen, threshold, budget, tried, indep_tol
+):
   """Stage 2: swap in other candidates while more samples verify.
 
   Returns:
@@ -290,7 +289,8 @@ def _swap_stage(problem, pool_dirs, pool_zeros, chosen, threshold, budget,
   tried.add(frozenset(chosen.tolist()))
   in_selection = set(chosen.tolist())
   others = [
-    int(c) for c in np.argsort(-pool_zeros, kind="stable")
+    int(c)
+    for c in np.argsort(-pool_zeros, kind="stable")
     if pool_zeros[c] >= threshold and int(c) not in in_selection
   ]
   trials = 0
@@ -386,11 +386,11 @@ def invert_numpy(
   m, n = weight_grad.shape
   dtype = weight_grad.dtype
   eps = float(np.finfo(dtype).eps)
-  screen_tol = eps ** 0.5
+  screen_tol = eps**0.5
   zero_tol = eps ** (2 / 3)
   dedup_tol = eps ** (2 / 3)
   indep_tol = eps ** (1 / 3)
-  cert_slack = eps ** 0.5
+  cert_slack = eps**0.5
 
   u, s, vt = np.linalg.svd(weight_grad, full_matrices=False)
   rank = int(np.sum(s > 10.0 * max(m, n) * eps * s[0])) if s[0] > 0 else 0
@@ -419,8 +419,9 @@ def invert_numpy(
   if max_proposals is None:
     max_proposals = default_max_proposals(b)
 
-  problem = _Problem(l_mxb, r_bxn, bias_grad, weight, bias, zero_tol,
-                     cert_slack)
+  problem = _Problem(
+    l_mxb, r_bxn, bias_grad, weight, bias, zero_tol, cert_slack
+  )
   rng = np.random.default_rng(seed)
   pool_dirs = np.zeros((0, b), dtype)
   pool_zeros = np.zeros((0,), np.int64)
@@ -435,8 +436,11 @@ def invert_numpy(
     pool_zeros = np.zeros((1,), np.int64)
     chosen = np.zeros((1,), np.int64)
     result = problem.reconstruct(pool_dirs.T)
-    stop_reason = "recovered" if weight is None else (
-      "certified" if np.all(result[3]) else "not_certified")
+    stop_reason = (
+      "recovered"
+      if weight is None
+      else ("certified" if np.all(result[3]) else "not_certified")
+    )
   while b > 1:
     dirs, zeros = _propose(rng, l_alive, num_alive, b, block_size, screen_tol)
     proposals += block_size
@@ -449,8 +453,12 @@ def invert_numpy(
       )
       keep = (new_zeros >= floor) & (leverage < 1.0 - eps ** (1 / 3))
       pool_dirs, pool_zeros, num_new = _merge(
-        pool_dirs, pool_zeros, polished[keep], new_zeros[keep].astype(np.int64),
-        dedup_tol, pool_capacity,
+        pool_dirs,
+        pool_zeros,
+        polished[keep],
+        new_zeros[keep].astype(np.int64),
+        dedup_tol,
+        pool_capacity,
       )
     if num_new:
       threshold = _threshold(pool_zeros, b, floor, tau_relative)
@@ -464,7 +472,13 @@ def invert_numpy(
           break
         if not np.all(result[3]):
           chosen, result = _swap_stage(
-            problem, pool_dirs, pool_zeros, chosen, threshold, 2 * b, tried,
+            problem,
+            pool_dirs,
+            pool_zeros,
+            chosen,
+            threshold,
+            2 * b,
+            tried,
             indep_tol,
           )
         if np.all(result[3]):
@@ -474,8 +488,7 @@ def invert_numpy(
       stop_reason = "max_proposals"
       break
     if (
-      time_budget_s is not None
-      and time.perf_counter() - start >= time_budget_s
+      time_budget_s is not None and time.perf_counter() - start >= time_budget_s
     ):
       stop_reason = "time_budget"
       break
@@ -485,17 +498,17 @@ def invert_numpy(
   inputs, grad_z, _, verified = result
   recovered = chosen.shape[0] == b
   success = bool(recovered and (weight is None or np.all(verified)))
-  return dict(
-    inputs=inputs,
-    grad_z=grad_z,
-    verified=np.asarray(verified, bool),
-    success=success,
-    proposals=proposals,
-    blocks=blocks,
-    candidates=int(pool_zeros.shape[0]),
-    seconds=time.perf_counter() - start,
-    stop_reason=stop_reason,
-  )
+  return {
+    "inputs": inputs,
+    "grad_z": grad_z,
+    "verified": np.asarray(verified, bool),
+    "success": success,
+    "proposals": proposals,
+    "blocks": blocks,
+    "candidates": int(pool_zeros.shape[0]),
+    "seconds": time.perf_counter() - start,
+    "stop_reason": stop_reason,
+  }
 
 
 def make_problem(m, n, b, seed, dtype=np.float64):
@@ -511,9 +524,15 @@ def make_problem(m, n, b, seed, dtype=np.float64):
   bias = 0.1 * rng.standard_normal(m)
   z_mxb = weight @ x_bxn.T + bias[:, None]
   d_mxb = (z_mxb > 0) * rng.standard_normal((m, b))
-  cast = lambda a: a.astype(dtype)  # noqa: E731
-  return (cast(d_mxb @ x_bxn), cast(d_mxb.sum(1)), cast(weight), cast(bias),
-          x_bxn, d_mxb)
+  cast = lambda a: a.astype(dtype)
+  return (
+    cast(d_mxb @ x_bxn),
+    cast(d_mxb.sum(1)),
+    cast(weight),
+    cast(bias),
+    x_bxn,
+    d_mxb,
+  )
 
 
 def _main():
@@ -526,7 +545,7 @@ def _main():
   args = parser.parse_args()
   for b in args.b:
     wg, bg, w, bi, x_bxn, _ = make_problem(args.m, args.n, b, args.seed)
-    cert = {} if args.no_certificate else dict(weight=w, bias=bi)
+    cert = {} if args.no_certificate else {"weight": w, "bias": bi}
     out = invert_numpy(wg, bg, seed=args.seed, **cert)
     cos = np.abs(
       (out["inputs"] / np.linalg.norm(out["inputs"], axis=1, keepdims=True))

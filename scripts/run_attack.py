@@ -44,33 +44,46 @@ from absl import flags
 from absl import logging
 
 _DATASET = flags.DEFINE_string(
-  "dataset", "cifar_like",
+  "dataset",
+  "cifar_like",
   "Image set: a bundled offline set (cifar_like, faces, digits) or a "
   "tensorflow-datasets name prepared under --data_dir (mnist, cifar10, "
   "cifar100, imagenet2012, ...).",
 )
 _DATA_DIR = flags.DEFINE_string(
-  "data_dir", None, "tensorflow-datasets data directory (tfds sets only).")
+  "data_dir", None, "tensorflow-datasets data directory (tfds sets only)."
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Client batch size b.")
 _WIDTH = flags.DEFINE_integer("width", 400, "Hidden width m.")
 _DEPTH = flags.DEFINE_integer("depth", 2, "Number of hidden layers.")
 _LAYER = flags.DEFINE_integer(
-  "layer", 0, "Attacked hidden layer (0 sees the images; a deeper layer's "
-  "inputs are activations, drawn as an error heatmap).")
-_METHOD = flags.DEFINE_enum("method", "spear", ["spear", "spearpp"],
-                            "Attack: SPEAR (sampling) or SPEAR++ "
-                            "(dictionary learning).")
-_NUM_TRIALS = flags.DEFINE_integer("num_trials", 1,
-                                   "Number of batches to attack.")
+  "layer",
+  0,
+  "Attacked hidden layer (0 sees the images; a deeper layer's "
+  "inputs are activations, drawn as an error heatmap).",
+)
+_METHOD = flags.DEFINE_enum(
+  "method",
+  "spear",
+  ["spear", "spearpp"],
+  "Attack: SPEAR (sampling) or SPEAR++ (dictionary learning).",
+)
+_NUM_TRIALS = flags.DEFINE_integer(
+  "num_trials", 1, "Number of batches to attack."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the experiment.")
-_DTYPE = flags.DEFINE_enum("dtype", "float64", ["float64", "float32"],
-                           "Computation dtype.")
+_DTYPE = flags.DEFINE_enum(
+  "dtype", "float64", ["float64", "float32"], "Computation dtype."
+)
 _TIME_BUDGET_S = flags.DEFINE_float(
-  "time_budget_s", None, "Wall-time budget of each inversion (seconds).")
-_OUT_DIR = flags.DEFINE_string("out_dir", "runs/attack",
-                               "Directory for metrics.json and the picture.")
+  "time_budget_s", None, "Wall-time budget of each inversion (seconds)."
+)
+_OUT_DIR = flags.DEFINE_string(
+  "out_dir", "runs/attack", "Directory for metrics.json and the picture."
+)
 _RESUME = flags.DEFINE_boolean(
-  "resume", True, "Reuse the trials already finished in --out_dir.")
+  "resume", True, "Reuse the trials already finished in --out_dir."
+)
 
 _PROG = "run_attack.py"
 
@@ -88,16 +101,21 @@ def _parse_flags(argv):
 
 
 def _check_flags():
-  for name, value in (("batch_size", _BATCH_SIZE.value),
-                      ("width", _WIDTH.value), ("depth", _DEPTH.value),
-                      ("num_trials", _NUM_TRIALS.value)):
+  for name, value in (
+    ("batch_size", _BATCH_SIZE.value),
+    ("width", _WIDTH.value),
+    ("depth", _DEPTH.value),
+    ("num_trials", _NUM_TRIALS.value),
+  ):
     if value < 1:
       _fail(f"--{name} must be at least 1, got {value}.")
   if _SEED.value < 0:
     _fail(f"--seed must be non-negative, got {_SEED.value}.")
   if not 0 <= _LAYER.value < _DEPTH.value:
-    _fail(f"--layer must be in [0, {_DEPTH.value - 1}] for --depth="
-          f"{_DEPTH.value}, got {_LAYER.value}.")
+    _fail(
+      f"--layer must be in [0, {_DEPTH.value - 1}] for --depth="
+      f"{_DEPTH.value}, got {_LAYER.value}."
+    )
   if _TIME_BUDGET_S.value is not None and _TIME_BUDGET_S.value <= 0:
     _fail(f"--time_budget_s must be positive, got {_TIME_BUDGET_S.value}.")
 
@@ -108,6 +126,7 @@ def _environment():
   import jaxlib  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+
   import spear_jax  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
@@ -119,9 +138,12 @@ def _environment():
     "machine": platform.machine(),
     "python": platform.python_version(),
     "versions": {
-      "spear_jax": spear_jax.__version__, "jax": jax.__version__,
-      "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-      "optax": optax.__version__, "numpy": np.__version__,
+      "spear_jax": spear_jax.__version__,
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "numpy": np.__version__,
     },
   }
 
@@ -149,18 +171,22 @@ def main(argv):
   jax.config.update("jax_enable_x64", _DTYPE.value == "float64")
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import spear_jax  # pylint: disable=g-import-not-at-top
   from spear_jax import _experiment  # pylint: disable=g-import-not-at-top
   from spear_jax import _report  # pylint: disable=g-import-not-at-top
 
   try:
-    image_set = spear_jax.data.load_dataset(_DATASET.value,
-                                       data_dir=_DATA_DIR.value)
+    image_set = spear_jax.data.load_dataset(
+      _DATASET.value, data_dir=_DATA_DIR.value
+    )
   except (ValueError, FileNotFoundError, ImportError) as err:
     _fail(str(err).splitlines()[0])
   if _BATCH_SIZE.value > image_set.num_images:
-    _fail(f"--batch_size={_BATCH_SIZE.value} exceeds the "
-          f"{image_set.num_images} images of {_DATASET.value!r}.")
+    _fail(
+      f"--batch_size={_BATCH_SIZE.value} exceeds the "
+      f"{image_set.num_images} images of {_DATASET.value!r}."
+    )
   out_dir = os.path.expanduser(_OUT_DIR.value)
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -171,14 +197,18 @@ def main(argv):
     os.remove(log_path)
   setting = _setting()
   finished = {
-    r["trial"]: r for r in _report.read_records(log_path)
+    r["trial"]: r
+    for r in _report.read_records(log_path)
     if all(r.get(k) == v for k, v in setting.items())
   }
   config = spear_jax.AttackConfig(time_budget_s=_TIME_BUDGET_S.value)
   logging.info("devices: %s", jax.devices())
-  print(f"{_METHOD.value} on {_BATCH_SIZE.value} {_DATASET.value} images "
-        f"per batch, width {_WIDTH.value}, depth {_DEPTH.value}, "
-        f"{_DTYPE.value}, {_NUM_TRIALS.value} trial(s)", flush=True)
+  print(
+    f"{_METHOD.value} on {_BATCH_SIZE.value} {_DATASET.value} images "
+    f"per batch, width {_WIDTH.value}, depth {_DEPTH.value}, "
+    f"{_DTYPE.value}, {_NUM_TRIALS.value} trial(s)",
+    flush=True,
+  )
   progress = _report.ProgressBar(_NUM_TRIALS.value, "trials")
   resumed = sum(t < _NUM_TRIALS.value for t in finished)
   if resumed:
@@ -190,10 +220,15 @@ def main(argv):
       continue
     try:
       result = _experiment.run_trial(
-        jax.random.fold_in(root, trial), image_set,
-        batch_size=_BATCH_SIZE.value, width=_WIDTH.value,
-        depth=_DEPTH.value, layer=_LAYER.value, method=_METHOD.value,
-        dtype=jnp.dtype(_DTYPE.value), config=config,
+        jax.random.fold_in(root, trial),
+        image_set,
+        batch_size=_BATCH_SIZE.value,
+        width=_WIDTH.value,
+        depth=_DEPTH.value,
+        layer=_LAYER.value,
+        method=_METHOD.value,
+        dtype=jnp.dtype(_DTYPE.value),
+        config=config,
       )
     except KeyboardInterrupt:
       interrupted = True
@@ -202,64 +237,95 @@ def main(argv):
       interrupted = True
       break
     arrays = result["arrays"]
-    np.savez(os.path.join(out_dir, f"trial_{trial:03d}.npz"),
-             truth=arrays["truth"], recovered=arrays["recovered"],
-             verified=np.asarray(result["per_sample"]["verified"]),
-             exact=np.asarray(result["per_sample"]["exact"]))
+    np.savez(
+      os.path.join(out_dir, f"trial_{trial:03d}.npz"),
+      truth=arrays["truth"],
+      recovered=arrays["recovered"],
+      verified=np.asarray(result["per_sample"]["verified"]),
+      exact=np.asarray(result["per_sample"]["exact"]),
+    )
     record = _experiment.trial_record(result, seed=_SEED.value, trial=trial)
     record["per_sample"] = result["per_sample"]
     _report.append_record(log_path, record)
     finished[trial] = record
-    progress.advance(1, f"last: {record['exact_samples']}/"
-                    f"{record['batch_size']} exact, "
-                    f"{record['seconds']:.1f} s")
+    progress.advance(
+      1,
+      f"last: {record['exact_samples']}/"
+      f"{record['batch_size']} exact, "
+      f"{record['seconds']:.1f} s",
+    )
   progress.close()
 
   trials = [finished[t] for t in sorted(finished) if t < _NUM_TRIALS.value]
   summary = _report.summarize(trials)
   aggregate = summary[0] if summary else {}
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump({
-      "config": {**setting, "num_trials": _NUM_TRIALS.value,
-                 "data_dir": _DATA_DIR.value,
-                 "time_budget_s": _TIME_BUDGET_S.value},
-      "environment": _environment(),
-      "complete": len(trials) == _NUM_TRIALS.value,
-      "aggregate": aggregate,
-      "trials": trials,
-    }, f, indent=2, default=float)
+    json.dump(
+      {
+        "config": {
+          **setting,
+          "num_trials": _NUM_TRIALS.value,
+          "data_dir": _DATA_DIR.value,
+          "time_budget_s": _TIME_BUDGET_S.value,
+        },
+        "environment": _environment(),
+        "complete": len(trials) == _NUM_TRIALS.value,
+        "aggregate": aggregate,
+        "trials": trials,
+      },
+      f,
+      indent=2,
+      default=float,
+    )
   picture = None
   if trials:
-    with np.load(os.path.join(
-        out_dir, f"trial_{trials[0]['trial']:03d}.npz")) as arrays:
+    with np.load(
+      os.path.join(out_dir, f"trial_{trials[0]['trial']:03d}.npz")
+    ) as arrays:
       picture = os.path.join(out_dir, "reconstruction.png")
       if arrays["truth"].ndim == 4:
-        spear_jax.metrics.save_image_grid(picture, arrays["truth"],
-                                  arrays["recovered"],
-                                  exact=arrays["exact"])
+        spear_jax.metrics.save_image_grid(
+          picture, arrays["truth"], arrays["recovered"], exact=arrays["exact"]
+        )
       else:  # hidden activations: |error| per sample and feature
-        spear_jax.metrics.save_error_heatmap(picture, arrays["recovered"],
-                                     arrays["truth"])
+        spear_jax.metrics.save_error_heatmap(
+          picture, arrays["recovered"], arrays["truth"]
+        )
 
   nan = float("nan")
-  print(f"{'trial':>5} {'exact':>7} {'certified':>9} {'PSNR dB':>8} "
-        f"{'SSIM':>7} {'max rel err':>11} {'seconds':>8}  stop")
+  print(
+    f"{'trial':>5} {'exact':>7} {'certified':>9} {'PSNR dB':>8} "
+    f"{'SSIM':>7} {'max rel err':>11} {'seconds':>8}  stop"
+  )
   for r in trials:
-    print(f"{r['trial']:>5} {r['exact_samples']:>3}/{r['batch_size']:<3} "
-          f"{r['verified_samples']:>9} {r.get('mean_psnr', nan):>8.2f} "
-          f"{r.get('mean_ssim', nan):>7.4f} "
-          f"{r['max_relative_error']:>11.2e} {r['seconds']:>8.1f}  "
-          f"{r['stop_reason']}")
+    print(
+      f"{r['trial']:>5} {r['exact_samples']:>3}/{r['batch_size']:<3} "
+      f"{r['verified_samples']:>9} {r.get('mean_psnr', nan):>8.2f} "
+      f"{r.get('mean_ssim', nan):>7.4f} "
+      f"{r['max_relative_error']:>11.2e} {r['seconds']:>8.1f}  "
+      f"{r['stop_reason']}"
+    )
   if interrupted:
-    print(f"interrupted after {len(trials)} finished trial(s); run the same "
-          "command again to resume.", file=sys.stderr)
+    print(
+      f"interrupted after {len(trials)} finished trial(s); run the same "
+      "command again to resume.",
+      file=sys.stderr,
+    )
   exact = sum(bool(r["exact_batch"]) and bool(r["success"]) for r in trials)
-  print(f"exact and certified batches: {exact}/{_NUM_TRIALS.value}; "
-        f"wrote {out_dir}/metrics.json"
-        + (f" and {picture}" if picture else ""))
-  print(json.dumps({"exact_batches": exact, "trials": _NUM_TRIALS.value,
-                    "finished": len(trials),
-                    "seconds": round(sum(r["seconds"] for r in trials), 2)}))
+  print(
+    f"exact and certified batches: {exact}/{_NUM_TRIALS.value}; "
+    f"wrote {out_dir}/metrics.json" + (f" and {picture}" if picture else "")
+  )
+  print(
+    json.dumps(
+      {
+        "exact_batches": exact,
+        "trials": _NUM_TRIALS.value,
+        "finished": len(trials),
+        "seconds": round(sum(r["seconds"] for r in trials), 2),
+      }
+    )
+  )
   sys.exit(0 if exact == _NUM_TRIALS.value else 1)
 
 

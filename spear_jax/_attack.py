@@ -14,29 +14,27 @@ import time
 from typing import NamedTuple
 
 from absl import logging
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from spear_jax._config import AttackConfig
-from spear_jax._pool import CandidatePool, absorb, empty_pool
-from spear_jax._problem import Problem, prepare_problem
+from spear_jax._pool import CandidatePool
+from spear_jax._pool import absorb
+from spear_jax._pool import empty_pool
+from spear_jax._problem import Problem
+from spear_jax._problem import prepare_problem
 from spear_jax._proposals import spear_sampler
-from spear_jax._selection import (
-  Selection,
-  complete_basis,
-  empty_selection,
-  reconstruct,
-  select,
-)
+from spear_jax._selection import Selection
+from spear_jax._selection import complete_basis
+from spear_jax._selection import empty_selection
+from spear_jax._selection import reconstruct
+from spear_jax._selection import select
 from spear_jax._spearpp import spearpp_learner
 from spear_jax._strategy import Strategy
-from spear_jax._types import (
-  ArrayLike,
-  InversionResult,
-  InversionStats,
-  PRNGKeyArray,
-)
+from spear_jax._types import ArrayLike
+from spear_jax._types import InversionResult
+from spear_jax._types import InversionStats
+from spear_jax._types import PRNGKeyArray
 
 __all__ = [
   "METHODS",
@@ -71,9 +69,7 @@ def make_strategy(method: str | Strategy, config: AttackConfig) -> Strategy:
     raise ValueError(
       f"Unknown method {method!r}; available: {', '.join(METHODS)}."
     )
-  return spear_sampler(config) if method == "spear" else spearpp_learner(
-    config
-  )
+  return spear_sampler(config) if method == "spear" else spearpp_learner(config)
 
 
 class SearchState(NamedTuple):
@@ -96,13 +92,15 @@ class SearchState(NamedTuple):
 
 def _update(problem, strategy, config, state, directions):
   """Absorbs raw directions and, when the pool grew, selects again."""
-  pool, num_new = absorb(problem, state.pool, directions, config,
-                         split=strategy.split_mixtures)
+  pool, num_new = absorb(
+    problem, state.pool, directions, config, split=strategy.split_mixtures
+  )
   state = state._replace(pool=pool)
   if not num_new:
     return state
-  selection, stop = select(problem, pool, state.selection, config,
-                           search=strategy.search)
+  selection, stop = select(
+    problem, pool, state.selection, config, search=strategy.search
+  )
   return state._replace(selection=selection, stop_reason=stop)
 
 
@@ -118,17 +116,24 @@ def _log(problem, strategy, state, elapsed):
   logging.info(
     "%s b=%d: %d proposals (%.0f/s), %d blocks, %d candidates, %d/%d "
     "directions, threshold %d/%d zeros",
-    strategy.name, problem.b, state.proposals,
-    state.proposals / max(elapsed, 1e-9), state.blocks,
-    state.pool.zeros.shape[0], state.selection.chosen.shape[0], problem.b,
-    state.selection.threshold, problem.num_alive,
+    strategy.name,
+    problem.b,
+    state.proposals,
+    state.proposals / max(elapsed, 1e-9),
+    state.blocks,
+    state.pool.zeros.shape[0],
+    state.selection.chosen.shape[0],
+    problem.b,
+    state.selection.threshold,
+    problem.num_alive,
   )
 
 
 def _search(key, problem, strategy, config, initial, checkpoint_fn, start):
   """The one loop: strategy step, absorb, select, budget, log, checkpoint."""
-  state = SearchState(empty_pool(problem.b, problem.dtype),
-                      empty_selection(problem))
+  state = SearchState(
+    empty_pool(problem.b, problem.dtype), empty_selection(problem)
+  )
   max_proposals = config.max_proposals or default_max_proposals(problem.b)
   last_log = start
   try:
@@ -138,12 +143,17 @@ def _search(key, problem, strategy, config, initial, checkpoint_fn, start):
     while state.stop_reason is None:
       out = strategy.step(search_state, problem, state.pool, state.selection)
       search_state = out.state
-      state = state._replace(proposals=state.proposals + out.proposals,
-                             blocks=state.blocks + out.blocks)
+      state = state._replace(
+        proposals=state.proposals + out.proposals,
+        blocks=state.blocks + out.blocks,
+      )
       state = _update(problem, strategy, config, state, out.directions)
       now = time.perf_counter()
-      stop = state.stop_reason or out.stop_reason or _budget_stop(
-        config, state, max_proposals, now - start)
+      stop = (
+        state.stop_reason
+        or out.stop_reason
+        or _budget_stop(config, state, max_proposals, now - start)
+      )
       state = state._replace(stop_reason=stop)
       if now - last_log >= config.log_every_s:
         last_log = now
@@ -158,21 +168,27 @@ def _search(key, problem, strategy, config, initial, checkpoint_fn, start):
 
 def _single_sample(problem: Problem) -> SearchState:
   """``b = 1``: ``Q`` is ``1 x 1`` and only its scale (the bias) is unknown."""
-  pool = CandidatePool(np.ones((1, 1), problem.dtype),
-                       np.zeros((1,), np.int64), np.ones((1,), np.int64))
+  pool = CandidatePool(
+    np.ones((1, 1), problem.dtype),
+    np.zeros((1,), np.int64),
+    np.ones((1,), np.int64),
+  )
   result = reconstruct(problem, pool.directions.T)
-  selection = empty_selection(problem)._replace(chosen=np.zeros((1,), int),
-                                                result=result)
+  selection = empty_selection(problem)._replace(
+    chosen=np.zeros((1,), int), result=result
+  )
   if not problem.certifiable:
     stop = "recovered"
   else:
-    stop = ("certified" if np.all(np.asarray(result.verified))
-            else "not_certified")
+    stop = (
+      "certified" if np.all(np.asarray(result.verified)) else "not_certified"
+    )
   return SearchState(pool, selection, stop_reason=stop)
 
 
-def _finalize(problem: Problem, state: SearchState,
-              seconds: float) -> InversionResult:
+def _finalize(
+  problem: Problem, state: SearchState, seconds: float
+) -> InversionResult:
   """The best (possibly partial) reconstruction and honest flags."""
   pool, selection = state.pool, state.selection
   result = selection.result
@@ -290,15 +306,22 @@ def invert(
   start = time.perf_counter()
   config = AttackConfig() if config is None else config
   strategy = make_strategy(method, config)
-  problem = prepare_problem(weight_grad, bias_grad, batch_size=batch_size,
-                            weight=weight, bias=bias, config=config)
+  problem = prepare_problem(
+    weight_grad,
+    bias_grad,
+    batch_size=batch_size,
+    weight=weight,
+    bias=bias,
+    config=config,
+  )
   if problem.b == 1:
     state = _single_sample(problem)
   else:
     if initial_candidates is not None:
       initial_candidates = np.asarray(initial_candidates, problem.dtype)
-    state = _search(key, problem, strategy, config, initial_candidates,
-                    checkpoint_fn, start)
+    state = _search(
+      key, problem, strategy, config, initial_candidates, checkpoint_fn, start
+    )
   if checkpoint_fn is not None:
     checkpoint_fn(state.pool.directions.copy(), state.proposals)
   return _finalize(problem, state, time.perf_counter() - start)

@@ -10,7 +10,9 @@ selection of directions mixes samples; the mixed ``X`` then puts nonzeros of
 import jax
 import jax.numpy as jnp
 
-from spear_jax._types import Array, Bool, Float
+from spear_jax._types import Array
+from spear_jax._types import Bool
+from spear_jax._types import Float
 
 _HI = jax.lax.Precision.HIGHEST
 

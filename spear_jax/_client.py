@@ -16,11 +16,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spear_jax._types import Array, Float, Int, PRNGKeyArray
+from spear_jax._types import Array
+from spear_jax._types import Float
+from spear_jax._types import Int
+from spear_jax._types import PRNGKeyArray
 
 __all__ = [
-  "ClientUpdate",
   "MLP",
+  "ClientUpdate",
   "client_update",
   "init_mlp",
   "layer_gradient",
@@ -57,8 +60,12 @@ class MLP(nn.Module):
 
   def _dense(self, width: int, fan_in: int, dtype) -> nn.Dense:
     if self.initializer == "torch":
-      return nn.Dense(width, kernel_init=_torch_uniform(0),
-                      bias_init=_torch_bias(fan_in), param_dtype=dtype)
+      return nn.Dense(
+        width,
+        kernel_init=_torch_uniform(0),
+        bias_init=_torch_bias(fan_in),
+        param_dtype=dtype,
+      )
     if self.initializer == "flax":
       return nn.Dense(width, param_dtype=dtype)
     raise ValueError(

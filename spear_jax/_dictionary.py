@@ -18,8 +18,8 @@ References:
   ICLR 2019.
 """
 
-import functools
 from collections.abc import Callable
+import functools
 from typing import NamedTuple
 
 import jax
@@ -27,8 +27,13 @@ import jax.numpy as jnp
 import optax
 
 from spear_jax._config import LearnerConfig
-from spear_jax._linalg import null_vector, rows_gram_eigh
-from spear_jax._types import Array, Bool, Float, Int, PRNGKeyArray
+from spear_jax._linalg import null_vector
+from spear_jax._linalg import rows_gram_eigh
+from spear_jax._types import Array
+from spear_jax._types import Bool
+from spear_jax._types import Float
+from spear_jax._types import Int
+from spear_jax._types import PRNGKeyArray
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -55,8 +60,9 @@ class LearnerState(NamedTuple):
 
 def dictionary_objective(
   objective: str, mu: float = 0.1
-) -> Callable[[Float[Array, " b"], Float[Array, "m b"], Bool[Array, " m"]],
-              Float[Array, ""]]:
+) -> Callable[
+  [Float[Array, " b"], Float[Array, "m b"], Bool[Array, " m"]], Float[Array, ""]
+]:
   r"""The sparsity objective ``f(q)`` over alive rows, to be minimised.
 
   * ``"l1"``: :math:`\frac{1}{M}\sum_j |L_j q|`;
@@ -124,8 +130,9 @@ def make_dictionary_learner(
 
   def init_fn(direction_b):
     direction_b = direction_b / jnp.linalg.norm(direction_b)
-    return LearnerState(direction_b, optimizer.init(direction_b),
-                        jnp.zeros((), jnp.int32))
+    return LearnerState(
+      direction_b, optimizer.init(direction_b), jnp.zeros((), jnp.int32)
+    )
 
   def step_fn(state, l_mxb, alive_m, project=None):
     project = (lambda v_b: v_b) if project is None else project
@@ -161,8 +168,9 @@ def learn_directions(
     def body(state, _):
       return step_fn(state, l_mxb, alive_m)
 
-    state, losses = jax.lax.scan(body, init_fn(direction_b), None,
-                                 length=config.steps)
+    state, losses = jax.lax.scan(
+      body, init_fn(direction_b), None, length=config.steps
+    )
     return state.direction, losses
 
   # optax's RAdam mixes its integer step count with floats; let it promote
@@ -223,15 +231,16 @@ def learn_directions_constrained(
 
     def project(v_b):
       v_b = v_b - flag * jnp.dot(
-        exclude_bxb.T, jnp.dot(exclude_bxb, v_b, precision=_HI),
-        precision=_HI)
+        exclude_bxb.T, jnp.dot(exclude_bxb, v_b, precision=_HI), precision=_HI
+      )
       return v_b - jnp.dot(pivot_b, v_b) * pivot_b
 
     def body(state, _):
       return step_fn(state, l_mxb, rows_m, project)
 
-    state, _ = jax.lax.scan(body, init_fn(project(direction_b)), None,
-                            length=config.steps)
+    state, _ = jax.lax.scan(
+      body, init_fn(project(direction_b)), None, length=config.steps
+    )
     return state.direction
 
   with jax.numpy_dtype_promotion("standard"):
@@ -267,8 +276,9 @@ def round_direction(
   v_m = jnp.dot(l_mxb, approx_b, precision=_HI)
   norms_m = jnp.linalg.norm(l_mxb, axis=1)
   tiny = jnp.finfo(l_mxb.dtype).tiny
-  score_m = jnp.where(alive_m, jnp.abs(v_m) / jnp.maximum(norms_m, tiny),
-                      jnp.inf)
+  score_m = jnp.where(
+    alive_m, jnp.abs(v_m) / jnp.maximum(norms_m, tiny), jnp.inf
+  )
   pool = min(max(pool, b - 1), m)
   _, smallest = jax.lax.top_k(-score_m, pool)
 
@@ -320,19 +330,22 @@ def complete_last_column(
   finite = jnp.isfinite(breaks)
   last = jnp.max(jnp.where(finite, breaks, -jnp.inf))
   first = jnp.min(breaks)
-  mids = jnp.concatenate([
-    (first - 1.0 - jnp.abs(first))[None],
-    0.5 * (breaks[:-1] + breaks[1:]),
-    (last + 1.0 + jnp.abs(last))[None],
-  ])
+  mids = jnp.concatenate(
+    [
+      (first - 1.0 - jnp.abs(first))[None],
+      0.5 * (breaks[:-1] + breaks[1:]),
+      (last + 1.0 + jnp.abs(last))[None],
+    ]
+  )
   mids = jnp.where(jnp.isfinite(mids), mids, last + 1.0 + jnp.abs(last))
 
   def evaluate(alpha):
     inactive = (alpha * u_m + bias_m <= 0) & alive_m
     eigvals, eigvecs = rows_gram_eigh(l_mxb, inactive)
     enough = jnp.sum(inactive) >= b + 3
-    relative = jnp.where(enough, eigvals[0] / jnp.maximum(eigvals[-1], 1e-300),
-                         jnp.inf)
+    relative = jnp.where(
+      enough, eigvals[0] / jnp.maximum(eigvals[-1], 1e-300), jnp.inf
+    )
     return relative, eigvecs[:, 0]
 
   relative, vectors = jax.lax.map(evaluate, mids, batch_size=32)
@@ -356,8 +369,9 @@ def _complement_basis(found_bxb, valid_b):
   return found_bxb, u_bxb * complement_b[None, :].astype(u_bxb.dtype)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("steps", "temperature", "learning_rate"))
+@functools.partial(
+  jax.jit, static_argnames=("steps", "temperature", "learning_rate")
+)
 def estimate_found_rows(
   found_bxb: Float[Array, "b b"],
   valid_b: Bool[Array, " b"],
@@ -407,8 +421,7 @@ def estimate_found_rows(
   found_bxb, basis_bxb = _complement_basis(found_bxb, valid_b)
   dual_bxb = jnp.linalg.pinv(found_bxb.T)
   wr_mxb = jnp.dot(weight_mxn, r_bxn.T, precision=_HI)
-  active_bxm = (jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI))
-                > zero_tol)
+  active_bxm = jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI)) > zero_tol
   optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
   tiny = jnp.finfo(found_bxb.dtype).tiny
   magnitudes = jnp.logspace(-4.0, 8.0, 97, dtype=found_bxb.dtype)
@@ -421,27 +434,33 @@ def estimate_found_rows(
     sign_m = jnp.where(active_m, 1.0, -1.0).astype(a_mxd.dtype)
     scale_m = jnp.maximum(jnp.linalg.norm(a_mxd, axis=1), tiny)
     satisfied_t = jnp.sum(
-      (sign_m[None, :] * (scales_t[:, None] * a_mxd[None, :, -1]
-                          + bias_m[None, :]) >= 0) & alive_m[None, :],
-      axis=1)
+      (
+        sign_m[None, :]
+        * (scales_t[:, None] * a_mxd[None, :, -1] + bias_m[None, :])
+        >= 0
+      )
+      & alive_m[None, :],
+      axis=1,
+    )
     scale = scales_t[jnp.argmax(satisfied_t)]
     bias_scaled_m = bias_m / jnp.abs(scale)
 
     def soft_neg_margin(y_d):
-      margin_m = sign_m * (jnp.dot(a_mxd, y_d, precision=_HI)
-                           + bias_scaled_m)
+      margin_m = sign_m * (jnp.dot(a_mxd, y_d, precision=_HI) + bias_scaled_m)
       margin_m = jnp.where(alive_m, margin_m / scale_m, jnp.inf)
       return temperature * jax.nn.logsumexp(-margin_m / temperature)
 
     def body(carry, _):
       y_d, opt_state = carry
       updates, opt_state = optimizer.update(
-        jax.grad(soft_neg_margin)(y_d), opt_state)
+        jax.grad(soft_neg_margin)(y_d), opt_state
+      )
       return (optax.apply_updates(y_d, updates), opt_state), None
 
     y_d = jnp.zeros((b + 1,), a_mxd.dtype).at[-1].set(jnp.sign(scale))
-    (y_d, _), _ = jax.lax.scan(body, (y_d, optimizer.init(y_d)), None,
-                               length=steps)
+    (y_d, _), _ = jax.lax.scan(
+      body, (y_d, optimizer.init(y_d)), None, length=steps
+    )
     return jnp.abs(scale) * jnp.dot(basis_bxd, y_d, precision=_HI)
 
   with jax.numpy_dtype_promotion("standard"):
@@ -480,14 +499,16 @@ def _pattern_subspace(found_bxb, valid_b, weight_mxn, r_bxn, max_missing):
   found_bxb, basis_bxb = _complement_basis(found_bxb, valid_b)
   # Complement columns come last: take the last max_missing.
   width = min(max_missing, b)
-  basis_bxd = basis_bxb[:, b - width:]
-  a_mxd = jnp.dot(jnp.dot(weight_mxn, r_bxn.T, precision=_HI), basis_bxd,
-                  precision=_HI)
+  basis_bxd = basis_bxb[:, b - width :]
+  a_mxd = jnp.dot(
+    jnp.dot(weight_mxn, r_bxn.T, precision=_HI), basis_bxd, precision=_HI
+  )
   return found_bxb, a_mxd
 
 
-def _label_ranks(found_bxb, valid_b, l_mxb, alive_m, zero_tol, n_alive,
-                 label_margin):
+def _label_ranks(
+  found_bxb, valid_b, l_mxb, alive_m, zero_tol, n_alive, label_margin
+):
   """Rank thresholds ``(low, high)`` of the inactive and active labels.
 
   ``low`` is ``label_margin`` times the typical zero count (the median
@@ -497,7 +518,9 @@ def _label_ranks(found_bxb, valid_b, l_mxb, alive_m, zero_tol, n_alive,
   dtype = l_mxb.dtype
   found_zeros_b = jnp.sum(
     (jnp.abs(jnp.dot(found_bxb, l_mxb.T, precision=_HI)) <= zero_tol)
-    & alive_m[None, :], axis=1).astype(dtype)
+    & alive_m[None, :],
+    axis=1,
+  ).astype(dtype)
   typical = jnp.median(jnp.where(valid_b, found_zeros_b, jnp.nan)) / n_alive
   typical = jnp.where(jnp.isnan(typical), 0.5, typical)
   low = label_margin * typical * n_alive
@@ -505,9 +528,19 @@ def _label_ranks(found_bxb, valid_b, l_mxb, alive_m, zero_tol, n_alive,
   return low, high
 
 
-def _pattern_problem(found_bxb, valid_b, l_mxb, r_bxn, weight_mxn, bias_m,
-                     alive_m, zero_tol, max_missing, temperature,
-                     label_margin):
+def _pattern_problem(
+  found_bxb,
+  valid_b,
+  l_mxb,
+  r_bxn,
+  weight_mxn,
+  bias_m,
+  alive_m,
+  zero_tol,
+  max_missing,
+  temperature,
+  label_margin,
+):
   """The shared data of :func:`round_with_pattern` (a ``_PatternProblem``).
 
   The logistic scale is ``temperature`` times the RMS of the alive biases
@@ -515,8 +548,9 @@ def _pattern_problem(found_bxb, valid_b, l_mxb, r_bxn, weight_mxn, bias_m,
   of ``A^T A / scale^2`` over alive rows, plus ``tiny``.
   """
   dtype = l_mxb.dtype
-  found_bxb, a_mxd = _pattern_subspace(found_bxb, valid_b, weight_mxn, r_bxn,
-                                       max_missing)
+  found_bxb, a_mxd = _pattern_subspace(
+    found_bxb, valid_b, weight_mxn, r_bxn, max_missing
+  )
   width = a_mxd.shape[1]
   tiny = jnp.finfo(dtype).tiny
   a_norm_m = jnp.maximum(jnp.linalg.norm(a_mxd, axis=1), tiny)
@@ -524,23 +558,36 @@ def _pattern_problem(found_bxb, valid_b, l_mxb, r_bxn, weight_mxn, bias_m,
   n_alive = jnp.maximum(jnp.sum(alive_f), 1.0)
   rms_bias = jnp.sqrt(jnp.sum(alive_f * bias_m**2) / n_alive)
   scale = temperature * jnp.where(rms_bias > 0, rms_bias, 1.0)
-  ridge = 1e-9 * jnp.sum(alive_f[:, None] * a_mxd**2) / (width * scale**2) \
-      + tiny
+  ridge = (
+    1e-9 * jnp.sum(alive_f[:, None] * a_mxd**2) / (width * scale**2) + tiny
+  )
   row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
-  low, high = _label_ranks(found_bxb, valid_b, l_mxb, alive_m, zero_tol,
-                           n_alive, label_margin)
+  low, high = _label_ranks(
+    found_bxb, valid_b, l_mxb, alive_m, zero_tol, n_alive, label_margin
+  )
   return _PatternProblem(
-    l_mxb=l_mxb, row_norm_m=row_norm_m, alive_m=alive_m, zero_tol=zero_tol,
-    a_mxd=a_mxd, a_norm_m=a_norm_m, bias_m=bias_m, scale=scale, ridge=ridge,
-    low=low, high=high)
+    l_mxb=l_mxb,
+    row_norm_m=row_norm_m,
+    alive_m=alive_m,
+    zero_tol=zero_tol,
+    a_mxd=a_mxd,
+    a_norm_m=a_norm_m,
+    bias_m=bias_m,
+    scale=scale,
+    ridge=ridge,
+    low=low,
+    high=high,
+  )
 
 
 def _logistic_loss(problem, y_d, labels_m):
   """Ridge-regularised logistic loss of the labels at ``y`` (weights |l|)."""
-  margin_m = (jnp.dot(problem.a_mxd, y_d, precision=_HI)
-              + problem.bias_m) / problem.scale
-  return (jnp.sum(jnp.abs(labels_m) * jax.nn.softplus(-labels_m * margin_m))
-          + 0.5 * problem.ridge * jnp.dot(y_d, y_d))
+  margin_m = (
+    jnp.dot(problem.a_mxd, y_d, precision=_HI) + problem.bias_m
+  ) / problem.scale
+  return jnp.sum(
+    jnp.abs(labels_m) * jax.nn.softplus(-labels_m * margin_m)
+  ) + 0.5 * problem.ridge * jnp.dot(y_d, y_d)
 
 
 def _fit_pattern(problem, labels_m, newton_steps):
@@ -557,20 +604,22 @@ def _fit_pattern(problem, labels_m, newton_steps):
   def body(y_d, _):
     margin_m = (jnp.dot(a_mxd, y_d, precision=_HI) + problem.bias_m) / scale
     p_m = jax.nn.sigmoid(-labels_m * margin_m) * jnp.abs(labels_m)
-    g_d = -jnp.dot(p_m * labels_m, a_mxd, precision=_HI) / scale \
-        + ridge * y_d
+    g_d = -jnp.dot(p_m * labels_m, a_mxd, precision=_HI) / scale + ridge * y_d
     h_m = p_m * (1.0 - jax.nn.sigmoid(-labels_m * margin_m)) / scale**2
-    h_dxd = jnp.dot(a_mxd.T * h_m[None, :], a_mxd, precision=_HI) \
-        + ridge * jnp.eye(width, dtype=dtype)
+    h_dxd = jnp.dot(
+      a_mxd.T * h_m[None, :], a_mxd, precision=_HI
+    ) + ridge * jnp.eye(width, dtype=dtype)
     step_d = jnp.linalg.solve(h_dxd, g_d)
     trial_s = jax.vmap(
-      lambda t: _logistic_loss(problem, y_d - t * step_d, labels_m))(steps_s)
+      lambda t: _logistic_loss(problem, y_d - t * step_d, labels_m)
+    )(steps_s)
     best = jnp.argmin(trial_s)
     better = trial_s[best] < _logistic_loss(problem, y_d, labels_m)
     return jnp.where(better, y_d - steps_s[best] * step_d, y_d), None
 
-  y_d, _ = jax.lax.scan(body, jnp.zeros((width,), dtype), None,
-                        length=newton_steps)
+  y_d, _ = jax.lax.scan(
+    body, jnp.zeros((width,), dtype), None, length=newton_steps
+  )
   return y_d
 
 
@@ -578,7 +627,8 @@ def _zero_count(problem, q_b):
   """Number of alive rows ``j`` with ``|L_j q| <= zero_tol``."""
   return jnp.sum(
     (jnp.abs(jnp.dot(problem.l_mxb, q_b, precision=_HI)) <= problem.zero_tol)
-    & problem.alive_m)
+    & problem.alive_m
+  )
 
 
 def _pattern_labels(problem, q_b):
@@ -588,12 +638,15 @@ def _pattern_labels(problem, q_b):
   from rank ``high`` active; dead rows are left out.
   """
   dtype = problem.l_mxb.dtype
-  score_m = jnp.where(problem.alive_m,
-                      jnp.abs(jnp.dot(problem.l_mxb, q_b, precision=_HI))
-                      / problem.row_norm_m, jnp.inf)
+  score_m = jnp.where(
+    problem.alive_m,
+    jnp.abs(jnp.dot(problem.l_mxb, q_b, precision=_HI)) / problem.row_norm_m,
+    jnp.inf,
+  )
   rank_m = jnp.argsort(jnp.argsort(score_m)).astype(dtype)
-  labels_m = jnp.where(rank_m < problem.low, -1.0,
-                       jnp.where(rank_m >= problem.high, 1.0, 0.0))
+  labels_m = jnp.where(
+    rank_m < problem.low, -1.0, jnp.where(rank_m >= problem.high, 1.0, 0.0)
+  )
   return jnp.where(problem.alive_m, labels_m, 0.0).astype(dtype)
 
 
@@ -611,11 +664,12 @@ def _deepest_rows_columns(problem, y_d, fractions):
   margin_m = jnp.where(
     problem.alive_m,
     (jnp.dot(problem.a_mxd, y_d, precision=_HI) + problem.bias_m)
-    / problem.a_norm_m, jnp.inf)
+    / problem.a_norm_m,
+    jnp.inf,
+  )
   negative = jnp.maximum(jnp.sum(margin_m < 0).astype(dtype), b - 1.0)
   order_m = jnp.argsort(margin_m)
-  depth_m = jnp.zeros((m,), dtype).at[order_m].set(
-    jnp.arange(m, dtype=dtype))
+  depth_m = jnp.zeros((m,), dtype).at[order_m].set(jnp.arange(m, dtype=dtype))
 
   def candidate(fraction):
     count = jnp.maximum(jnp.floor(fraction * negative), b - 1.0)
@@ -652,8 +706,14 @@ def _round_one_with_pattern(problem, q_b, newton_steps, fractions, repeats):
 
 @functools.partial(
   jax.jit,
-  static_argnames=("max_missing", "fractions", "newton_steps", "repeats",
-                   "temperature", "label_margin"),
+  static_argnames=(
+    "max_missing",
+    "fractions",
+    "newton_steps",
+    "repeats",
+    "temperature",
+    "label_margin",
+  ),
 )
 def round_with_pattern(
   approx_kxb: Float[Array, "K b"],
@@ -705,9 +765,25 @@ def round_with_pattern(
     ``(directions, zeros)``: the best unit column per approximate one and
     its number of zeros (``zero_tol``) over alive rows.
   """
-  problem = _pattern_problem(found_bxb, valid_b, l_mxb, r_bxn, weight_mxn,
-                             bias_m, alive_m, zero_tol, max_missing,
-                             temperature, label_margin)
-  return jax.vmap(functools.partial(
-    _round_one_with_pattern, problem, newton_steps=newton_steps,
-    fractions=fractions, repeats=repeats))(approx_kxb)
+  problem = _pattern_problem(
+    found_bxb,
+    valid_b,
+    l_mxb,
+    r_bxn,
+    weight_mxn,
+    bias_m,
+    alive_m,
+    zero_tol,
+    max_missing,
+    temperature,
+    label_margin,
+  )
+  return jax.vmap(
+    functools.partial(
+      _round_one_with_pattern,
+      problem,
+      newton_steps=newton_steps,
+      fractions=fractions,
+      repeats=repeats,
+    )
+  )(approx_kxb)

@@ -75,8 +75,13 @@ def run_trial(
   update = _client.client_update(params, model, inputs, labels, layer=layer)
   start = time.perf_counter()
   result = invert(
-    update.weight_grad, update.bias_grad, key=attack_key, method=method,
-    weight=update.weight, bias=update.bias, config=config,
+    update.weight_grad,
+    update.bias_grad,
+    key=attack_key,
+    method=method,
+    weight=update.weight,
+    bias=update.bias,
+    config=config,
   )
   jax.block_until_ready(result.inputs)
   seconds = time.perf_counter() - start
@@ -85,9 +90,12 @@ def run_trial(
   image_shape = image_set.image_shape if layer == 0 else None
   is_image = image_shape is not None
   scores = _metrics.score_reconstruction(
-    recovered, truth, image_shape=image_shape,
+    recovered,
+    truth,
+    image_shape=image_shape,
     mean=image_set.mean if is_image else None,
-    std=image_set.std if is_image else None, exact_rtol=exact_rtol,
+    std=image_set.std if is_image else None,
+    exact_rtol=exact_rtol,
   )
   matched = scores.pop("matched_row")
   verified = np.asarray(result.verified)[matched]
@@ -97,7 +105,8 @@ def run_trial(
   if image_shape is not None:
     for name in ("truth", "recovered"):
       arrays[name] = _metrics.denormalize_images(
-        arrays[name], image_shape, image_set.mean, image_set.std)
+        arrays[name], image_shape, image_set.mean, image_set.std
+      )
   return {
     "dataset": image_set.name,
     "batch_size": batch_size,
@@ -117,8 +126,14 @@ def run_trial(
   }
 
 
-_PER_SAMPLE = ("relative_error", "max_abs_error", "exact", "mse", "psnr",
-               "ssim")
+_PER_SAMPLE = (
+  "relative_error",
+  "max_abs_error",
+  "exact",
+  "mse",
+  "psnr",
+  "ssim",
+)
 
 
 def _jsonable(value):
@@ -137,8 +152,11 @@ def trial_record(result: dict[str, Any], **extra: Any) -> dict[str, Any]:
   ``max_relative_error``, ...), the stop reason and the attack's stats
   (prefixed ``stats_``) next to ``extra`` (e.g. seed and trial).
   """
-  record = {k: v for k, v in result.items()
-            if k not in ("arrays", "per_sample", "stats")}
+  record = {
+    k: v
+    for k, v in result.items()
+    if k not in ("arrays", "per_sample", "stats")
+  }
   stats = dict(result["stats"])
   record["stop_reason"] = stats.pop("stop_reason")
   record.update({f"stats_{k}": v for k, v in stats.items()})

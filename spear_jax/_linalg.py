@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from spear_jax._config import AttackConfig
-from spear_jax._types import Array, Bool, Float, Int
+from spear_jax._types import Array
+from spear_jax._types import Bool
+from spear_jax._types import Float
+from spear_jax._types import Int
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -92,9 +95,7 @@ def _svd(grad_mxn):
   return jnp.linalg.svd(grad_mxn, full_matrices=False)
 
 
-def numerical_rank(
-  singular_values: Float[Array, " r"], rtol: float
-) -> int:
+def numerical_rank(singular_values: Float[Array, " r"], rtol: float) -> int:
   r"""Numerical rank: the number of singular values above ``rtol * s_max``.
 
   .. math:: \operatorname{rank} = \#\{k : s_k > \mathrm{rtol}\, s_1\}
@@ -188,8 +189,7 @@ def _householder_null_rolled(rows_kxb_batch: Array) -> Array:
     m_bxk = m_bxk - jnp.where(col[None] > j, update, 0.0)
     return m_bxk, v_bxk.at[:, j].set(v)
 
-  _, v_bxk = jax.lax.fori_loop(
-    0, k, eliminate, (m_bxk, jnp.zeros_like(m_bxk)))
+  _, v_bxk = jax.lax.fori_loop(0, k, eliminate, (m_bxk, jnp.zeros_like(m_bxk)))
   # Built from the data (not a fresh constant) so that under shard_map the
   # carry has the same varying-axis type as the loop body's output.
   q = jnp.zeros_like(m_bxk[:, 0]).at[-1].set(1.0)
@@ -283,7 +283,8 @@ def _leverages(l_mxb, eigvals_b, eigvecs_bxb):
   coords_mxb = jnp.dot(l_mxb, eigvecs_bxb, precision=_HI)[:, 1:]
   tiny = jnp.finfo(l_mxb.dtype).tiny
   return jnp.sum(
-    coords_mxb**2 / jnp.maximum(eigvals_b[1:], tiny)[None, :], axis=1)
+    coords_mxb**2 / jnp.maximum(eigvals_b[1:], tiny)[None, :], axis=1
+  )
 
 
 def polish_direction(
@@ -353,15 +354,17 @@ def polish_direction(
     polished = sign.astype(refit.dtype) * refit
     if index < max(iterations, 1) - 1:
       continue
-    zeros = jnp.sum((jnp.abs(jnp.dot(l_mxb, polished, precision=_HI))
-                     <= zero_tol) & alive_m)
+    zeros = jnp.sum(
+      (jnp.abs(jnp.dot(l_mxb, polished, precision=_HI)) <= zero_tol) & alive_m
+    )
     state = (polished, zeros, in_zero_set, eigvals_b, eigvecs_bxb)
     if best is None:
       best = state
     else:
       better = zeros > best[1]
-      best = jax.tree.map(lambda new, old, better=better: jnp.where(
-        better, new, old), state, best)
+      best = jax.tree.map(
+        lambda new, old, better=better: jnp.where(better, new, old), state, best
+      )
   # The last tolerance always records a state (it is past the skipped ones).
   assert best is not None
   polished, zeros, in_zero_set, eigvals_b, eigvecs_bxb = best
@@ -423,16 +426,19 @@ def split_mixture(
   basis_bx2 = eigvecs_bxb[:, :2]
   p_mx2 = jnp.dot(l_mxb, basis_bx2, precision=_HI)
   row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
-  usable = (alive_m & ~kept
-            & (jnp.linalg.norm(p_mx2, axis=1) >= 1e-4 * row_norm_m))
+  usable = (
+    alive_m & ~kept & (jnp.linalg.norm(p_mx2, axis=1) >= 1e-4 * row_norm_m)
+  )
   theta_m = jnp.mod(jnp.arctan2(-p_mx2[:, 0], p_mx2[:, 1]), jnp.pi)
   theta_m = jnp.where(usable, theta_m, jnp.inf)
   sorted_m = jnp.sort(theta_m)
-  new_cluster = jnp.concatenate([
-    jnp.ones((1,), bool), (sorted_m[1:] - sorted_m[:-1]) > angle_tol])
+  new_cluster = jnp.concatenate(
+    [jnp.ones((1,), bool), (sorted_m[1:] - sorted_m[:-1]) > angle_tol]
+  )
   cluster_m = jnp.cumsum(new_cluster) - 1
   counts_m = jax.ops.segment_sum(
-    jnp.isfinite(sorted_m).astype(jnp.int32), cluster_m, num_segments=m)
+    jnp.isfinite(sorted_m).astype(jnp.int32), cluster_m, num_segments=m
+  )
   counts_2, top_2 = jax.lax.top_k(counts_m, 2)
   # First angle of each of the two largest clusters.
   first_m = jnp.where(new_cluster, jnp.arange(m), m)

@@ -23,7 +23,9 @@ from typing import Any
 import dm_pix
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array
+from jaxtyping import ArrayLike
+from jaxtyping import Float
 import numpy as np
 from scipy import optimize
 
@@ -280,9 +282,7 @@ def ssim(
   """
   x, y = _float_pair(images, reference)
   if x.ndim != 4:
-    raise ValueError(
-      f"ssim needs (b, H, W, C) images, got shape {x.shape}."
-    )
+    raise ValueError(f"ssim needs (b, H, W, C) images, got shape {x.shape}.")
   height, width = x.shape[1], x.shape[2]
   size = _ssim_window_size(win_size, height, width)
   # dm_pix builds its Gaussian taps in the default float dtype (float64
@@ -290,8 +290,14 @@ def ssim(
   # the dtype of the images.
   with jax.numpy_dtype_promotion("standard"):
     value = dm_pix.ssim(
-      x, y, max_val=data_range, filter_size=size, filter_sigma=sigma,
-      k1=k1, k2=k2, precision=jax.lax.Precision.HIGHEST,
+      x,
+      y,
+      max_val=data_range,
+      filter_size=size,
+      filter_sigma=sigma,
+      k1=k1,
+      k2=k2,
+      precision=jax.lax.Precision.HIGHEST,
     )
   return value.astype(x.dtype)
 
@@ -466,22 +472,25 @@ def score_reconstruction(
     true_images = denormalize_images(true, image_shape, mean, std)
     scores["mse"] = np.asarray(mse(rec_images, true_images), np.float64)
     scores["psnr"] = np.asarray(
-      psnr(rec_images, true_images, 1.0, max_db), np.float64)
+      psnr(rec_images, true_images, 1.0, max_db), np.float64
+    )
     scores["ssim"] = np.asarray(ssim(rec_images, true_images, 1.0), np.float64)
   else:
     scale = 1.0 if std is None else np.asarray(std, np.float64)
     scores["mse"] = np.mean(np.square(diff * scale), axis=1)
-  scores.update({
-    "batch_size": b,
-    "num_recovered": rec.shape[0],
-    "exact_samples": int(exact.sum()),
-    "exact_batch": bool(exact.all()),
-    "exact_rtol": float(exact_rtol),
-    "mean_relative_error": float(np.mean(relative_error)),
-    "max_relative_error": float(np.max(relative_error)),
-    "max_abs_error_overall": float(np.max(scores["max_abs_error"])),
-    "mean_mse": float(np.mean(scores["mse"])),
-  })
+  scores.update(
+    {
+      "batch_size": b,
+      "num_recovered": rec.shape[0],
+      "exact_samples": int(exact.sum()),
+      "exact_batch": bool(exact.all()),
+      "exact_rtol": float(exact_rtol),
+      "mean_relative_error": float(np.mean(relative_error)),
+      "max_relative_error": float(np.max(relative_error)),
+      "max_abs_error_overall": float(np.max(scores["max_abs_error"])),
+      "mean_mse": float(np.mean(scores["mse"])),
+    }
+  )
   if image_shape is not None:
     scores["mean_psnr"] = float(np.mean(scores["psnr"]))
     scores["mean_ssim"] = float(np.mean(scores["ssim"]))
@@ -514,7 +523,8 @@ def aggregate_trials(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
   def pooled(name):
     return np.concatenate(
-      [np.asarray(t[name], np.float64).reshape(-1) for t in trials])
+      [np.asarray(t[name], np.float64).reshape(-1) for t in trials]
+    )
 
   exact = pooled("exact")
   relative_error = pooled("relative_error")

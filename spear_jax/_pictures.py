@@ -32,13 +32,16 @@ __all__ = [
 
 # Five samples of matplotlib's viridis at 0, 1/4, 1/2, 3/4 and 1; their
 # luminance increases, so the linear interpolation between them does too.
-_VIRIDIS_5 = np.array([
-  [68, 1, 84],
-  [59, 82, 139],
-  [33, 145, 140],
-  [94, 201, 98],
-  [253, 231, 37],
-], np.float64)
+_VIRIDIS_5 = np.array(
+  [
+    [68, 1, 84],
+    [59, 82, 139],
+    [33, 145, 140],
+    [94, 201, 98],
+    [253, 231, 37],
+  ],
+  np.float64,
+)
 
 
 def _pil_image(image: ArrayLike) -> Image.Image:
@@ -209,9 +212,13 @@ def image_grid(
   pairs = math.ceil(b / columns)
   channels = 3 if (c == 3 or exact is not None) else 1
   grid = np.full(
-    (pad + pairs * (2 * th + 4 * pad) - 2 * pad, pad + columns * (tw + pad),
-     channels),
-    background, np.uint8,
+    (
+      pad + pairs * (2 * th + 4 * pad) - 2 * pad,
+      pad + columns * (tw + pad),
+      channels,
+    ),
+    background,
+    np.uint8,
   )
   tiles = np.stack([_to_uint8(truth), _to_uint8(recovered)], axis=1)
   tiles = tiles.repeat(scale, axis=2).repeat(scale, axis=3)
@@ -224,8 +231,8 @@ def image_grid(
     for row in (0, 1):
       y = pad + pair * (2 * th + 4 * pad) + row * (th + pad)
       if row == 1 and exact is not None and not exact[i]:
-        grid[y - mark:y + th + mark, x - mark:x + tw + mark] = mark_color
-      grid[y:y + th, x:x + tw] = tiles[i, row]
+        grid[y - mark : y + th + mark, x - mark : x + tw + mark] = mark_color
+      grid[y : y + th, x : x + tw] = tiles[i, row]
   return grid[:, :, 0] if channels == 1 else grid
 
 

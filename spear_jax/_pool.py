@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from spear_jax._config import AttackConfig
-from spear_jax._linalg import polish_direction, split_mixture
+from spear_jax._linalg import polish_direction
+from spear_jax._linalg import split_mixture
 from spear_jax._problem import Problem
 
 __all__ = ["CandidatePool", "absorb", "empty_pool", "merge_candidates"]
@@ -156,12 +157,14 @@ def _polish(
   count, b = raw_kxb.shape
   padded = np.zeros((-(-count // _CHUNK) * _CHUNK, b), problem.dtype)
   padded[:count] = raw_kxb
-  screen, zero = problem.scalar(problem.tol.screen), problem.scalar(
-    problem.tol.zero
+  screen, zero = (
+    problem.scalar(problem.tol.screen),
+    problem.scalar(problem.tol.zero),
   )
   outputs = [
-    _polish_many(padded[i : i + _CHUNK], problem.l_mxb, problem.alive,
-                 screen, zero)
+    _polish_many(
+      padded[i : i + _CHUNK], problem.l_mxb, problem.alive, screen, zero
+    )
     for i in range(0, count, _CHUNK)
   ]
   polished, zeros, leverage = (
@@ -176,8 +179,9 @@ def _split(problem: Problem, mixtures_kxb: np.ndarray) -> np.ndarray:
   count, b = mixtures_kxb.shape
   batch = np.repeat(mixtures_kxb[:1], _CHUNK, axis=0)
   batch[:count] = mixtures_kxb
-  parts, found = _split_many(batch, problem.l_mxb, problem.alive,
-                             problem.scalar(problem.tol.screen))
+  parts, found = _split_many(
+    batch, problem.l_mxb, problem.alive, problem.scalar(problem.tol.screen)
+  )
   parts = np.asarray(parts)[:count].reshape(-1, b)
   found = np.asarray(found)[:count].reshape(-1)
   return parts[found >= 2]
@@ -218,13 +222,17 @@ def absorb(
   sparse = zeros >= problem.floor
   keep = sparse & (leverage < 1.0 - problem.tol.leverage)
   pool, num_new = merge_candidates(
-    pool, polished[keep], zeros[keep], problem.tol.dedup,
+    pool,
+    polished[keep],
+    zeros[keep],
+    problem.tol.dedup,
     config.pool_capacity,
   )
   mixtures = np.flatnonzero(sparse & ~keep)
   if split and mixtures.size:
     sparsest = mixtures[np.argsort(-zeros[mixtures])][:_CHUNK]
-    pool, num_split = absorb(problem, pool, _split(problem, polished[sparsest]),
-                             config)
+    pool, num_split = absorb(
+      problem, pool, _split(problem, polished[sparsest]), config
+    )
     num_new += num_split
   return pool, num_new

@@ -17,8 +17,14 @@ import numpy as np
 
 from spear_jax import _validation
 from spear_jax._config import AttackConfig
-from spear_jax._linalg import Tolerances, factorize, resolve_tolerances
-from spear_jax._types import Array, ArrayLike, Bool, Float, Int
+from spear_jax._linalg import Tolerances
+from spear_jax._linalg import factorize
+from spear_jax._linalg import resolve_tolerances
+from spear_jax._types import Array
+from spear_jax._types import ArrayLike
+from spear_jax._types import Bool
+from spear_jax._types import Float
+from spear_jax._types import Int
 
 __all__ = [
   "Problem",

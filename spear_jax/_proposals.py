@@ -21,8 +21,13 @@ import numpy as np
 from spear_jax._config import AttackConfig
 from spear_jax._linalg import null_vector
 from spear_jax._sampling import sample_rows
-from spear_jax._strategy import StepOutput, Strategy
-from spear_jax._types import Array, Bool, Float, Int, PRNGKeyArray
+from spear_jax._strategy import StepOutput
+from spear_jax._strategy import Strategy
+from spear_jax._types import Array
+from spear_jax._types import Bool
+from spear_jax._types import Float
+from spear_jax._types import Int
+from spear_jax._types import PRNGKeyArray
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -101,12 +106,14 @@ def propose_block(
   """
   keys = jax.random.split(key, block_size)
   keys = keys.reshape(block_size // chunk_size, chunk_size)
-  batched = jax.vmap(propose_direction, in_axes=(0, None, None, None, None,
-                                                 None))
+  batched = jax.vmap(
+    propose_direction, in_axes=(0, None, None, None, None, None)
+  )
 
   def one_chunk(chunk_keys):
-    return batched(chunk_keys, l_mxb, alive_rows_m, alive_m, num_alive,
-                   screen_tol)
+    return batched(
+      chunk_keys, l_mxb, alive_rows_m, alive_m, num_alive, screen_tol
+    )
 
   directions, zeros = jax.lax.map(one_chunk, keys)
   b = l_mxb.shape[1]
@@ -147,8 +154,14 @@ def _screen_block_fn(devices, block_size, chunk_size, max_out):
 
   def local(keys, l_mxb, alive_rows_m, alive_m, num_alive, tol, floor):
     directions, zeros = propose_block(
-      keys[0], l_mxb, alive_rows_m, alive_m, num_alive, tol,
-      block_size=block_size // num_devices, chunk_size=chunk_size,
+      keys[0],
+      l_mxb,
+      alive_rows_m,
+      alive_m,
+      num_alive,
+      tol,
+      block_size=block_size // num_devices,
+      chunk_size=chunk_size,
     )
     passed = zeros >= floor
     (index,) = jnp.nonzero(passed, size=local_max_out, fill_value=0)
@@ -160,10 +173,14 @@ def _screen_block_fn(devices, block_size, chunk_size, max_out):
   mesh = jax.sharding.Mesh(np.array(devices), ("proposals",))
   spec = jax.sharding.PartitionSpec("proposals")
   rep = jax.sharding.PartitionSpec()
-  return jax.jit(jax.shard_map(
-    local, mesh=mesh, in_specs=(spec, rep, rep, rep, rep, rep, rep),
-    out_specs=(spec, spec),
-  ))
+  return jax.jit(
+    jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(spec, rep, rep, rep, rep, rep, rep),
+      out_specs=(spec, spec),
+    )
+  )
 
 
 class SamplerState(NamedTuple):
@@ -191,16 +208,22 @@ def spear_sampler(config: AttackConfig | None = None) -> Strategy:
   devices = _devices(config)
   block_size = config.block_size
   screen = _screen_block_fn(
-    devices, block_size, min(config.chunk_size, block_size),
+    devices,
+    block_size,
+    min(config.chunk_size, block_size),
     max(1, min(config.max_candidates_per_block, block_size)),
   )
 
   def dispatch(key, problem):
     key, block_key = jax.random.split(key)
     return key, screen(
-      jax.random.split(block_key, len(devices)), problem.l_mxb,
-      problem.alive_rows, problem.alive, jnp.asarray(problem.num_alive),
-      problem.scalar(problem.tol.screen), jnp.asarray(problem.floor),
+      jax.random.split(block_key, len(devices)),
+      problem.l_mxb,
+      problem.alive_rows,
+      problem.alive,
+      jnp.asarray(problem.num_alive),
+      problem.scalar(problem.tol.screen),
+      jnp.asarray(problem.floor),
     )
 
   def init(key, problem):
@@ -215,8 +238,10 @@ def spear_sampler(config: AttackConfig | None = None) -> Strategy:
     directions, valid = pending
     key, pending = dispatch(key, problem)
     return StepOutput(
-      np.asarray(directions)[np.asarray(valid)], SamplerState(key, pending),
-      proposals=block_size, blocks=1,
+      np.asarray(directions)[np.asarray(valid)],
+      SamplerState(key, pending),
+      proposals=block_size,
+      blocks=1,
     )
 
   return Strategy("SPEAR", init, step)

@@ -15,8 +15,8 @@ time per batch against ``b`` (matplotlib, an optional dependency:
 one plain line per update in logs).
 """
 
-import csv
 from collections.abc import Iterable, Mapping, Sequence
+import csv
 import json
 import math
 import os
@@ -41,15 +41,31 @@ __all__ = [
 ]
 
 # The fields that identify one trial of a sweep.
-TRIAL_KEY = ("method", "objective", "dataset", "width", "batch_size",
-             "depth", "dtype", "seed", "trial")
+TRIAL_KEY = (
+  "method",
+  "objective",
+  "dataset",
+  "width",
+  "batch_size",
+  "depth",
+  "dtype",
+  "seed",
+  "trial",
+)
 # The grouping of the summary: a trial key without seed and trial.
 _GROUP_KEY = TRIAL_KEY[:-2]
 
 SUMMARY_FIELDS = _GROUP_KEY + (
-  "trials", "exact_batches", "exact_batch_rate", "exact_sample_rate",
-  "median_seconds", "min_seconds", "max_seconds", "mean_psnr",
-  "mean_ssim", "max_relative_error",
+  "trials",
+  "exact_batches",
+  "exact_batch_rate",
+  "exact_sample_rate",
+  "median_seconds",
+  "min_seconds",
+  "max_seconds",
+  "mean_psnr",
+  "mean_ssim",
+  "max_relative_error",
 )
 
 
@@ -87,15 +103,20 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
           continue  # other measurements sharing the log (throughput)
         trial_key(record)
       except (json.JSONDecodeError, KeyError, TypeError) as err:
-        logging.warning("%s:%d: skipping an unreadable record (%s).", path,
-                        number, str(err).splitlines()[0])
+        logging.warning(
+          "%s:%d: skipping an unreadable record (%s).",
+          path,
+          number,
+          str(err).splitlines()[0],
+        )
         continue
       records.append(record)
   return records
 
 
-def append_record(path: str | os.PathLike[str],
-                  record: Mapping[str, Any]) -> None:
+def append_record(
+  path: str | os.PathLike[str], record: Mapping[str, Any]
+) -> None:
   """Appends one record as a line and flushes it to disk.
 
   If the file ends without a newline (an earlier write was cut short), a
@@ -143,30 +164,33 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     seconds = [float(r["seconds"]) for r in trials]
     samples = sum(int(r["batch_size"]) for r in trials)
     exact_batches = sum(bool(r["exact_batch"]) for r in trials)
-    rows.append({
-      **dict(zip(_GROUP_KEY, group)),
-      "trials": len(trials),
-      "exact_batches": exact_batches,
-      "exact_batch_rate": exact_batches / len(trials),
-      "exact_sample_rate": sum(int(r["exact_samples"]) for r in trials)
-      / samples,
-      "median_seconds": statistics.median(seconds),
-      "min_seconds": min(seconds),
-      "max_seconds": max(seconds),
-      "mean_psnr": _mean([r.get("mean_psnr") for r in trials]),
-      "mean_ssim": _mean([r.get("mean_ssim") for r in trials]),
-      "max_relative_error": max(
-        float(r.get("max_relative_error", math.nan)) for r in trials),
-    })
+    rows.append(
+      {
+        **dict(zip(_GROUP_KEY, group)),
+        "trials": len(trials),
+        "exact_batches": exact_batches,
+        "exact_batch_rate": exact_batches / len(trials),
+        "exact_sample_rate": sum(int(r["exact_samples"]) for r in trials)
+        / samples,
+        "median_seconds": statistics.median(seconds),
+        "min_seconds": min(seconds),
+        "max_seconds": max(seconds),
+        "mean_psnr": _mean([r.get("mean_psnr") for r in trials]),
+        "mean_ssim": _mean([r.get("mean_ssim") for r in trials]),
+        "max_relative_error": max(
+          float(r.get("max_relative_error", math.nan)) for r in trials
+        ),
+      }
+    )
   return rows
 
 
-def write_csv(path: str | os.PathLike[str],
-              rows: Sequence[Mapping[str, Any]]) -> None:
+def write_csv(
+  path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]
+) -> None:
   """Writes summary rows (see :func:`summarize`) as CSV with a header."""
   with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS,
-                            extrasaction="ignore")
+    writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
       writer.writerow(row)
@@ -186,9 +210,11 @@ def _series(rows):
   return lines
 
 
-def plot_summary(rows: Sequence[Mapping[str, Any]],
-                 out_prefix: str | os.PathLike[str],
-                 title: str = "") -> list[str]:
+def plot_summary(
+  rows: Sequence[Mapping[str, Any]],
+  out_prefix: str | os.PathLike[str],
+  title: str = "",
+) -> list[str]:
   """Draws the exact-batch rate and the median time against ``b``.
 
   Args:
@@ -210,7 +236,8 @@ def plot_summary(rows: Sequence[Mapping[str, Any]],
     from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError as err:
     raise ImportError(
-      'plots need matplotlib: pip install -e ".[plots]"') from err
+      'plots need matplotlib: pip install -e ".[plots]"'
+    ) from err
   lines = _series(rows)
   paths = []
   for name, field, ylabel in (
@@ -220,9 +247,13 @@ def plot_summary(rows: Sequence[Mapping[str, Any]],
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for label, series in lines.items():
       dashed = series[0]["method"] != "spear"
-      ax.plot([r["batch_size"] for r in series], [r[field] for r in series],
-              marker="s" if dashed else "o", linestyle="--" if dashed else "-",
-              label=label)
+      ax.plot(
+        [r["batch_size"] for r in series],
+        [r[field] for r in series],
+        marker="s" if dashed else "o",
+        linestyle="--" if dashed else "-",
+        label=label,
+      )
     ax.set_xlabel("batch size b")
     ax.set_ylabel(ylabel)
     if field == "exact_batch_rate":
@@ -250,8 +281,9 @@ class ProgressBar:
   mean time per timed item.
   """
 
-  def __init__(self, total: int, unit: str = "trials", width: int = 24,
-               stream=None):
+  def __init__(
+    self, total: int, unit: str = "trials", width: int = 24, stream=None
+  ):
     """Starts the bar.
 
     Args:
@@ -269,9 +301,15 @@ class ProgressBar:
     self._bar = None
     if self.tty:
       # smoothing=0: the rate is the mean, (n - initial) / elapsed.
-      self._bar = tqdm.tqdm(total=total, unit=unit, file=self.stream,
-                            dynamic_ncols=True, smoothing=0.0,
-                            mininterval=0.0, miniters=1)
+      self._bar = tqdm.tqdm(
+        total=total,
+        unit=unit,
+        file=self.stream,
+        dynamic_ncols=True,
+        smoothing=0.0,
+        mininterval=0.0,
+        miniters=1,
+      )
     else:
       self._write_line("")
 
@@ -301,8 +339,13 @@ class ProgressBar:
 
   def _write_line(self, note: str):
     line = tqdm.tqdm.format_meter(
-      self.done, self.total, time.time() - self.start, unit=self.unit,
-      initial=self.done - self.timed, postfix=note or None, ascii=True,
+      self.done,
+      self.total,
+      time.time() - self.start,
+      unit=self.unit,
+      initial=self.done - self.timed,
+      postfix=note or None,
+      ascii=True,
       bar_format=f"{{l_bar}}{{bar:{self.width}}}{{r_bar}}",
     )
     self.stream.write(line + "\n")

@@ -5,7 +5,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from spear_jax._types import Array, Int, PRNGKeyArray
+from spear_jax._types import Array
+from spear_jax._types import Int
+from spear_jax._types import PRNGKeyArray
 
 __all__ = ["sample_rows"]
 
@@ -45,5 +47,8 @@ def sample_rows(
       jnp.logical_or, [t == p for p in positions], jnp.zeros((), bool)
     )
     positions.append(jnp.where(taken, j, t))
-  return alive_rows_m[jnp.stack(positions)] if positions else (
-    jnp.zeros((0,), alive_rows_m.dtype))
+  return (
+    alive_rows_m[jnp.stack(positions)]
+    if positions
+    else (jnp.zeros((0,), alive_rows_m.dtype))
+  )

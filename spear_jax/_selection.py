@@ -19,7 +19,11 @@ from spear_jax._certificate import relu_certificate
 from spear_jax._config import AttackConfig
 from spear_jax._pool import CandidatePool
 from spear_jax._problem import Problem
-from spear_jax._types import Array, ArrayLike, Bool, Float, Int
+from spear_jax._types import Array
+from spear_jax._types import ArrayLike
+from spear_jax._types import Bool
+from spear_jax._types import Float
+from spear_jax._types import Int
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -136,15 +140,21 @@ def reconstruct(problem: Problem, directions_bxb: ArrayLike) -> Reconstruction:
     certificate of every sample (all ``False`` without them).
   """
   inputs, grad_z, q = recover_batch(
-    jnp.asarray(directions_bxb), problem.l_mxb, problem.r_bxn,
+    jnp.asarray(directions_bxb),
+    problem.l_mxb,
+    problem.r_bxn,
     problem.bias_grad,
   )
   if problem.weight is None or problem.bias is None:
     verified = jnp.zeros((q.shape[0],), bool)
   else:
     verified = relu_certificate(
-      inputs, grad_z, problem.weight, problem.bias,
-      problem.scalar(problem.tol.zero), problem.scalar(problem.tol.certificate),
+      inputs,
+      grad_z,
+      problem.weight,
+      problem.bias,
+      problem.scalar(problem.tol.zero),
+      problem.scalar(problem.tol.certificate),
     )
   return Reconstruction(inputs, grad_z, q, verified)
 
@@ -170,8 +180,7 @@ class Selection(NamedTuple):
 
 def empty_selection(problem: Problem) -> Selection:
   """Nothing selected yet."""
-  return Selection(np.zeros((0,), int), None, problem.floor, None,
-                   frozenset())
+  return Selection(np.zeros((0,), int), None, problem.floor, None, frozenset())
 
 
 def threshold(
@@ -217,7 +226,8 @@ def _greedy(
   eligible = np.zeros((padded,), bool)
   eligible[:size] = pool.zeros[order] >= threshold
   selected, count = select_independent(
-    jnp.asarray(directions), jnp.asarray(eligible),
+    jnp.asarray(directions),
+    jnp.asarray(eligible),
     jnp.asarray(problem.tol.independence, pool.directions.dtype),
   )
   return order[np.asarray(selected)[: int(count)]]
@@ -252,7 +262,8 @@ def _swap(
   seen = set(tried) | {frozenset(chosen.tolist())}
   in_selection = set(chosen.tolist())
   others = [
-    int(c) for c in np.argsort(-pool.zeros, kind="stable")
+    int(c)
+    for c in np.argsort(-pool.zeros, kind="stable")
     if pool.zeros[c] >= threshold and int(c) not in in_selection
   ]
   trials, improved = 0, True

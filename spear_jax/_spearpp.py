@@ -28,19 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spear_jax._config import AttackConfig, LearnerConfig
-from spear_jax._dictionary import (
-  complete_last_column,
-  estimate_found_rows,
-  learn_directions,
-  learn_directions_constrained,
-  round_direction,
-  round_with_pattern,
-)
+from spear_jax._config import AttackConfig
+from spear_jax._config import LearnerConfig
+from spear_jax._dictionary import complete_last_column
+from spear_jax._dictionary import estimate_found_rows
+from spear_jax._dictionary import learn_directions
+from spear_jax._dictionary import learn_directions_constrained
+from spear_jax._dictionary import round_direction
+from spear_jax._dictionary import round_with_pattern
 from spear_jax._pool import CandidatePool
 from spear_jax._problem import Problem
 from spear_jax._selection import Selection
-from spear_jax._strategy import StepOutput, Strategy
+from spear_jax._strategy import StepOutput
+from spear_jax._strategy import Strategy
 from spear_jax._types import PRNGKeyArray
 
 __all__ = ["LearnerRoundState", "spearpp_learner"]
@@ -67,15 +67,16 @@ def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   b = l_np.shape[1]
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
   alive = np.asarray(problem.alive)
-  targeted = int(round(targeted_fraction * count))
+  targeted = round(targeted_fraction * count)
   candidates = alive.copy()
   if found_pxb.shape[0]:
     vanish = np.all(np.abs(l_np @ found_pxb.T) <= problem.tol.screen, axis=1)
     if np.any(vanish & alive):
       candidates = vanish & alive
   rows = rng.choice(np.flatnonzero(candidates), size=targeted, replace=True)
-  starts = np.concatenate([l_np[rows],
-                           rng.standard_normal((count - targeted, b))])
+  starts = np.concatenate(
+    [l_np[rows], rng.standard_normal((count - targeted, b))]
+  )
   return starts / np.linalg.norm(starts, axis=1, keepdims=True)
 
 
@@ -103,19 +104,28 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
   exclude = np.zeros((b, b), dtype)
   subspace = 0
   if problem.weight is not None:
-    fraction = (1.0 if b - k <= learner.focus_missing
-                else learner.subspace_fraction)
-    subspace = int(round(fraction * count))
+    fraction = (
+      1.0 if b - k <= learner.focus_missing else learner.subspace_fraction
+    )
+    subspace = round(fraction * count)
   if subspace:
     padded = np.zeros((b, b), dtype)
     padded[:k] = found_kxb
-    rows = np.asarray(estimate_found_rows(
-      jnp.asarray(padded), jnp.asarray(np.arange(b) < k), problem.l_mxb,
-      problem.r_bxn, problem.weight, problem.bias, problem.alive,
-      problem.scalar(problem.tol.screen), steps=learner.row_estimate_steps,
-      temperature=learner.row_estimate_temperature,
-      learning_rate=learner.row_estimate_learning_rate,
-    ))[:k]
+    rows = np.asarray(
+      estimate_found_rows(
+        jnp.asarray(padded),
+        jnp.asarray(np.arange(b) < k),
+        problem.l_mxb,
+        problem.r_bxn,
+        problem.weight,
+        problem.bias,
+        problem.alive,
+        problem.scalar(problem.tol.screen),
+        steps=learner.row_estimate_steps,
+        temperature=learner.row_estimate_temperature,
+        learning_rate=learner.row_estimate_learning_rate,
+      )
+    )[:k]
     u, s, _ = np.linalg.svd(rows.T, full_matrices=False)
     basis = u[:, s > s[0] * b * np.finfo(dtype).eps].T
     exclude[: basis.shape[0]] = basis
@@ -133,8 +143,9 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
   return starts, pivots, in_subspace, exclude
 
 
-def _pattern_round(problem, found_kxb, approx_kxb, rounded_kxb, zeros_k,
-                   floor, learner):
+def _pattern_round(
+  problem, found_kxb, approx_kxb, rounded_kxb, zeros_k, floor, learner
+):
   """Re-rounds, through the ReLU pattern, the end points rounding missed.
 
   An end point counts as missed when its plain rounding has fewer than
@@ -158,19 +169,24 @@ def _pattern_round(problem, found_kxb, approx_kxb, rounded_kxb, zeros_k,
   size = max(8, 1 << (len(kept) - 1).bit_length())
   batch = np.zeros((size, b), approx_kxb.dtype)
   batch[: len(kept)] = kept
-  batch[len(kept):] = kept[0]
+  batch[len(kept) :] = kept[0]
   padded = np.zeros((b, b), approx_kxb.dtype)
   padded[:k] = found_kxb
   directions, zeros = round_with_pattern(
-    jnp.asarray(batch), jnp.asarray(padded), jnp.asarray(np.arange(b) < k),
-    problem.l_mxb, problem.r_bxn, problem.weight, problem.bias,
-    problem.alive, problem.scalar(problem.tol.screen),
+    jnp.asarray(batch),
+    jnp.asarray(padded),
+    jnp.asarray(np.arange(b) < k),
+    problem.l_mxb,
+    problem.r_bxn,
+    problem.weight,
+    problem.bias,
+    problem.alive,
+    problem.scalar(problem.tol.screen),
     max_missing=learner.pattern_max_missing,
     temperature=learner.pattern_temperature,
     label_margin=learner.pattern_label_margin,
   )
-  return (np.asarray(directions)[: len(kept)],
-          np.asarray(zeros)[: len(kept)])
+  return (np.asarray(directions)[: len(kept)], np.asarray(zeros)[: len(kept)])
 
 
 class LearnerRoundState(NamedTuple):
@@ -205,45 +221,76 @@ def _search_stage(state, problem, pool, selection, learner):
   found = pool.directions[selection.chosen]
   if learner.constrained and found.shape[0]:
     starts, pivots, in_subspace, exclude = _constrained_starts(
-      init_key, problem, found, restarts, learner)
+      init_key, problem, found, restarts, learner
+    )
     stage1, approx = learn_directions_constrained(
-      jnp.asarray(starts), jnp.asarray(pivots), jnp.asarray(in_subspace),
-      jnp.asarray(exclude), problem.l_mxb, problem.alive,
-      problem.scalar(problem.tol.screen), config=learner,
+      jnp.asarray(starts),
+      jnp.asarray(pivots),
+      jnp.asarray(in_subspace),
+      jnp.asarray(exclude),
+      problem.l_mxb,
+      problem.alive,
+      problem.scalar(problem.tol.screen),
+      config=learner,
     )
     # A stage-1 end point near a missing column may round exactly where
     # the full search from it drifts to a known one: round both.
     approx = jnp.concatenate([approx, stage1])
   else:
-    starts = _initial_directions(init_key, problem, pool.directions,
-                                 restarts, learner.targeted_fraction)
-    approx, _ = learn_directions(jnp.asarray(starts, problem.dtype),
-                                 problem.l_mxb, problem.alive, config=learner)
+    starts = _initial_directions(
+      init_key, problem, pool.directions, restarts, learner.targeted_fraction
+    )
+    approx, _ = learn_directions(
+      jnp.asarray(starts, problem.dtype),
+      problem.l_mxb,
+      problem.alive,
+      config=learner,
+    )
   rounded, zeros = _round_many(
-    jax.random.split(round_key, approx.shape[0]), approx, problem.l_mxb,
-    problem.alive, problem.scalar(problem.tol.screen),
-    tries=learner.rounding_tries, pool=learner.rounding_pool or 2 * b,
+    jax.random.split(round_key, approx.shape[0]),
+    approx,
+    problem.l_mxb,
+    problem.alive,
+    problem.scalar(problem.tol.screen),
+    tries=learner.rounding_tries,
+    pool=learner.rounding_pool or 2 * b,
   )
   rounded, zeros = np.asarray(rounded), np.asarray(zeros)
   state = state._replace(
-    key=key, stage=_PATTERN, rounds=state.rounds + 1,
-    pool_size=pool.zeros.shape[0], approx=np.asarray(approx),
-    rounded=rounded, zeros=zeros,
+    key=key,
+    stage=_PATTERN,
+    rounds=state.rounds + 1,
+    pool_size=pool.zeros.shape[0],
+    approx=np.asarray(approx),
+    rounded=rounded,
+    zeros=zeros,
   )
-  return StepOutput(rounded[zeros >= problem.floor], state,
-                    proposals=approx.shape[0] * learner.rounding_tries,
-                    blocks=1)
+  return StepOutput(
+    rounded[zeros >= problem.floor],
+    state,
+    proposals=approx.shape[0] * learner.rounding_tries,
+    blocks=1,
+  )
 
 
 def _pattern_stage(state, problem, pool, selection, learner):
   """Stage 2: pattern rounding of the end points plain rounding missed."""
   missing = problem.b - selection.chosen.shape[0]
   directions = np.zeros((0, problem.b), problem.dtype)
-  if (problem.certifiable and learner.pattern_rounding
-      and 0 < missing <= learner.pattern_max_missing):
+  if (
+    problem.certifiable
+    and learner.pattern_rounding
+    and 0 < missing <= learner.pattern_max_missing
+  ):
     snapped, zeros = _pattern_round(
-      problem, pool.directions[selection.chosen], state.approx,
-      state.rounded, state.zeros, problem.floor, learner)
+      problem,
+      pool.directions[selection.chosen],
+      state.approx,
+      state.rounded,
+      state.zeros,
+      problem.floor,
+      learner,
+    )
     directions = snapped[zeros >= problem.floor]
   return StepOutput(directions, state._replace(stage=_COMPLETE))
 
@@ -254,8 +301,12 @@ def _complete_stage(state, problem, pool, selection, learner):
   directions = np.zeros((0, problem.b), problem.dtype)
   if problem.certifiable and selection.chosen.shape[0] == problem.b - 1:
     direction, _ = complete_last_column(
-      jnp.asarray(pool.directions[selection.chosen].T), problem.l_mxb,
-      problem.r_bxn, problem.weight, problem.bias, problem.alive,
+      jnp.asarray(pool.directions[selection.chosen].T),
+      problem.l_mxb,
+      problem.r_bxn,
+      problem.weight,
+      problem.bias,
+      problem.alive,
     )
     directions = np.asarray(direction)[None, :]
   return StepOutput(directions, state._replace(stage=_SEARCH))
@@ -264,8 +315,9 @@ def _complete_stage(state, problem, pool, selection, learner):
 _STAGES = (_search_stage, _pattern_stage, _complete_stage)
 
 
-def _round_stop(state: LearnerRoundState, pool: CandidatePool,
-                learner: LearnerConfig) -> tuple[LearnerRoundState, str | None]:
+def _round_stop(
+  state: LearnerRoundState, pool: CandidatePool, learner: LearnerConfig
+) -> tuple[LearnerRoundState, str | None]:
   """Before a new round: patience and the round limit."""
   if not state.rounds:
     return state, None
@@ -294,14 +346,20 @@ def spearpp_learner(config: AttackConfig | None = None) -> Strategy:
     del problem
     return LearnerRoundState(key, _SEARCH, 0, 0, 0)
 
-  def step(state: LearnerRoundState, problem: Problem, pool: CandidatePool,
-           selection: Selection) -> StepOutput:
+  def step(
+    state: LearnerRoundState,
+    problem: Problem,
+    pool: CandidatePool,
+    selection: Selection,
+  ) -> StepOutput:
     if state.stage == _SEARCH:
       state, stop = _round_stop(state, pool, learner)
       if stop is not None:
-        return StepOutput(np.zeros((0, problem.b), problem.dtype), state,
-                          stop_reason=stop)
+        return StepOutput(
+          np.zeros((0, problem.b), problem.dtype), state, stop_reason=stop
+        )
     return _STAGES[state.stage](state, problem, pool, selection, learner)
 
-  return Strategy("SPEAR++", init, step,
-                  split_mixtures=learner.split_mixtures, search=True)
+  return Strategy(
+    "SPEAR++", init, step, split_mixtures=learner.split_mixtures, search=True
+  )

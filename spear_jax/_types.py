@@ -24,7 +24,10 @@ Notation (the SPEAR paper's, used in every signature and docstring):
 from typing import NamedTuple
 
 import jax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array
+from jaxtyping import Bool
+from jaxtyping import Float
+from jaxtyping import Int
 
 PRNGKeyArray = jax.Array
 ArrayLike = jax.typing.ArrayLike

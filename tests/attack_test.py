@@ -3,6 +3,7 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,6 @@ from spear_jax import _linalg
 from spear_jax import _pool
 from spear_jax import _proposals
 from spear_jax import _selection
-import helpers
 
 _SMALL = spear_jax.AttackConfig(block_size=2048, chunk_size=64)
 
@@ -27,7 +27,6 @@ def _max_error(result, truth_bxn):
 
 
 class ExactRecoveryTest(parameterized.TestCase):
-
   @parameterized.named_parameters(
     ("b1", 1, 30, 20, 11),
     ("b3", 3, 40, 30, 12),
@@ -37,8 +36,12 @@ class ExactRecoveryTest(parameterized.TestCase):
   def test_synthetic_float64(self, b, m, n, seed):
     p = helpers.relu_layer_problem(seed, m, n, b)
     result = spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(seed),
-      weight=p["weight"], bias=p["bias"], config=_SMALL,
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(seed),
+      weight=p["weight"],
+      bias=p["bias"],
+      config=_SMALL,
     )
     self.assertTrue(result.success)
     self.assertTrue(np.all(np.asarray(result.verified)))
@@ -54,8 +57,9 @@ class ExactRecoveryTest(parameterized.TestCase):
 
   def test_without_weights_recovers_but_does_not_certify(self):
     p = helpers.relu_layer_problem(21, 60, 40, 5)
-    result = spear_jax.invert(p["weight_grad"], p["bias_grad"],
-                              key=jax.random.key(0), config=_SMALL)
+    result = spear_jax.invert(
+      p["weight_grad"], p["bias_grad"], key=jax.random.key(0), config=_SMALL
+    )
     self.assertTrue(result.success)
     self.assertEqual(result.stats.stop_reason, "recovered")
     self.assertFalse(np.any(np.asarray(result.verified)))
@@ -64,13 +68,16 @@ class ExactRecoveryTest(parameterized.TestCase):
   def test_uncentred_inputs_with_dead_neurons(self):
     # Inputs in [0, 1]: ReLU patterns correlate, some neurons die for the
     # whole batch, and the zero fraction of live columns drops below 1/2.
-    p = helpers.relu_layer_problem(5, 120, 60, 6, centred=False,
-                                   bias_scale=0.0)
+    p = helpers.relu_layer_problem(5, 120, 60, 6, centred=False, bias_scale=0.0)
     dead = int(np.sum(np.all(p["grad_z"] == 0, axis=1)))
     self.assertGreater(dead, 0)
     result = spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(1),
-      weight=p["weight"], bias=p["bias"], config=_SMALL,
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(1),
+      weight=p["weight"],
+      bias=p["bias"],
+      config=_SMALL,
     )
     self.assertTrue(result.success)
     self.assertEqual(result.stats.alive_rows, 120 - dead)
@@ -81,12 +88,15 @@ class ExactRecoveryTest(parameterized.TestCase):
     x, _ = _data.sample_batch(4, images, 8)
     x = jnp.asarray(x, jnp.float64)
     model = _client.MLP(widths=(96, 32), num_classes=10)
-    params = _client.init_mlp(jax.random.key(2), model, x.shape[1],
-                              jnp.float64)
+    params = _client.init_mlp(jax.random.key(2), model, x.shape[1], jnp.float64)
     update = _client.client_update(params, model, x, jnp.arange(8) % 10)
     result = spear_jax.invert(
-      update.weight_grad, update.bias_grad, key=jax.random.key(3),
-      weight=update.weight, bias=update.bias, config=_SMALL,
+      update.weight_grad,
+      update.bias_grad,
+      key=jax.random.key(3),
+      weight=update.weight,
+      bias=update.bias,
+      config=_SMALL,
     )
     self.assertTrue(result.success)
     self.assertLess(_max_error(result, np.asarray(x)), 1e-10)
@@ -95,8 +105,12 @@ class ExactRecoveryTest(parameterized.TestCase):
     p = helpers.relu_layer_problem(8, 64, 40, 4)
     p32 = {k: v.astype(np.float32) for k, v in p.items()}
     result = spear_jax.invert(
-      p32["weight_grad"], p32["bias_grad"], key=jax.random.key(4),
-      weight=p32["weight"], bias=p32["bias"], config=_SMALL,
+      p32["weight_grad"],
+      p32["bias_grad"],
+      key=jax.random.key(4),
+      weight=p32["weight"],
+      bias=p32["bias"],
+      config=_SMALL,
     )
     self.assertEqual(result.inputs.dtype, jnp.float32)
     self.assertTrue(result.success)
@@ -105,11 +119,14 @@ class ExactRecoveryTest(parameterized.TestCase):
 
   def test_budget_exhausted_is_reported_honestly(self):
     p = helpers.relu_layer_problem(9, 200, 120, 14)
-    cfg = spear_jax.AttackConfig(block_size=64, chunk_size=64,
-                                 max_proposals=64)
+    cfg = spear_jax.AttackConfig(block_size=64, chunk_size=64, max_proposals=64)
     result = spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
-      weight=p["weight"], bias=p["bias"], config=cfg,
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(0),
+      weight=p["weight"],
+      bias=p["bias"],
+      config=cfg,
     )
     self.assertFalse(result.success)
     self.assertEqual(result.stats.stop_reason, "max_proposals")
@@ -125,41 +142,60 @@ class ExactRecoveryTest(parameterized.TestCase):
   def test_no_recompilation_for_new_values(self):
     shapes = (70, 30, 5)
     p = helpers.relu_layer_problem(30, *shapes)
-    kwargs = dict(weight=p["weight"], bias=p["bias"], config=_SMALL)
-    spear_jax.invert(p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
-                     **kwargs)
-    screen = _proposals._screen_block_fn(_proposals._devices(_SMALL), 2048, 64, 256)
-    jitted = (screen, _pool._polish_many,
-              _selection.select_independent, _selection.recover_batch,
-              spear_jax.attack.relu_certificate)
+    kwargs = {"weight": p["weight"], "bias": p["bias"], "config": _SMALL}
+    spear_jax.invert(
+      p["weight_grad"], p["bias_grad"], key=jax.random.key(0), **kwargs
+    )
+    screen = _proposals._screen_block_fn(
+      _proposals._devices(_SMALL), 2048, 64, 256
+    )
+    jitted = (
+      screen,
+      _pool._polish_many,
+      _selection.select_independent,
+      _selection.recover_batch,
+      spear_jax.attack.relu_certificate,
+    )
     sizes = [f._cache_size() for f in jitted]
     q = helpers.relu_layer_problem(31, *shapes)
-    result = spear_jax.invert(q["weight_grad"], q["bias_grad"],
-                              key=jax.random.key(1), weight=q["weight"],
-                              bias=q["bias"], config=_SMALL)
+    result = spear_jax.invert(
+      q["weight_grad"],
+      q["bias_grad"],
+      key=jax.random.key(1),
+      weight=q["weight"],
+      bias=q["bias"],
+      config=_SMALL,
+    )
     self.assertTrue(result.success)
     self.assertEqual([f._cache_size() for f in jitted], sizes)
 
 
 class ResumeTest(parameterized.TestCase):
-
   def test_resume_keeps_finished_work(self):
     p = helpers.relu_layer_problem(50, 160, 90, 10)
-    kwargs = dict(weight=p["weight"], bias=p["bias"])
+    kwargs = {"weight": p["weight"], "bias": p["bias"]}
     saved = []
     partial = spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
-      config=spear_jax.AttackConfig(block_size=256, chunk_size=64,
-                                    max_proposals=1024),
-      checkpoint_fn=lambda c, n: saved.append((c, n)), **kwargs,
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(0),
+      config=spear_jax.AttackConfig(
+        block_size=256, chunk_size=64, max_proposals=1024
+      ),
+      checkpoint_fn=lambda c, n: saved.append((c, n)),
+      **kwargs,
     )
     self.assertFalse(partial.success)
     self.assertGreater(partial.candidates.shape[0], 0)
     np.testing.assert_array_equal(saved[-1][0], partial.candidates)
     self.assertEqual(saved[-1][1], 1024)
     full = spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(1),
-      initial_candidates=partial.candidates, config=_SMALL, **kwargs,
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(1),
+      initial_candidates=partial.candidates,
+      config=_SMALL,
+      **kwargs,
     )
     self.assertTrue(full.success)
     # Every direction of the interrupted run is still in the pool.
@@ -167,8 +203,12 @@ class ResumeTest(parameterized.TestCase):
     self.assertTrue(np.all(overlap.max(axis=1) > 1 - 1e-9))
     # With all b columns known, resuming certifies without sampling.
     again = spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(2),
-      initial_candidates=full.candidates, config=_SMALL, **kwargs,
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(2),
+      initial_candidates=full.candidates,
+      config=_SMALL,
+      **kwargs,
     )
     self.assertTrue(again.success)
     self.assertEqual(again.stats.proposals, 0)
@@ -176,7 +216,6 @@ class ResumeTest(parameterized.TestCase):
 
 
 class DevicesTest(parameterized.TestCase):
-
   def test_suite_runs_on_two_devices(self):
     self.assertLen(jax.local_devices(), 2)
     self.assertLen(_proposals._devices(_SMALL), 2)
@@ -186,8 +225,12 @@ class DevicesTest(parameterized.TestCase):
     p = helpers.relu_layer_problem(40 + num_devices, 90, 50, 7)
     cfg = spear_jax.AttackConfig(block_size=2048, num_devices=num_devices)
     result = spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
-      weight=p["weight"], bias=p["bias"], config=cfg,
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(0),
+      weight=p["weight"],
+      bias=p["bias"],
+      config=cfg,
     )
     self.assertTrue(result.success)
     self.assertLess(_max_error(result, p["inputs"]), 1e-10)
@@ -198,10 +241,12 @@ class DevicesTest(parameterized.TestCase):
     # crashed the m = 4000, b = 50 SPEAR benchmark on two devices).
     b = _linalg._UNROLL_MAX_ROWS + 2
     p = helpers.relu_layer_problem(43, 200, 80, b)
-    cfg = spear_jax.AttackConfig(block_size=64, chunk_size=32,
-                                 max_proposals=128, num_devices=2)
-    result = spear_jax.invert(p["weight_grad"], p["bias_grad"],
-                              key=jax.random.key(0), config=cfg)
+    cfg = spear_jax.AttackConfig(
+      block_size=64, chunk_size=32, max_proposals=128, num_devices=2
+    )
+    result = spear_jax.invert(
+      p["weight_grad"], p["bias_grad"], key=jax.random.key(0), config=cfg
+    )
     self.assertEqual(result.stats.proposals, 128)
     self.assertEqual(result.stats.stop_reason, "max_proposals")
     self.assertFalse(result.success)
@@ -209,13 +254,15 @@ class DevicesTest(parameterized.TestCase):
   def test_too_many_devices(self):
     p = helpers.relu_layer_problem(0, 40, 30, 3)
     with self.assertRaisesRegex(ValueError, "num_devices"):
-      spear_jax.invert(p["weight_grad"], p["bias_grad"],
-                       key=jax.random.key(0),
-                       config=spear_jax.AttackConfig(num_devices=64))
+      spear_jax.invert(
+        p["weight_grad"],
+        p["bias_grad"],
+        key=jax.random.key(0),
+        config=spear_jax.AttackConfig(num_devices=64),
+      )
 
 
 class CertificateTest(parameterized.TestCase):
-
   def test_rejects_a_mixed_selection(self):
     p = helpers.relu_layer_problem(3, 90, 50, 5)
     d, x = p["grad_z"], p["inputs"]
@@ -223,22 +270,28 @@ class CertificateTest(parameterized.TestCase):
     l_mxb, r_bxn = l_mxb[:, :5], s[:5, None] * vt[:5]
     q_true = l_mxb.T @ d  # D = L Q
     directions = q_true / np.linalg.norm(q_true, axis=0)
-    good = _selection.recover_batch(jnp.asarray(directions), l_mxb, r_bxn,
-                                    p["bias_grad"])
+    good = _selection.recover_batch(
+      jnp.asarray(directions), l_mxb, r_bxn, p["bias_grad"]
+    )
     np.testing.assert_allclose(np.asarray(good[0]), x, atol=1e-10)
     tol = jnp.asarray(1e-11)
-    ok = spear_jax.attack.relu_certificate(good[0], good[1], p["weight"], p["bias"],
-                                    tol, jnp.asarray(1e-8))
+    ok = spear_jax.attack.relu_certificate(
+      good[0], good[1], p["weight"], p["bias"], tol, jnp.asarray(1e-8)
+    )
     self.assertTrue(np.all(np.asarray(ok)))
     # Replace column 0 by a mixture of columns 0 and 1: samples 0 and 1 go
     # wrong, the others stay exact.
     wrong = directions.copy()
     wrong[:, 0] = directions[:, 0] + 0.3 * directions[:, 1]
     wrong[:, 0] /= np.linalg.norm(wrong[:, 0])
-    bad = _selection.recover_batch(jnp.asarray(wrong), l_mxb, r_bxn,
-                                   p["bias_grad"])
-    flags = np.asarray(spear_jax.attack.relu_certificate(
-      bad[0], bad[1], p["weight"], p["bias"], tol, jnp.asarray(1e-8)))
+    bad = _selection.recover_batch(
+      jnp.asarray(wrong), l_mxb, r_bxn, p["bias_grad"]
+    )
+    flags = np.asarray(
+      spear_jax.attack.relu_certificate(
+        bad[0], bad[1], p["weight"], p["bias"], tol, jnp.asarray(1e-8)
+      )
+    )
     errors = np.abs(np.asarray(bad[0]) - x).max(axis=1)
     # X^T = T^-1 Q^-1 R: sample 1 absorbs the mixture, sample 0 stays exact
     # but its recovered D column is the mixture, which the certificate also
@@ -252,33 +305,56 @@ class CertificateTest(parameterized.TestCase):
     other = helpers.relu_layer_problem(5, 80, 40, 4)
     cfg = spear_jax.AttackConfig(block_size=1024, max_proposals=4096)
     result = spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(0),
-      weight=other["weight"], bias=other["bias"], config=cfg,
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(0),
+      weight=other["weight"],
+      bias=other["bias"],
+      config=cfg,
     )
     self.assertFalse(result.success)
     self.assertFalse(np.all(np.asarray(result.verified)))
 
 
 class InvalidInputTest(parameterized.TestCase):
-
   def setUp(self):
     super().setUp()
     self.p = helpers.relu_layer_problem(0, 40, 30, 3)
 
   @parameterized.named_parameters(
     ("ndim", lambda p: (p["weight_grad"][None], p["bias_grad"]), "2-D"),
-    ("bias_shape", lambda p: (p["weight_grad"], p["bias_grad"][:-1]),
-     "bias_grad must have shape"),
-    ("nan", lambda p: (np.where(p["weight_grad"] > 0.5, np.nan,
-                                p["weight_grad"]), p["bias_grad"]), "NaN"),
-    ("inf", lambda p: (p["weight_grad"],
-                       np.full_like(p["bias_grad"], np.inf)), "infinite"),
-    ("zero", lambda p: (np.zeros_like(p["weight_grad"]), p["bias_grad"]),
-     "all zeros"),
-    ("full_rank", lambda p: (np.random.default_rng(0).standard_normal(
-      (40, 30)), p["bias_grad"]), "full numerical rank"),
-    ("strings", lambda p: (np.full((40, 30), "a"), p["bias_grad"]),
-     "numeric"),
+    (
+      "bias_shape",
+      lambda p: (p["weight_grad"], p["bias_grad"][:-1]),
+      "bias_grad must have shape",
+    ),
+    (
+      "nan",
+      lambda p: (
+        np.where(p["weight_grad"] > 0.5, np.nan, p["weight_grad"]),
+        p["bias_grad"],
+      ),
+      "NaN",
+    ),
+    (
+      "inf",
+      lambda p: (p["weight_grad"], np.full_like(p["bias_grad"], np.inf)),
+      "infinite",
+    ),
+    (
+      "zero",
+      lambda p: (np.zeros_like(p["weight_grad"]), p["bias_grad"]),
+      "all zeros",
+    ),
+    (
+      "full_rank",
+      lambda p: (
+        np.random.default_rng(0).standard_normal((40, 30)),
+        p["bias_grad"],
+      ),
+      "full numerical rank",
+    ),
+    ("strings", lambda p: (np.full((40, 30), "a"), p["bias_grad"]), "numeric"),
   )
   def test_bad_gradients(self, make, message):
     weight_grad, bias_grad = make(self.p)
@@ -287,22 +363,38 @@ class InvalidInputTest(parameterized.TestCase):
 
   def test_batch_size_contradicting_rank(self):
     with self.assertRaisesRegex(ValueError, "contradicts the numerical rank"):
-      spear_jax.invert(self.p["weight_grad"], self.p["bias_grad"],
-                       key=jax.random.key(0), batch_size=4)
+      spear_jax.invert(
+        self.p["weight_grad"],
+        self.p["bias_grad"],
+        key=jax.random.key(0),
+        batch_size=4,
+      )
 
   def test_weight_shape_and_pairing(self):
     with self.assertRaisesRegex(ValueError, "weight must have shape"):
-      spear_jax.invert(self.p["weight_grad"], self.p["bias_grad"],
-                       key=jax.random.key(0), weight=self.p["weight"].T,
-                       bias=self.p["bias"])
+      spear_jax.invert(
+        self.p["weight_grad"],
+        self.p["bias_grad"],
+        key=jax.random.key(0),
+        weight=self.p["weight"].T,
+        bias=self.p["bias"],
+      )
     with self.assertRaisesRegex(ValueError, "both weight and bias"):
-      spear_jax.invert(self.p["weight_grad"], self.p["bias_grad"],
-                       key=jax.random.key(0), weight=self.p["weight"])
+      spear_jax.invert(
+        self.p["weight_grad"],
+        self.p["bias_grad"],
+        key=jax.random.key(0),
+        weight=self.p["weight"],
+      )
 
   def test_unknown_method(self):
     with self.assertRaisesRegex(ValueError, "Unknown method"):
-      spear_jax.invert(self.p["weight_grad"], self.p["bias_grad"],
-                       key=jax.random.key(0), method="dlg")
+      spear_jax.invert(
+        self.p["weight_grad"],
+        self.p["bias_grad"],
+        key=jax.random.key(0),
+        method="dlg",
+      )
 
   def test_config_validation(self):
     with self.assertRaisesRegex(ValueError, "multiple of chunk_size"):

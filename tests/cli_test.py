@@ -8,24 +8,26 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import helpers
 import numpy as np
 
-import helpers
-
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts",
-                       "invert.py")
+_SCRIPT = os.path.join(
+  os.path.dirname(__file__), os.pardir, "scripts", "invert.py"
+)
 
 
 def _run(*args):
   proc = subprocess.run(
-    [sys.executable, _SCRIPT, *args], capture_output=True, text=True,
-    timeout=300, check=False,
+    [sys.executable, _SCRIPT, *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
   )
   return proc.returncode, proc.stdout, proc.stderr
 
 
 class InvertCliTest(parameterized.TestCase):
-
   def setUp(self):
     super().setUp()
     self.dir = tempfile.mkdtemp()
@@ -38,11 +40,16 @@ class InvertCliTest(parameterized.TestCase):
 
   def test_success_with_certificate(self):
     p = self.problem
-    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"],
-                     weight=p["weight"], bias=p["bias"])
+    path = self._npz(
+      weight_grad=p["weight_grad"],
+      bias_grad=p["bias_grad"],
+      weight=p["weight"],
+      bias=p["bias"],
+    )
     out = os.path.join(self.dir, "out.npz")
-    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
-                                "--seed=3", "--block_size=1024")
+    code, stdout, stderr = _run(
+      f"--gradients={path}", f"--output={out}", "--seed=3", "--block_size=1024"
+    )
     self.assertEqual(code, 0, stderr)
     summary = json.loads(stdout.strip().splitlines()[-1])
     self.assertTrue(summary["success"])
@@ -51,45 +58,66 @@ class InvertCliTest(parameterized.TestCase):
       self.assertEqual(result["inputs"].shape, (5, 40))
       self.assertTrue(result["verified"].all())
       order = helpers.match_rows(result["inputs"], p["inputs"])
-      np.testing.assert_allclose(result["inputs"], p["inputs"][order],
-                                 atol=1e-10)
+      np.testing.assert_allclose(
+        result["inputs"], p["inputs"][order], atol=1e-10
+      )
 
   def test_spearpp_method(self):
     p = helpers.relu_layer_problem(21, 300, 120, 20)
-    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"],
-                     weight=p["weight"], bias=p["bias"])
+    path = self._npz(
+      weight_grad=p["weight_grad"],
+      bias_grad=p["bias_grad"],
+      weight=p["weight"],
+      bias=p["bias"],
+    )
     out = os.path.join(self.dir, "outpp.npz")
-    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
-                                "--method=spearpp")
+    code, stdout, stderr = _run(
+      f"--gradients={path}", f"--output={out}", "--method=spearpp"
+    )
     self.assertEqual(code, 0, stderr)
-    self.assertEqual(json.loads(stdout.strip().splitlines()[-1])["verified"],
-                     20)
+    self.assertEqual(
+      json.loads(stdout.strip().splitlines()[-1])["verified"], 20
+    )
     with np.load(out) as result:
       order = helpers.match_rows(result["inputs"], p["inputs"])
-      np.testing.assert_allclose(result["inputs"], p["inputs"][order],
-                                 atol=1e-10)
+      np.testing.assert_allclose(
+        result["inputs"], p["inputs"][order], atol=1e-10
+      )
 
   def test_float32_without_certificate(self):
     p = self.problem
     path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"])
     out = os.path.join(self.dir, "out32.npz")
-    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
-                                "--dtype=float32", "--block_size=1024")
+    code, _, stderr = _run(
+      f"--gradients={path}",
+      f"--output={out}",
+      "--dtype=float32",
+      "--block_size=1024",
+    )
     self.assertEqual(code, 0, stderr)
     with np.load(out) as result:
       self.assertEqual(result["inputs"].dtype, np.float32)
       self.assertFalse(result["verified"].any())
       order = helpers.match_rows(result["inputs"], p["inputs"])
-      np.testing.assert_allclose(result["inputs"], p["inputs"][order],
-                                 atol=1e-3)
+      np.testing.assert_allclose(
+        result["inputs"], p["inputs"][order], atol=1e-3
+      )
 
   def test_budget_exhausted_exits_1_and_writes_partial(self):
     p = helpers.relu_layer_problem(18, 200, 100, 14)
-    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"],
-                     weight=p["weight"], bias=p["bias"])
+    path = self._npz(
+      weight_grad=p["weight_grad"],
+      bias_grad=p["bias_grad"],
+      weight=p["weight"],
+      bias=p["bias"],
+    )
     out = os.path.join(self.dir, "partial.npz")
-    code, stdout, _ = _run(f"--gradients={path}", f"--output={out}",
-                           "--max_proposals=64", "--block_size=64")
+    code, stdout, _ = _run(
+      f"--gradients={path}",
+      f"--output={out}",
+      "--max_proposals=64",
+      "--block_size=64",
+    )
     self.assertEqual(code, 1)
     summary = json.loads(stdout.strip().splitlines()[-1])
     self.assertFalse(summary["success"])
@@ -100,28 +128,44 @@ class InvertCliTest(parameterized.TestCase):
 
   def test_checkpoint_resumes_and_guards_the_gradient(self):
     p = helpers.relu_layer_problem(19, 160, 90, 10)
-    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"],
-                     weight=p["weight"], bias=p["bias"])
+    path = self._npz(
+      weight_grad=p["weight_grad"],
+      bias_grad=p["bias_grad"],
+      weight=p["weight"],
+      bias=p["bias"],
+    )
     ckpt = os.path.join(self.dir, "ckpt.npz")
     out = os.path.join(self.dir, "out.npz")
-    code, _, _ = _run(f"--gradients={path}", f"--output={out}",
-                      f"--checkpoint={ckpt}", "--max_proposals=512",
-                      "--block_size=256")
+    code, _, _ = _run(
+      f"--gradients={path}",
+      f"--output={out}",
+      f"--checkpoint={ckpt}",
+      "--max_proposals=512",
+      "--block_size=256",
+    )
     self.assertEqual(code, 1)
     with np.load(ckpt) as saved:
       self.assertEqual(int(saved["proposals"]), 512)
       found = saved["candidates"].shape[0]
     self.assertGreater(found, 0)
-    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
-                                f"--checkpoint={ckpt}", "--block_size=1024")
+    code, stdout, stderr = _run(
+      f"--gradients={path}",
+      f"--output={out}",
+      f"--checkpoint={ckpt}",
+      "--block_size=1024",
+    )
     self.assertEqual(code, 0, stderr)
     summary = json.loads(stdout.strip().splitlines()[-1])
     self.assertEqual(summary["resumed_proposals"], 512)
     other = helpers.relu_layer_problem(20, 160, 90, 10)
-    other_path = self._npz("other.npz", weight_grad=other["weight_grad"],
-                           bias_grad=other["bias_grad"])
-    code, _, stderr = _run(f"--gradients={other_path}", f"--output={out}2",
-                           f"--checkpoint={ckpt}")
+    other_path = self._npz(
+      "other.npz",
+      weight_grad=other["weight_grad"],
+      bias_grad=other["bias_grad"],
+    )
+    code, _, stderr = _run(
+      f"--gradients={other_path}", f"--output={out}2", f"--checkpoint={ckpt}"
+    )
     self.assertEqual(code, 2)
     self.assertIn("different gradient", stderr)
 
@@ -139,23 +183,27 @@ class InvertCliTest(parameterized.TestCase):
   def test_invalid_input_exits_2(self, message):
     p = self.problem
     case = self._testMethodName.split("_exits_2_")[-1]
-    grads = dict(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"])
+    grads = {"weight_grad": p["weight_grad"], "bias_grad": p["bias_grad"]}
     extra = []
     if case == "missing_key":
       path = self._npz(weight_grad=p["weight_grad"])
     elif case == "wrong_ndim":
-      path = self._npz(weight_grad=p["weight_grad"][None],
-                       bias_grad=p["bias_grad"])
+      path = self._npz(
+        weight_grad=p["weight_grad"][None], bias_grad=p["bias_grad"]
+      )
     elif case == "nan":
       bad = p["weight_grad"].copy()
       bad[0, 0] = np.nan
       path = self._npz(weight_grad=bad, bias_grad=p["bias_grad"])
     elif case == "all_zero":
-      path = self._npz(weight_grad=0 * p["weight_grad"],
-                       bias_grad=p["bias_grad"])
+      path = self._npz(
+        weight_grad=0 * p["weight_grad"], bias_grad=p["bias_grad"]
+      )
     elif case == "full_rank":
-      path = self._npz(weight_grad=np.random.default_rng(0).standard_normal(
-        (60, 40)), bias_grad=p["bias_grad"])
+      path = self._npz(
+        weight_grad=np.random.default_rng(0).standard_normal((60, 40)),
+        bias_grad=p["bias_grad"],
+      )
     elif case == "bias_shape":
       path = self._npz(weight_grad=p["weight_grad"], bias_grad=np.ones(3))
     elif case == "not_npz":
@@ -168,8 +216,9 @@ class InvertCliTest(parameterized.TestCase):
       path = self._npz(**grads)
       extra = ["--batch_size=3"]
     out = os.path.join(self.dir, "never.npz")
-    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}",
-                                *extra)
+    code, stdout, stderr = _run(
+      f"--gradients={path}", f"--output={out}", *extra
+    )
     self.assertEqual(code, 2, stderr)
     self.assertIn(message, stderr)
     self.assertNotIn("Traceback", stderr)

@@ -1,7 +1,8 @@
 """Tests for the bundled image sets in ``spear_jax._data``."""
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import numpy as np
-from absl.testing import absltest, parameterized
 
 from spear_jax import _data
 

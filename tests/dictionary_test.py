@@ -3,13 +3,13 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import spear_jax
 from spear_jax import _dictionary
-import helpers
 
 
 def _factor(p, b):
@@ -20,7 +20,6 @@ def _factor(p, b):
 
 
 class ObjectiveTest(parameterized.TestCase):
-
   @parameterized.parameters("l1", "logcosh", "l4")
   def test_objective_decreases(self, objective):
     p = helpers.relu_layer_problem(60, 200, 80, 8)
@@ -30,13 +29,14 @@ class ObjectiveTest(parameterized.TestCase):
     starts = np.random.default_rng(0).standard_normal((6, 8))
     starts /= np.linalg.norm(starts, axis=1, keepdims=True)
     f = _dictionary.dictionary_objective(objective, config.logcosh_mu)
-    initial = np.array([f(jnp.asarray(q), jnp.asarray(l_mxb), alive)
-                        for q in starts])
+    initial = np.array(
+      [f(jnp.asarray(q), jnp.asarray(l_mxb), alive) for q in starts]
+    )
     final_q, losses = _dictionary.learn_directions(
-      jnp.asarray(starts), jnp.asarray(l_mxb), alive, config=config)
+      jnp.asarray(starts), jnp.asarray(l_mxb), alive, config=config
+    )
     chex.assert_shape(losses, (6, 200))
-    np.testing.assert_allclose(np.linalg.norm(final_q, axis=1), 1.0,
-                               atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(final_q, axis=1), 1.0, atol=1e-12)
     self.assertTrue(np.all(np.asarray(losses[:, -1]) < initial))
 
   def test_l1_search_reaches_a_true_column(self):
@@ -46,13 +46,15 @@ class ObjectiveTest(parameterized.TestCase):
     starts = l_mxb[np.flatnonzero(np.asarray(alive))[:20]]
     final_q, _ = _dictionary.learn_directions(
       jnp.asarray(starts / np.linalg.norm(starts, axis=1, keepdims=True)),
-      jnp.asarray(l_mxb), alive, config=spear_jax.LearnerConfig())
+      jnp.asarray(l_mxb),
+      alive,
+      config=spear_jax.LearnerConfig(),
+    )
     best = np.max(np.abs(np.asarray(final_q) @ q_true), axis=1)
     self.assertGreater(np.max(best), 1 - 1e-6)
 
 
 class RoundingTest(parameterized.TestCase):
-
   def test_perturbed_true_direction_rounds_to_the_exact_one(self):
     p = helpers.relu_layer_problem(62, 160, 90, 9)
     l_mxb, _, q_true = _factor(p, 9)
@@ -61,10 +63,15 @@ class RoundingTest(parameterized.TestCase):
     for column in range(9):
       noisy = q_true[:, column] + 1e-3 * rng.standard_normal(9)
       rounded, zeros = _dictionary.round_direction(
-        jax.random.key(column), jnp.asarray(noisy / np.linalg.norm(noisy)),
-        jnp.asarray(l_mxb), alive, jnp.asarray(1e-8), tries=5, pool=18)
-      self.assertGreater(abs(float(rounded @ q_true[:, column])),
-                         1 - 1e-12)
+        jax.random.key(column),
+        jnp.asarray(noisy / np.linalg.norm(noisy)),
+        jnp.asarray(l_mxb),
+        alive,
+        jnp.asarray(1e-8),
+        tries=5,
+        pool=18,
+      )
+      self.assertGreater(abs(float(rounded @ q_true[:, column])), 1 - 1e-12)
       true_zeros = (p["grad_z"][:, column] == 0) & np.asarray(alive)
       self.assertEqual(int(zeros), int(np.sum(true_zeros)))
 
@@ -75,11 +82,15 @@ class RoundingTest(parameterized.TestCase):
     withheld = 5
     found = np.delete(q_true, withheld, axis=1)
     direction, relative = _dictionary.complete_last_column(
-      jnp.asarray(found), jnp.asarray(l_mxb), jnp.asarray(r_bxn),
-      jnp.asarray(p["weight"]), jnp.asarray(p["bias"]), alive)
+      jnp.asarray(found),
+      jnp.asarray(l_mxb),
+      jnp.asarray(r_bxn),
+      jnp.asarray(p["weight"]),
+      jnp.asarray(p["bias"]),
+      alive,
+    )
     self.assertLess(float(relative), 1e-20)
-    self.assertGreater(abs(float(direction @ q_true[:, withheld])),
-                       1 - 1e-12)
+    self.assertGreater(abs(float(direction @ q_true[:, withheld])), 1 - 1e-12)
 
 
 def _twin_problem(seed, m, n, b, closeness):
@@ -90,12 +101,15 @@ def _twin_problem(seed, m, n, b, closeness):
   w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
   beta_m = 0.1 * rng.standard_normal(m)
   d_mxb = (w_mxn @ x_nxb + beta_m[:, None] > 0) * rng.standard_normal((m, b))
-  return {"weight_grad": d_mxb @ x_nxb.T, "weight": w_mxn, "bias": beta_m,
-          "grad_z": d_mxb}
+  return {
+    "weight_grad": d_mxb @ x_nxb.T,
+    "weight": w_mxn,
+    "bias": beta_m,
+    "grad_z": d_mxb,
+  }
 
 
 class PatternRoundingTest(parameterized.TestCase):
-
   def test_twin_columns_snap_through_the_relu_pattern(self):
     # Samples 0 and 1 are near twins: their columns share most of their
     # zero sets, so an approximate column 0 tilted towards column 1 is
@@ -116,14 +130,24 @@ class PatternRoundingTest(parameterized.TestCase):
       approx = np.stack([approx, -approx]) / np.linalg.norm(approx)
       args = (jnp.asarray(l_mxb), jnp.asarray(alive), jnp.asarray(1e-8))
       rounded, _ = _dictionary.round_direction(
-        jax.random.key(seed), jnp.asarray(approx[0]), *args, tries=10,
-        pool=2 * b)
+        jax.random.key(seed),
+        jnp.asarray(approx[0]),
+        *args,
+        tries=10,
+        pool=2 * b,
+      )
       plain_exact += abs(float(rounded @ q_true[:, 0])) > 1 - 1e-12
       directions, zeros = _dictionary.round_with_pattern(
-        jnp.asarray(approx), jnp.asarray(found),
-        jnp.asarray(np.arange(b) < b - 2), jnp.asarray(l_mxb),
-        jnp.asarray(r_bxn), jnp.asarray(p["weight"]), jnp.asarray(p["bias"]),
-        *args[1:], max_missing=4)
+        jnp.asarray(approx),
+        jnp.asarray(found),
+        jnp.asarray(np.arange(b) < b - 2),
+        jnp.asarray(l_mxb),
+        jnp.asarray(r_bxn),
+        jnp.asarray(p["weight"]),
+        jnp.asarray(p["bias"]),
+        *args[1:],
+        max_missing=4,
+      )
       chex.assert_shape(directions, (2, b))
       true_zeros = int(np.sum((p["grad_z"][:, 0] == 0) & alive))
       for direction, count in zip(np.asarray(directions), np.asarray(zeros)):
@@ -134,7 +158,6 @@ class PatternRoundingTest(parameterized.TestCase):
 
 
 class ConstrainedSearchTest(parameterized.TestCase):
-
   def _problem(self, seed, m, n, b):
     p = helpers.relu_layer_problem(seed, m, n, b)
     l_mxb, r_bxn, q_true = _factor(p, b)
@@ -143,25 +166,34 @@ class ConstrainedSearchTest(parameterized.TestCase):
 
   @parameterized.parameters((70, 300, 80, 10, 7), (71, 200, 60, 8, 3))
   def test_estimated_rows_match_the_true_rows_of_q_inverse(
-      self, seed, m, n, b, k):
+    self, seed, m, n, b, k
+  ):
     p, l_mxb, r_bxn, q_true, alive = self._problem(seed, m, n, b)
     found = np.zeros((b, b))
     found[:k] = q_true[:, :k].T * np.where(np.arange(k) % 2, -1.0, 1.0)[:, None]
     rows = _dictionary.estimate_found_rows(
-      jnp.asarray(found), jnp.asarray(np.arange(b) < k), jnp.asarray(l_mxb),
-      jnp.asarray(r_bxn), jnp.asarray(p["weight"]), jnp.asarray(p["bias"]),
-      jnp.asarray(alive), jnp.asarray(1e-8))
+      jnp.asarray(found),
+      jnp.asarray(np.arange(b) < k),
+      jnp.asarray(l_mxb),
+      jnp.asarray(r_bxn),
+      jnp.asarray(p["weight"]),
+      jnp.asarray(p["bias"]),
+      jnp.asarray(alive),
+      jnp.asarray(1e-8),
+    )
     chex.assert_shape(rows, (b, b))
     rows = np.asarray(rows)
     np.testing.assert_array_equal(rows[k:], 0.0)  # padding stays zero
     truth = np.linalg.inv(q_true)[:k]  # independent: numpy inverse
     cos = np.abs(np.sum(rows[:k] * truth, axis=1)) / (
-      np.linalg.norm(rows[:k], axis=1) * np.linalg.norm(truth, axis=1))
+      np.linalg.norm(rows[:k], axis=1) * np.linalg.norm(truth, axis=1)
+    )
     # A Chebyshev centre, not the exact row: its cell has ~m faces.
     self.assertGreater(np.min(cos), 0.99)
     # Exactly orthogonal to the other found columns (by construction).
     others = np.abs(rows[:k] @ q_true[:, :k]) / np.linalg.norm(
-      rows[:k], axis=1, keepdims=True)
+      rows[:k], axis=1, keepdims=True
+    )
     np.fill_diagonal(others, 0.0)
     np.testing.assert_allclose(others, 0.0, atol=1e-12)
 
@@ -181,17 +213,22 @@ class ConstrainedSearchTest(parameterized.TestCase):
     in_subspace = np.arange(restarts) < 3
     config = spear_jax.LearnerConfig(steps=200)
     stage1, stage2 = _dictionary.learn_directions_constrained(
-      jnp.asarray(starts), jnp.asarray(pivots), jnp.asarray(in_subspace),
-      jnp.asarray(exclude), jnp.asarray(l_mxb), jnp.asarray(alive),
-      jnp.asarray(1e-8), config=config)
+      jnp.asarray(starts),
+      jnp.asarray(pivots),
+      jnp.asarray(in_subspace),
+      jnp.asarray(exclude),
+      jnp.asarray(l_mxb),
+      jnp.asarray(alive),
+      jnp.asarray(1e-8),
+      config=config,
+    )
     stage1, stage2 = np.asarray(stage1), np.asarray(stage2)
-    np.testing.assert_allclose(np.linalg.norm(stage1, axis=1), 1.0,
-                               atol=1e-12)
-    np.testing.assert_allclose(np.linalg.norm(stage2, axis=1), 1.0,
-                               atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(stage1, axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(stage2, axis=1), 1.0, atol=1e-12)
     np.testing.assert_allclose(stage1[:3] @ exclude.T, 0.0, atol=1e-12)
-    np.testing.assert_allclose(np.sum(stage1[3:] * pivots[3:], axis=1), 0.0,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+      np.sum(stage1[3:] * pivots[3:], axis=1), 0.0, atol=1e-12
+    )
     # The stage-1 objective (numpy) decreased from the projected start.
     for r in range(restarts):
       if in_subspace[r]:
@@ -202,30 +239,42 @@ class ConstrainedSearchTest(parameterized.TestCase):
         rows = alive & (np.abs(l_mxb @ pivots[r]) <= 1e-8)
       start = project @ starts[r]
       start /= np.linalg.norm(start)
+
       def f(q, rows=rows):
         return np.mean(np.abs(l_mxb[rows] @ q))
 
       self.assertLess(f(stage1[r]), f(start))
     # In the complement only missing columns are left: stage 1 finds them.
     np.testing.assert_array_less(
-      1 - 1e-6, np.max(np.abs(stage1[:3] @ q_true[:, k:]), axis=1))
+      1 - 1e-6, np.max(np.abs(stage1[:3] @ q_true[:, k:]), axis=1)
+    )
     np.testing.assert_array_less(
-      1 - 1e-6, np.max(np.abs(stage2 @ q_true), axis=1))
+      1 - 1e-6, np.max(np.abs(stage2 @ q_true), axis=1)
+    )
 
 
 class SpearPlusPlusTest(parameterized.TestCase):
-
   def test_beyond_spear_in_the_same_budget(self):
     # b = 20 needs ~2^19 H_20 ~ 2e6 SPEAR proposals; both get 16384.
     p = helpers.relu_layer_problem(64, 300, 120, 20)
-    kwargs = dict(weight=p["weight"], bias=p["bias"])
+    kwargs = {"weight": p["weight"], "bias": p["bias"]}
     budget = spear_jax.AttackConfig(block_size=2048, max_proposals=16384)
-    spear = spear_jax.invert(p["weight_grad"], p["bias_grad"],
-                             key=jax.random.key(0), config=budget, **kwargs)
+    spear = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(0),
+      config=budget,
+      **kwargs,
+    )
     self.assertFalse(spear.success)
-    plus = spear_jax.invert(p["weight_grad"], p["bias_grad"],
-                            key=jax.random.key(0), method="spearpp",
-                            config=budget, **kwargs)
+    plus = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(0),
+      method="spearpp",
+      config=budget,
+      **kwargs,
+    )
     self.assertTrue(plus.success)
     self.assertLessEqual(plus.stats.proposals, 16384)
     recovered = np.asarray(plus.inputs)
@@ -237,14 +286,26 @@ class SpearPlusPlusTest(parameterized.TestCase):
   def test_invalid_inputs(self, method):
     p = helpers.relu_layer_problem(0, 40, 30, 3)
     with self.assertRaisesRegex(ValueError, "2-D"):
-      spear_jax.invert(p["weight_grad"][None], p["bias_grad"],
-                       key=jax.random.key(0), method=method)
+      spear_jax.invert(
+        p["weight_grad"][None],
+        p["bias_grad"],
+        key=jax.random.key(0),
+        method=method,
+      )
     with self.assertRaisesRegex(ValueError, "NaN"):
-      spear_jax.invert(p["weight_grad"] * np.nan, p["bias_grad"],
-                       key=jax.random.key(0), method=method)
+      spear_jax.invert(
+        p["weight_grad"] * np.nan,
+        p["bias_grad"],
+        key=jax.random.key(0),
+        method=method,
+      )
     with self.assertRaisesRegex(ValueError, "full numerical rank"):
-      spear_jax.invert(np.random.default_rng(0).standard_normal((40, 30)),
-                       p["bias_grad"], key=jax.random.key(0), method=method)
+      spear_jax.invert(
+        np.random.default_rng(0).standard_normal((40, 30)),
+        p["bias_grad"],
+        key=jax.random.key(0),
+        method=method,
+      )
 
   def test_learner_config_validation(self):
     with self.assertRaisesRegex(ValueError, "objective"):
@@ -262,17 +323,23 @@ class SpearPlusPlusTest(parameterized.TestCase):
     # 8 restarts cannot find 16 columns in one round: later rounds use the
     # pivot-restricted restarts (no weight and bias, so no row estimate).
     p = helpers.relu_layer_problem(65, 240, 100, 16)
-    config = spear_jax.AttackConfig(learner=spear_jax.LearnerConfig(
-      restarts=8, steps=300))
-    plus = spear_jax.invert(p["weight_grad"], p["bias_grad"],
-                            key=jax.random.key(1), method="spearpp",
-                            config=config)
+    config = spear_jax.AttackConfig(
+      learner=spear_jax.LearnerConfig(restarts=8, steps=300)
+    )
+    plus = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(1),
+      method="spearpp",
+      config=config,
+    )
     self.assertTrue(plus.success)
     self.assertGreater(plus.stats.blocks, 1)
     order = helpers.match_rows(np.asarray(plus.inputs), p["inputs"])
     self.assertLen(set(order.tolist()), 16)
-    np.testing.assert_allclose(np.asarray(plus.inputs), p["inputs"][order],
-                               atol=1e-10)
+    np.testing.assert_allclose(
+      np.asarray(plus.inputs), p["inputs"][order], atol=1e-10
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from spear_jax import _experiment
 
 
 class RunTrialTest(absltest.TestCase):
-
   def setUp(self):
     super().setUp()
     self.key = jax.random.key(int(np.random.default_rng().integers(2**31)))
@@ -32,8 +31,9 @@ class RunTrialTest(absltest.TestCase):
 
   def test_deeper_layer_has_no_image_metrics(self):
     images = _data.load_bundled("cifar_like")
-    trial = _experiment.run_trial(self.key, images, batch_size=4, width=128,
-                                  layer=1)
+    trial = _experiment.run_trial(
+      self.key, images, batch_size=4, width=128, layer=1
+    )
     truth, recovered = trial["arrays"]["truth"], trial["arrays"]["recovered"]
     self.assertEqual(truth.shape, (4, 128))  # hidden activations
     self.assertGreaterEqual(truth.min(), 0.0)  # they are ReLU outputs

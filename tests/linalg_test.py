@@ -11,7 +11,6 @@ from spear_jax import _linalg
 
 
 class NullVectorTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
     ("b2", 2, 0), ("b5", 5, 1), ("b16", 16, 2), ("b25", 25, 3)
@@ -45,8 +44,8 @@ class NullVectorTest(chex.TestCase):
     # The public entry point takes the rolled path at this size.
     if not batch:
       np.testing.assert_allclose(
-        np.asarray(_linalg.null_vector(jnp.asarray(a))), rolled,
-        atol=1e-15)
+        np.asarray(_linalg.null_vector(jnp.asarray(a))), rolled, atol=1e-15
+      )
 
   def test_b1_is_trivial(self):
     q = _linalg.null_vector(jnp.zeros((0, 1)))
@@ -58,7 +57,6 @@ class NullVectorTest(chex.TestCase):
 
 
 class FactorizeTest(chex.TestCase):
-
   @parameterized.named_parameters(("b1", 1), ("b4", 4), ("b9", 9))
   def test_rank_and_product(self, b):
     rng = np.random.default_rng(b)
@@ -66,7 +64,9 @@ class FactorizeTest(chex.TestCase):
     tol = _linalg.resolve_tolerances(
       spear_jax.AttackConfig(), jnp.float64, 30, 20
     )
-    l, r, rank, _ = spear_jax.attack.factorize(jnp.asarray(g), None, tol.rank_rtol)
+    l, r, rank, _ = spear_jax.attack.factorize(
+      jnp.asarray(g), None, tol.rank_rtol
+    )
     self.assertEqual(rank, b)
     chex.assert_shape((l, r), ((30, b), (b, 20)))
     np.testing.assert_allclose(np.asarray(l.T @ l), np.eye(b), atol=1e-13)
@@ -82,7 +82,6 @@ class FactorizeTest(chex.TestCase):
 
 
 class PolishTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_perturbed_true_direction_snaps_back(self):
     rng = np.random.default_rng(7)
@@ -94,8 +93,11 @@ class PolishTest(chex.TestCase):
     noisy = q_true + 1e-10 * rng.standard_normal(b)
     noisy /= np.linalg.norm(noisy)
     polished, zeros, leverage = self.variant(spear_jax.attack.polish_direction)(
-      jnp.asarray(noisy), jnp.asarray(l_mxb), jnp.ones(m, bool),
-      jnp.asarray(1e-8), jnp.asarray(1e-12),
+      jnp.asarray(noisy),
+      jnp.asarray(l_mxb),
+      jnp.ones(m, bool),
+      jnp.asarray(1e-8),
+      jnp.asarray(1e-12),
     )
     np.testing.assert_allclose(np.asarray(polished), q_true, atol=1e-13)
     self.assertEqual(int(zeros), int(np.sum(d_mxb[:, 2] == 0)))
@@ -118,11 +120,15 @@ class PolishTest(chex.TestCase):
     q_true /= np.linalg.norm(q_true)
     noisy = q_true + 1e-11 * rng.standard_normal(b)
     polished, zeros, _ = self.variant(spear_jax.attack.polish_direction)(
-      jnp.asarray(noisy / np.linalg.norm(noisy)), jnp.asarray(l_mxb),
-      jnp.ones(m, bool), jnp.asarray(1e-8), jnp.asarray(1e-12),
+      jnp.asarray(noisy / np.linalg.norm(noisy)),
+      jnp.asarray(l_mxb),
+      jnp.ones(m, bool),
+      jnp.asarray(1e-8),
+      jnp.asarray(1e-12),
     )
-    np.testing.assert_allclose(np.abs(np.asarray(polished) @ q_true), 1.0,
-                               atol=1e-15)
+    np.testing.assert_allclose(
+      np.abs(np.asarray(polished) @ q_true), 1.0, atol=1e-15
+    )
     residual = np.abs(l_mxb @ np.asarray(polished))
     self.assertLess(residual[d_mxb[:, 3] == 0].max(), 1e-14)
     self.assertEqual(int(zeros), int(np.sum(d_mxb[:, 3] == 0)))
@@ -135,8 +141,9 @@ class PolishTest(chex.TestCase):
     m, b = 120, 6
     d_mxb = (rng.random((m, b)) < 0.5) * rng.standard_normal((m, b))
     # Correlated, not nested, zero patterns of columns 0 and 1.
-    active = np.where(d_mxb[:, 0] != 0, rng.random(m) < 0.8,
-                      rng.random(m) < 0.2)
+    active = np.where(
+      d_mxb[:, 0] != 0, rng.random(m) < 0.8, rng.random(m) < 0.2
+    )
     d_mxb[:, 1] = active * rng.standard_normal(m)
     l_mxb, s, vt = np.linalg.svd(d_mxb, full_matrices=False)
     q_mxb = s[:, None] * vt  # D = L Q
@@ -148,28 +155,34 @@ class PolishTest(chex.TestCase):
     mix /= np.linalg.norm(mix)
     polish = self.variant(spear_jax.attack.polish_direction)
     _, zeros, leverage = polish(
-      jnp.asarray(mix), jnp.asarray(l_mxb), jnp.ones(m, bool),
-      jnp.asarray(1e-8), jnp.asarray(1e-12),
+      jnp.asarray(mix),
+      jnp.asarray(l_mxb),
+      jnp.ones(m, bool),
+      jnp.asarray(1e-8),
+      jnp.asarray(1e-12),
     )
     self.assertEqual(int(zeros), both_zero.size + 1)
     self.assertGreater(float(leverage), 1.0 - 1e-6)
     for column in range(b):
       q = q_mxb[:, column] / np.linalg.norm(q_mxb[:, column])
       _, _, leverage = polish(
-        jnp.asarray(q), jnp.asarray(l_mxb), jnp.ones(m, bool),
-        jnp.asarray(1e-8), jnp.asarray(1e-12),
+        jnp.asarray(q),
+        jnp.asarray(l_mxb),
+        jnp.ones(m, bool),
+        jnp.asarray(1e-8),
+        jnp.asarray(1e-12),
       )
       self.assertLess(float(leverage), 0.9)
 
 
 class SplitMixtureTest(chex.TestCase):
-
   def _twins(self, seed, m=200, b=10):
     # Columns 0 and 1 share most of their zero sets (near-twin samples).
     rng = np.random.default_rng(seed)
     d_mxb = (rng.random((m, b)) < 0.5) * rng.standard_normal((m, b))
-    active = np.where(d_mxb[:, 0] != 0, rng.random(m) < 0.95,
-                      rng.random(m) < 0.1)
+    active = np.where(
+      d_mxb[:, 0] != 0, rng.random(m) < 0.95, rng.random(m) < 0.1
+    )
     d_mxb[:, 1] = active * rng.standard_normal(m)
     l_mxb, s, vt = np.linalg.svd(d_mxb, full_matrices=False)
     q_bxb = s[:, None] * vt  # D = L Q, independent of the code under test
@@ -189,8 +202,8 @@ class SplitMixtureTest(chex.TestCase):
     mix = q_bxb[:, :2] @ coef
     mix /= np.linalg.norm(mix)
     directions, counts = self.variant(spear_jax.attack.split_mixture)(
-      jnp.asarray(mix), jnp.asarray(l_mxb), jnp.ones(m, bool),
-      jnp.asarray(1e-8))
+      jnp.asarray(mix), jnp.asarray(l_mxb), jnp.ones(m, bool), jnp.asarray(1e-8)
+    )
     chex.assert_shape(directions, (2, 10))
     directions = np.asarray(directions)
     cos = np.abs(directions @ q_bxb[:, :2])
@@ -198,10 +211,11 @@ class SplitMixtureTest(chex.TestCase):
     self.assertGreater(min(cos[0].max(), cos[1].max()), 1 - 1e-12)
     self.assertNotEqual(int(np.argmax(cos[0])), int(np.argmax(cos[1])))
     # Cluster sizes: the rows where only that column vanishes.
-    only = {0: np.sum((d_mxb[:, 0] == 0) & (d_mxb[:, 1] != 0)),
-            1: np.sum((d_mxb[:, 1] == 0) & (d_mxb[:, 0] != 0))}
-    self.assertEqual(
-      sorted(np.asarray(counts).tolist()), sorted(only.values()))
+    only = {
+      0: np.sum((d_mxb[:, 0] == 0) & (d_mxb[:, 1] != 0)),
+      1: np.sum((d_mxb[:, 1] == 0) & (d_mxb[:, 0] != 0)),
+    }
+    self.assertEqual(sorted(np.asarray(counts).tolist()), sorted(only.values()))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_columns_and_three_column_mixtures_are_not_split(self):
@@ -209,9 +223,12 @@ class SplitMixtureTest(chex.TestCase):
     m = d_mxb.shape[0]
     split = self.variant(spear_jax.attack.split_mixture)
     for direction in (q_bxb[:, 0], q_bxb[:, 5], q_bxb[:, :3].sum(axis=1)):
-      _, counts = split(jnp.asarray(direction / np.linalg.norm(direction)),
-                        jnp.asarray(l_mxb), jnp.ones(m, bool),
-                        jnp.asarray(1e-8))
+      _, counts = split(
+        jnp.asarray(direction / np.linalg.norm(direction)),
+        jnp.asarray(l_mxb),
+        jnp.ones(m, bool),
+        jnp.asarray(1e-8),
+      )
       np.testing.assert_array_equal(np.asarray(counts), 0)
 
 

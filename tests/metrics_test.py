@@ -27,7 +27,8 @@ def _ssim_one_window(x, y, weights, c1, c2):
   var_y = np.sum(weights * (y - mu_y) ** 2)
   cov = np.sum(weights * (x - mu_x) * (y - mu_y))
   return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-    (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+  )
 
 
 def _ssim_by_loop(x_hwc, y_hwc, size, c1=1e-4, c2=9e-4):
@@ -35,16 +36,21 @@ def _ssim_by_loop(x_hwc, y_hwc, size, c1=1e-4, c2=9e-4):
   weights = np.outer(_gaussian(size), _gaussian(size))
   h, w, c = x_hwc.shape
   values = [
-    _ssim_one_window(x_hwc[i:i + size, j:j + size, k],
-                     y_hwc[i:i + size, j:j + size, k], weights, c1, c2)
-    for i in range(h - size + 1) for j in range(w - size + 1)
+    _ssim_one_window(
+      x_hwc[i : i + size, j : j + size, k],
+      y_hwc[i : i + size, j : j + size, k],
+      weights,
+      c1,
+      c2,
+    )
+    for i in range(h - size + 1)
+    for j in range(w - size + 1)
     for k in range(c)
   ]
   return np.mean(values)
 
 
 class HungarianTest(parameterized.TestCase):
-
   @parameterized.parameters(1, 2, 4, 6)
   def test_optimal_against_brute_force(self, b):
     rng = np.random.default_rng(b)
@@ -52,10 +58,13 @@ class HungarianTest(parameterized.TestCase):
       cost = rng.random((b, b))
       assignment = _metrics.hungarian(cost)
       self.assertEqual(sorted(assignment.tolist()), list(range(b)))
-      best = min(sum(cost[i, p[i]] for i in range(b))
-                 for p in itertools.permutations(range(b)))
-      self.assertAlmostEqual(cost[np.arange(b), assignment].sum(), best,
-                             places=12)
+      best = min(
+        sum(cost[i, p[i]] for i in range(b))
+        for p in itertools.permutations(range(b))
+      )
+      self.assertAlmostEqual(
+        cost[np.arange(b), assignment].sum(), best, places=12
+      )
 
   def test_forbidden_pairs_and_bad_shapes(self):
     # inf forbids a pair: the only finite assignment is the anti-diagonal.
@@ -78,13 +87,13 @@ class HungarianTest(parameterized.TestCase):
     rng = np.random.default_rng()
     truth = rng.standard_normal((4, 9))
     scores = _metrics.match_and_score(truth[[1, 2, 3, 0]], truth)
-    self.assertEqual(set(scores),
-                     {"order", "relative_error", "max_abs_error", "exact"})
+    self.assertEqual(
+      set(scores), {"order", "relative_error", "max_abs_error", "exact"}
+    )
     np.testing.assert_array_equal(scores["order"], [1, 2, 3, 0])
 
 
 class MsePsnrTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
     ("unit_range", 1.0, 0.1, 20.0),
@@ -95,8 +104,7 @@ class MsePsnrTest(chex.TestCase):
   def test_constant_offset(self, data_range, offset, expected_db):
     # x + offset has MSE offset**2, so PSNR = 20 log10(R / |offset|).
     x = np.random.default_rng().random((3, 5, 4, 3)) * data_range
-    psnr = self.variant(functools.partial(_metrics.psnr,
-                                          data_range=data_range))
+    psnr = self.variant(functools.partial(_metrics.psnr, data_range=data_range))
     np.testing.assert_allclose(psnr(x + offset, x), expected_db, rtol=1e-12)
     mse = self.variant(_metrics.mse)
     np.testing.assert_allclose(mse(x + offset, x), offset**2, rtol=1e-10)
@@ -108,8 +116,9 @@ class MsePsnrTest(chex.TestCase):
     y = x.copy()
     y[:, 0, 0, 0] = [0.1, 0.01, 0.001]
     expected = 10 * np.log10(4 / np.array([0.1, 0.01, 0.001]) ** 2)
-    np.testing.assert_allclose(self.variant(_metrics.psnr)(y, x), expected,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+      self.variant(_metrics.psnr)(y, x), expected, rtol=1e-12
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_perfect_recovery_is_capped(self):
@@ -137,7 +146,6 @@ class MsePsnrTest(chex.TestCase):
 
 
 class SsimTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
     ("rgb_32", (32, 32, 3)),
@@ -149,8 +157,9 @@ class SsimTest(chex.TestCase):
     x = np.random.default_rng().random((2,) + shape)
     # 1x1 images are flat windows: dm_pix's variance floor (float32 eps**2)
     # leaves 1 - C2 / (2 eps**2 + C2) = 3.2e-11.
-    np.testing.assert_allclose(self.variant(_metrics.ssim)(x, x), 1.0,
-                               atol=1e-10)
+    np.testing.assert_allclose(
+      self.variant(_metrics.ssim)(x, x), 1.0, atol=1e-10
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_constant_images(self):
@@ -162,19 +171,21 @@ class SsimTest(chex.TestCase):
     y = np.broadcast_to(b, (1, 16, 16, 3))
     expected = np.mean((2 * a * b + 1e-4) / (a**2 + b**2 + 1e-4))
     # by hand: (0.2401/0.4001 + 1 + 0.5401/0.9001) / 3
-    np.testing.assert_allclose(expected, (0.2401 / 0.4001 + 1.0
-                                          + 0.5401 / 0.9001) / 3, rtol=1e-15)
+    np.testing.assert_allclose(
+      expected, (0.2401 / 0.4001 + 1.0 + 0.5401 / 0.9001) / 3, rtol=1e-15
+    )
     # dm_pix floors the zero variances at float32 eps**2 ~ 1.4e-14, which
     # moves the contrast term by 2 eps**2 / C2 ~ 3.2e-11.
-    np.testing.assert_allclose(self.variant(_metrics.ssim)(x, y), expected,
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+      self.variant(_metrics.ssim)(x, y), expected, rtol=1e-10
+    )
     # With R = 255 the constants are (2.55)^2 and (7.65)^2.
     ssim255 = self.variant(functools.partial(_metrics.ssim, data_range=255.0))
     c1 = 2.55**2
-    expected = np.mean((2 * a * b * 255**2 + c1)
-                       / ((a**2 + b**2) * 255**2 + c1))
-    np.testing.assert_allclose(ssim255(x * 255, y * 255), expected,
-                               rtol=1e-12)
+    expected = np.mean(
+      (2 * a * b * 255**2 + c1) / ((a**2 + b**2) * 255**2 + c1)
+    )
+    np.testing.assert_allclose(ssim255(x * 255, y * 255), expected, rtol=1e-12)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
@@ -191,8 +202,9 @@ class SsimTest(chex.TestCase):
     x = rng.random((3,) + shape)
     y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0.0, 1.0)
     expected = [_ssim_by_loop(xi, yi, size) for xi, yi in zip(x, y)]
-    np.testing.assert_allclose(self.variant(_metrics.ssim)(x, y), expected,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+      self.variant(_metrics.ssim)(x, y), expected, rtol=1e-12
+    )
 
   def test_symmetric_and_below_one(self):
     rng = np.random.default_rng()
@@ -202,9 +214,11 @@ class SsimTest(chex.TestCase):
     np.testing.assert_allclose(xy, _metrics.ssim(y, x), rtol=1e-13)
     self.assertTrue(np.all(xy < 0.5))
 
-  @parameterized.named_parameters(("rgb_32", (32, 32, 3)),
-                                  ("gray_25", (25, 25, 1)),
-                                  ("rectangular", (13, 40, 3)))
+  @parameterized.named_parameters(
+    ("rgb_32", (32, 32, 3)),
+    ("gray_25", (25, 25, 1)),
+    ("rectangular", (13, 40, 3)),
+  )
   def test_matches_skimage(self, shape):
     metrics = pytest.importorskip("skimage.metrics")
     rng = np.random.default_rng()
@@ -212,27 +226,38 @@ class SsimTest(chex.TestCase):
     y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0.0, 1.0)
     expected = [
       metrics.structural_similarity(
-        xi, yi, gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False, data_range=1.0, channel_axis=-1)
+        xi,
+        yi,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+        channel_axis=-1,
+      )
       for xi, yi in zip(x, y)
     ]
     # Same arithmetic up to summation order: 1e-12 absolute.
-    np.testing.assert_allclose(_metrics.ssim(x, y), expected, rtol=0,
-                               atol=1e-12)
-    expected_db = [metrics.peak_signal_noise_ratio(xi, yi, data_range=1.0)
-                   for xi, yi in zip(x, y)]
+    np.testing.assert_allclose(
+      _metrics.ssim(x, y), expected, rtol=0, atol=1e-12
+    )
+    expected_db = [
+      metrics.peak_signal_noise_ratio(xi, yi, data_range=1.0)
+      for xi, yi in zip(x, y)
+    ]
     np.testing.assert_allclose(_metrics.psnr(x, y), expected_db, rtol=1e-12)
 
-  @parameterized.named_parameters(("rgb_32", (32, 32, 3)),
-                                  ("digits_8", (8, 8, 1)))
+  @parameterized.named_parameters(
+    ("rgb_32", (32, 32, 3)), ("digits_8", (8, 8, 1))
+  )
   def test_float32_keeps_dtype(self, shape):
     rng = np.random.default_rng()
     x = rng.random((2,) + shape).astype(np.float32)
-    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1).astype(
-      np.float32)
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
     size = min(11, shape[0] - (1 - shape[0] % 2))
-    expected = [_ssim_by_loop(xi.astype(np.float64), yi.astype(np.float64),
-                              size) for xi, yi in zip(x, y)]
+    expected = [
+      _ssim_by_loop(xi.astype(np.float64), yi.astype(np.float64), size)
+      for xi, yi in zip(x, y)
+    ]
     value = _metrics.ssim(x, y)
     self.assertEqual(value.dtype, np.float32)
     np.testing.assert_allclose(value, expected, rtol=0, atol=1e-5)
@@ -252,8 +277,7 @@ class SsimTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, r"\(b, H, W, C\)"):
       _metrics.ssim(np.zeros((2, 8, 8)), np.zeros((2, 8, 8)))
     with self.assertRaisesRegex(ValueError, "odd"):
-      _metrics.ssim(np.zeros((1, 8, 8, 1)), np.zeros((1, 8, 8, 1)),
-                    win_size=10)
+      _metrics.ssim(np.zeros((1, 8, 8, 1)), np.zeros((1, 8, 8, 1)), win_size=10)
     with self.assertRaisesRegex(ValueError, "same shape"):
       _metrics.ssim(np.zeros((1, 8, 8, 1)), np.zeros((1, 8, 8, 3)))
 
@@ -265,7 +289,6 @@ def _normalized_images(rng, b, shape, mean, std):
 
 
 class ScoreReconstructionTest(parameterized.TestCase):
-
   def test_shuffled_batch_is_matched_and_exact(self):
     rng = np.random.default_rng()
     mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
@@ -273,7 +296,8 @@ class ScoreReconstructionTest(parameterized.TestCase):
     perm = rng.permutation(7)
     recovered = truth[perm] + 1e-12 * rng.standard_normal(truth.shape)
     scores = _metrics.score_reconstruction(
-      recovered, truth, image_shape=(4, 5, 3), mean=mean, std=std)
+      recovered, truth, image_shape=(4, 5, 3), mean=mean, std=std
+    )
     # recovered[i] is truth[perm[i]], so truth j is recovered row argsort.
     np.testing.assert_array_equal(scores["matched_row"], np.argsort(perm))
     self.assertTrue(scores["exact"].all())
@@ -294,26 +318,28 @@ class ScoreReconstructionTest(parameterized.TestCase):
     recovered_images[1] += 0.01
     recovered = ((recovered_images - mean) / std).reshape(3, -1)
     scores = _metrics.score_reconstruction(
-      recovered[[2, 0, 1]], truth, image_shape=(6, 6, 1), mean=mean, std=std)
+      recovered[[2, 0, 1]], truth, image_shape=(6, 6, 1), mean=mean, std=std
+    )
     np.testing.assert_array_equal(scores["matched_row"], [1, 2, 0])
     np.testing.assert_array_equal(scores["exact"], [True, False, True])
     self.assertFalse(scores["exact_batch"])
     self.assertEqual(scores["exact_samples"], 2)
     np.testing.assert_allclose(scores["mse"], [0.0, 1e-4, 0.0], atol=1e-15)
-    np.testing.assert_allclose(scores["psnr"], [100.0, 40.0, 100.0],
-                               rtol=1e-9)
+    np.testing.assert_allclose(scores["psnr"], [100.0, 40.0, 100.0], rtol=1e-9)
     np.testing.assert_allclose(scores["max_abs_error"][1], 0.04, rtol=1e-9)
     np.testing.assert_allclose(
       scores["relative_error"][1],
       np.linalg.norm(np.full(36, 0.04)) / np.linalg.norm(truth[1]),
-      rtol=1e-9)
+      rtol=1e-9,
+    )
 
   def test_clipped_pixels_are_not_exact(self):
     # A white image recovered as 1.5 clips back to white: perfect PSNR and
     # SSIM, yet not exact.
     truth = np.ones((1, 4))
-    scores = _metrics.score_reconstruction(1.5 * truth, truth,
-                                           image_shape=(2, 2, 1))
+    scores = _metrics.score_reconstruction(
+      1.5 * truth, truth, image_shape=(2, 2, 1)
+    )
     self.assertEqual(scores["psnr"][0], 100.0)
     self.assertFalse(scores["exact"][0])
     np.testing.assert_allclose(scores["relative_error"], 0.5, rtol=1e-15)
@@ -352,10 +378,13 @@ class ScoreReconstructionTest(parameterized.TestCase):
 
   def test_json_serializable(self):
     truth = np.random.default_rng().standard_normal((3, 12))
-    scores = _metrics.score_reconstruction(truth[::-1], truth,
-                                           image_shape=(2, 2, 3))
-    plain = {k: v.tolist() if isinstance(v, np.ndarray) else v
-             for k, v in scores.items()}
+    scores = _metrics.score_reconstruction(
+      truth[::-1], truth, image_shape=(2, 2, 3)
+    )
+    plain = {
+      k: v.tolist() if isinstance(v, np.ndarray) else v
+      for k, v in scores.items()
+    }
     self.assertEqual(json.loads(json.dumps(plain, allow_nan=False)), plain)
 
   def test_bad_inputs(self):
@@ -364,12 +393,12 @@ class ScoreReconstructionTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "non-empty"):
       _metrics.score_reconstruction(np.zeros((0, 3)), np.zeros((0, 3)))
     with self.assertRaisesRegex(ValueError, "not flattened images"):
-      _metrics.score_reconstruction(np.ones((2, 12)), np.ones((2, 12)),
-                                    image_shape=(2, 2, 1))
+      _metrics.score_reconstruction(
+        np.ones((2, 12)), np.ones((2, 12)), image_shape=(2, 2, 1)
+      )
 
 
 class AggregateTrialsTest(absltest.TestCase):
-
   def test_rates_and_means(self):
     rng = np.random.default_rng()
     trials = []
@@ -377,8 +406,9 @@ class AggregateTrialsTest(absltest.TestCase):
       truth = rng.standard_normal((4, 12))
       recovered = truth.copy()
       recovered[:num_bad] += 1.0
-      trials.append(_metrics.score_reconstruction(recovered, truth,
-                                                  image_shape=(2, 2, 3)))
+      trials.append(
+        _metrics.score_reconstruction(recovered, truth, image_shape=(2, 2, 3))
+      )
     result = _metrics.aggregate_trials(trials)
     self.assertEqual(result["trials"], 3)
     self.assertEqual(result["samples"], 12)
@@ -387,19 +417,27 @@ class AggregateTrialsTest(absltest.TestCase):
     self.assertEqual(result["exact_samples"], 11)
     self.assertAlmostEqual(result["exact_sample_rate"], 11 / 12, places=15)
     pooled_psnr = np.concatenate([t["psnr"] for t in trials])
-    self.assertAlmostEqual(result["mean_psnr"], pooled_psnr.mean(),
-                           places=12)
+    self.assertAlmostEqual(result["mean_psnr"], pooled_psnr.mean(), places=12)
     self.assertIn("mean_ssim", result)
     # The same from JSON-loaded trials (lists instead of arrays).
-    loaded = json.loads(json.dumps(
-      [{k: v.tolist() if isinstance(v, np.ndarray) else v
-        for k, v in t.items()} for t in trials]))
+    loaded = json.loads(
+      json.dumps(
+        [
+          {
+            k: v.tolist() if isinstance(v, np.ndarray) else v
+            for k, v in t.items()
+          }
+          for t in trials
+        ]
+      )
+    )
     self.assertEqual(_metrics.aggregate_trials(loaded), result)
 
   def test_psnr_only_when_every_trial_has_it(self):
     truth = np.random.default_rng().standard_normal((2, 12))
-    with_images = _metrics.score_reconstruction(truth, truth,
-                                                image_shape=(2, 2, 3))
+    with_images = _metrics.score_reconstruction(
+      truth, truth, image_shape=(2, 2, 3)
+    )
     without = _metrics.score_reconstruction(truth, truth)
     result = _metrics.aggregate_trials([with_images, without])
     self.assertNotIn("mean_psnr", result)

@@ -3,13 +3,14 @@
 import os
 import sys
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import numpy as np
-from absl.testing import absltest, parameterized
 
 sys.path.insert(
   0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts")
 )
-import numpy_baseline  # noqa: E402
+import numpy_baseline
 
 
 def _problem(m, n, b, seed):
@@ -25,20 +26,17 @@ def _problem(m, n, b, seed):
 
 def _match(inputs_bxn, x_bxn):
   """Ground-truth row for every recovered row, by maximum ``|cosine|``."""
-  unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+  unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
   return np.argmax(np.abs(unit(inputs_bxn) @ unit(x_bxn).T), axis=1)
 
 
 class InvertNumpyTest(parameterized.TestCase):
-
   @parameterized.named_parameters(
     ("b4", 60, 40, 4, 0),
     ("b8", 120, 80, 8, 1),
   )
   def test_exact_recovery_certified(self, m, n, b, seed):
-    weight_grad, bias_grad, weight, bias, x_bxn, d_mxb = _problem(
-      m, n, b, seed
-    )
+    weight_grad, bias_grad, weight, bias, x_bxn, d_mxb = _problem(m, n, b, seed)
     out = numpy_baseline.invert_numpy(
       weight_grad, bias_grad, seed=seed, weight=weight, bias=bias
     )
@@ -71,7 +69,11 @@ class InvertNumpyTest(parameterized.TestCase):
     # denser column; this seed has columns of similar sparsity.)
     weight_grad, bias_grad, weight, bias, x_bxn, _ = _problem(60, 40, 2, 3)
     out = numpy_baseline.invert_numpy(
-      weight_grad, bias_grad, seed=0, weight=weight, bias=bias,
+      weight_grad,
+      bias_grad,
+      seed=0,
+      weight=weight,
+      bias=bias,
       block_size=1024,
     )
     self.assertTrue(out["success"])
@@ -83,7 +85,11 @@ class InvertNumpyTest(parameterized.TestCase):
     rng = np.random.default_rng(99)
     wrong = rng.standard_normal(weight.shape) / np.sqrt(weight.shape[1])
     out = numpy_baseline.invert_numpy(
-      weight_grad, bias_grad, seed=0, weight=wrong, bias=bias,
+      weight_grad,
+      bias_grad,
+      seed=0,
+      weight=wrong,
+      bias=bias,
       max_proposals=2 * 8192,
     )
     self.assertFalse(out["success"])
@@ -94,8 +100,13 @@ class InvertNumpyTest(parameterized.TestCase):
   def test_budget_exhausted_returns_honest_partial_result(self):
     weight_grad, bias_grad, weight, bias, _, _ = _problem(120, 80, 8, 5)
     out = numpy_baseline.invert_numpy(
-      weight_grad, bias_grad, seed=0, weight=weight, bias=bias,
-      block_size=4, max_proposals=4,
+      weight_grad,
+      bias_grad,
+      seed=0,
+      weight=weight,
+      bias=bias,
+      block_size=4,
+      max_proposals=4,
     )
     self.assertFalse(out["success"])
     self.assertEqual(out["stop_reason"], "max_proposals")
@@ -106,9 +117,7 @@ class InvertNumpyTest(parameterized.TestCase):
   def test_batch_size_contradicting_rank_raises(self):
     weight_grad, bias_grad, _, _, _, _ = _problem(60, 40, 4, 6)
     with self.assertRaisesRegex(ValueError, "batch_size"):
-      numpy_baseline.invert_numpy(
-        weight_grad, bias_grad, seed=0, batch_size=5
-      )
+      numpy_baseline.invert_numpy(weight_grad, bias_grad, seed=0, batch_size=5)
 
   def test_full_rank_gradient_raises(self):
     rng = np.random.default_rng(7)

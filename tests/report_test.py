@@ -17,10 +17,18 @@ from spear_jax import _report
 
 def _record(rng, trial, b=4, method="spear", exact=True, seconds=None):
   return {
-    "method": method, "objective": "none", "dataset": "digits",
-    "width": 50, "batch_size": b, "depth": 2, "dtype": "float64",
-    "seed": 0, "trial": trial, "kind": "trial",
-    "exact_batch": exact, "exact_samples": b if exact else b - 1,
+    "method": method,
+    "objective": "none",
+    "dataset": "digits",
+    "width": 50,
+    "batch_size": b,
+    "depth": 2,
+    "dtype": "float64",
+    "seed": 0,
+    "trial": trial,
+    "kind": "trial",
+    "exact_batch": exact,
+    "exact_samples": b if exact else b - 1,
     "seconds": float(rng.uniform(0.5, 5.0)) if seconds is None else seconds,
     "mean_psnr": float(rng.uniform(20, 100)),
     "mean_ssim": float(rng.uniform(0, 1)),
@@ -29,7 +37,6 @@ def _record(rng, trial, b=4, method="spear", exact=True, seconds=None):
 
 
 class LogTest(absltest.TestCase):
-
   def setUp(self):
     super().setUp()
     self.path = os.path.join(tempfile.mkdtemp(), "sub", "log.jsonl")
@@ -67,7 +74,6 @@ class LogTest(absltest.TestCase):
 
 
 class SummaryTest(absltest.TestCase):
-
   def test_rates_and_times_by_hand(self):
     rng = np.random.default_rng()
     seconds = rng.uniform(0.1, 9.0, size=5)
@@ -88,19 +94,20 @@ class SummaryTest(absltest.TestCase):
     # 4 + 3 + 3 exact samples of 12.
     self.assertAlmostEqual(spear["exact_sample_rate"], 10 / 12, places=15)
     kept = [seconds[0], seconds[1], seconds[3]]
-    self.assertAlmostEqual(spear["median_seconds"], sorted(kept)[1],
-                           places=12)
+    self.assertAlmostEqual(spear["median_seconds"], sorted(kept)[1], places=12)
     self.assertAlmostEqual(spear["min_seconds"], min(kept), places=12)
     psnr = [records[i]["mean_psnr"] for i in (0, 1, 3)]
     self.assertAlmostEqual(spear["mean_psnr"], sum(psnr) / 3, places=10)
     other = next(r for r in rows if r["method"] == "spearpp")
-    self.assertEqual((other["batch_size"], other["exact_batch_rate"]),
-                     (8, 1.0))
+    self.assertEqual((other["batch_size"], other["exact_batch_rate"]), (8, 1.0))
 
   def test_csv_and_plots(self):
     rng = np.random.default_rng()
-    records = [_record(rng, t, b=b, exact=bool(rng.integers(2)))
-               for b in (2, 4, 6) for t in range(2)]
+    records = [
+      _record(rng, t, b=b, exact=bool(rng.integers(2)))
+      for b in (2, 4, 6)
+      for t in range(2)
+    ]
     rows = _report.summarize(records)
     out = tempfile.mkdtemp()
     _report.write_csv(os.path.join(out, "s.csv"), rows)
@@ -108,8 +115,9 @@ class SummaryTest(absltest.TestCase):
       read = list(csv.DictReader(f))
     self.assertEqual([int(r["batch_size"]) for r in read], [2, 4, 6])
     for row, back in zip(rows, read):
-      self.assertTrue(math.isclose(float(back["exact_batch_rate"]),
-                                   row["exact_batch_rate"]))
+      self.assertTrue(
+        math.isclose(float(back["exact_batch_rate"]), row["exact_batch_rate"])
+      )
     paths = _report.plot_summary(rows, os.path.join(out, "plot"))
     self.assertLen(paths, 2)
     for path in paths:
@@ -118,13 +126,11 @@ class SummaryTest(absltest.TestCase):
 
 
 class _Terminal(io.StringIO):
-
   def isatty(self):
     return True
 
 
 class ProgressBarTest(absltest.TestCase):
-
   def test_plain_stream_gets_one_line_per_update(self):
     stream = io.StringIO()
     bar = _report.ProgressBar(10, "trials", stream=stream)

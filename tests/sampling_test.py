@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import spear_jax
 from spear_jax import _sampling
 
 
 class SampleRowsTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("k1", 1), ("k5", 5), ("k9", 9))
   def test_distinct_alive_rows(self, k):

@@ -24,7 +24,10 @@ _SCRIPTS = os.path.join(os.path.dirname(__file__), os.pardir, "scripts")
 def _run(script, *args):
   proc = subprocess.run(
     [sys.executable, os.path.join(_SCRIPTS, script), *args],
-    capture_output=True, text=True, timeout=300, check=False,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
   )
   return proc.returncode, proc.stdout, proc.stderr
 
@@ -43,12 +46,16 @@ def _png_size(path):
 
 
 class RunAttackTest(absltest.TestCase):
-
   def test_trials_metrics_picture_and_resume(self):
     out = tempfile.mkdtemp()
     seed = int(np.random.default_rng().integers(1000))
-    args = ["--dataset=digits", "--batch_size=4", "--width=128",
-            f"--seed={seed}", f"--out_dir={out}"]
+    args = [
+      "--dataset=digits",
+      "--batch_size=4",
+      "--width=128",
+      f"--seed={seed}",
+      f"--out_dir={out}",
+    ]
     code, stdout, stderr = _run("run_attack.py", *args, "--num_trials=1")
     self.assertEqual(code, 0, stderr)
     code, stdout, stderr = _run("run_attack.py", *args, "--num_trials=2")
@@ -72,8 +79,9 @@ class RunAttackTest(absltest.TestCase):
     # The stored arrays are the matched truth and reconstruction.
     with np.load(os.path.join(out, "trial_001.npz")) as arrays:
       self.assertEqual(arrays["truth"].shape, (4, 8, 8, 1))
-      np.testing.assert_allclose(arrays["recovered"], arrays["truth"],
-                                 atol=1e-10)
+      np.testing.assert_allclose(
+        arrays["recovered"], arrays["truth"], atol=1e-10
+      )
     width, height = _png_size(os.path.join(out, "reconstruction.png"))
     # Two rows of four 8x8 digits upscaled to at least 64 px.
     self.assertGreaterEqual(width, 4 * 64)
@@ -81,7 +89,6 @@ class RunAttackTest(absltest.TestCase):
 
 
 class RunAttackErrorsTest(parameterized.TestCase):
-
   @parameterized.parameters(
     (["--dataset=nope"], "Unknown dataset"),
     (["--dataset=faces", "--batch_size=201"], "batch_size"),
@@ -93,21 +100,30 @@ class RunAttackErrorsTest(parameterized.TestCase):
     out = tempfile.mkdtemp()
     code, _, stderr = _run("run_attack.py", *args, f"--out_dir={out}")
     self.assertEqual(code, 2, stderr)
-    lines = [line for line in stderr.strip().splitlines()
-             if line.startswith("run_attack.py: error:")]
+    lines = [
+      line
+      for line in stderr.strip().splitlines()
+      if line.startswith("run_attack.py: error:")
+    ]
     self.assertLen(lines, 1, stderr)
     self.assertIn(message, lines[0])
     self.assertNotIn("Traceback", stderr)
 
 
 class BenchmarkSweepTest(absltest.TestCase):
-
   def test_sweep_resumes_and_summarizes(self):
     out = tempfile.mkdtemp()
     log = os.path.join(out, "sweep.jsonl")
     seed = int(np.random.default_rng().integers(1000))
-    args = ["--datasets=digits", "--ms=40", "--bs=3", "--methods=spear",
-            "--nowarmup", f"--seed={seed}", f"--output={log}"]
+    args = [
+      "--datasets=digits",
+      "--ms=40",
+      "--bs=3",
+      "--methods=spear",
+      "--nowarmup",
+      f"--seed={seed}",
+      f"--output={log}",
+    ]
     code, _, stderr = _run("benchmark.py", *args, "--trials=1")
     self.assertEqual(code, 0, stderr)
     with open(log) as f:

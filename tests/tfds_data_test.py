@@ -23,12 +23,13 @@ import sys
 import tempfile
 from unittest import mock
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
-from absl.testing import absltest, parameterized
 
 from spear_jax import _data
 

@@ -38,7 +38,7 @@ import sys
 import time
 import zlib
 
-import _cpu_devices  # noqa: F401  (before jax: one device per core)
+import _runtime  # before jax: one device per core, compilation cache
 from absl import app
 from absl import flags
 from absl import logging
@@ -461,7 +461,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_enable_x64", True)
+  _runtime.configure_jax(x64=True)
   import spear_jax  # pylint: disable=g-import-not-at-top
 
   env = _environment()

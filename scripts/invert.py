@@ -22,7 +22,7 @@ import sys
 import tempfile
 import zipfile
 
-import _cpu_devices  # noqa: F401  (before jax: one device per core)
+import _runtime  # before jax: one device per core, compilation cache
 from absl import app
 from absl import flags
 from absl import logging
@@ -157,7 +157,7 @@ def main(argv):
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_enable_x64", _DTYPE.value == "float64")
+  _runtime.configure_jax(x64=_DTYPE.value == "float64")
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import spear_jax  # pylint: disable=g-import-not-at-top

@@ -38,7 +38,7 @@ import os
 import platform
 import sys
 
-import _cpu_devices  # noqa: F401  (before jax: one device per core)
+import _runtime  # before jax: one device per core, compilation cache
 from absl import app
 from absl import flags
 from absl import logging
@@ -168,7 +168,7 @@ def main(argv):
   _check_flags()
   import jax  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_enable_x64", _DTYPE.value == "float64")
+  _runtime.configure_jax(x64=_DTYPE.value == "float64")
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 

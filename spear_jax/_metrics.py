@@ -20,14 +20,12 @@ from collections.abc import Mapping, Sequence
 import math
 from typing import Any
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 from jaxtyping import ArrayLike
 from jaxtyping import Float
 import numpy as np
-from scipy import optimize
 
 __all__ = [
   "EXACT_RTOL",
@@ -69,6 +67,8 @@ def hungarian(cost: np.ndarray) -> np.ndarray:
   cost = np.asarray(cost, np.float64)
   if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
     raise ValueError(f"cost must be square, got {cost.shape}.")
+  from scipy import optimize  # lazy: 0.9 s of import
+
   rows, columns = optimize.linear_sum_assignment(cost)
   assignment = np.empty(cost.shape[0], int)
   assignment[rows] = columns
@@ -158,6 +158,8 @@ def mse(images: ArrayLike, reference: ArrayLike) -> Float[Array, " b"]:
     [0.25, 0.25]
   """
   images, reference = _float_pair(images, reference)
+  import dm_pix  # lazy, like scipy: a fast `import spear_jax`
+
   return dm_pix.mse(*_as_nhwc(images, reference))
 
 
@@ -201,6 +203,8 @@ def psnr(
   images, reference = _float_pair(images, reference)
   # dm_pix assumes a data range of 1: -10 log10(MSE). A zero MSE gives +inf,
   # which the cap turns into max_db; a NaN stays NaN.
+  import dm_pix
+
   db = dm_pix.psnr(*_as_nhwc(images, reference))
   db = db + 20.0 * jnp.log10(jnp.asarray(data_range, db.dtype))
   return jnp.minimum(db, max_db)
@@ -280,6 +284,8 @@ def ssim(
     Wang, Bovik, Sheikh, Simoncelli. Image quality assessment: from error
     visibility to structural similarity. IEEE TIP 13(4), 2004.
   """
+  import dm_pix
+
   x, y = _float_pair(images, reference)
   if x.ndim != 4:
     raise ValueError(f"ssim needs (b, H, W, C) images, got shape {x.shape}.")

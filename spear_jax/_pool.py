@@ -83,7 +83,7 @@ def merge_candidates(
   if pool_dirs.shape[0]:
     sim = np.abs(dirs @ pool_dirs.T)
     is_known = (sim >= 1.0 - dedup_tol).any(axis=1)
-    for i in np.flatnonzero(is_known):
+    for i in np.flatnonzero(is_known).tolist():
       j = int(np.argmax(sim[i]))
       hits[j] += 1
       if zeros[i] > pool_zeros[j]:  # the sparser copy is the better fit

@@ -137,7 +137,7 @@ def append_record(
     os.fsync(f.fileno())
 
 
-def _mean(values: Sequence[float]) -> float:
+def _mean(values: Sequence[float | None]) -> float:
   finite = [v for v in values if v is not None and math.isfinite(v)]
   return statistics.fmean(finite) if finite else math.nan
 

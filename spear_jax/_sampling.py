@@ -38,7 +38,7 @@ def sample_rows(
     ``k`` distinct row indices into the full ``m`` rows.
   """
   u_k = jax.random.uniform(key, (k,), dtype=jnp.float32)
-  positions = []
+  positions: list[jax.Array] = []
   for i in range(k):
     j = num_alive - k + i
     scaled = u_k[i] * (j + 1).astype(jnp.float32)

@@ -326,7 +326,7 @@ def select(
   if _num_verified(result) < problem.b:
     chosen, result, tried = _swap(problem, pool, chosen, tau, previous.tried)
     selection = selection._replace(chosen=chosen, result=result, tried=tried)
-  if _num_verified(selection.result) == problem.b:
+  if _num_verified(result) == problem.b:
     return selection, "certified"
   return selection, None
 

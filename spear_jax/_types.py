@@ -28,6 +28,7 @@ from jaxtyping import Array
 from jaxtyping import Bool
 from jaxtyping import Float
 from jaxtyping import Int
+import numpy as np
 
 PRNGKeyArray = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -99,5 +100,5 @@ class InversionResult(NamedTuple):
   success: bool
   directions: Float[Array, "b b"]
   sparsity: Int[Array, " b"]
-  candidates: Float[Array, "P b"]
+  candidates: Float[np.ndarray, "P b"]
   stats: InversionStats

@@ -1,12 +1,15 @@
 """Checks of user input: one clear ``ValueError`` per problem."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from spear_jax._types import ArrayLike
 
 __all__ = ["check_inputs", "check_rank"]
 
 
-def _as_float_array(value, name: str) -> jnp.ndarray:
+def _as_float_array(value: ArrayLike, name: str) -> jax.Array:
   try:
     array = np.asarray(value)
   except Exception as err:  # noqa: BLE001 - any conversion failure is bad input
@@ -28,7 +31,13 @@ def _check_finite(array, name):
     raise ValueError(f"{name} contains NaN or infinite values.")
 
 
-def check_inputs(weight_grad, bias_grad, weight, bias, batch_size):
+def check_inputs(
+  weight_grad: ArrayLike,
+  bias_grad: ArrayLike,
+  weight: ArrayLike | None,
+  bias: ArrayLike | None,
+  batch_size: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
   """Validates shapes, dtypes and values; returns JAX arrays of one dtype.
 
   Raises:
@@ -58,18 +67,22 @@ def check_inputs(weight_grad, bias_grad, weight, bias, batch_size):
     raise ValueError(
       "give both weight and bias (for the certificate) or neither."
     )
-  if weight is not None:
-    weight = _as_float_array(weight, "weight").astype(dtype)
-    bias = _as_float_array(bias, "bias").astype(dtype)
-    if weight.shape != (m, n):
+  layer_weight = layer_bias = None
+  if weight is not None and bias is not None:
+    layer_weight = _as_float_array(weight, "weight").astype(dtype)
+    layer_bias = _as_float_array(bias, "bias").astype(dtype)
+    if layer_weight.shape != (m, n):
       raise ValueError(
         f"weight must have shape {(m, n)} like weight_grad, got "
-        f"{tuple(weight.shape)} (flax kernels are (n, m): transpose them)."
+        f"{tuple(layer_weight.shape)} (flax kernels are (n, m): transpose "
+        "them)."
       )
-    if bias.shape != (m,):
-      raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}.")
-    _check_finite(weight, "weight")
-    _check_finite(bias, "bias")
+    if layer_bias.shape != (m,):
+      raise ValueError(
+        f"bias must have shape ({m},), got {tuple(layer_bias.shape)}."
+      )
+    _check_finite(layer_weight, "weight")
+    _check_finite(layer_bias, "bias")
   if batch_size is not None:
     if isinstance(batch_size, bool) or int(batch_size) != batch_size:
       raise ValueError(f"batch_size must be an integer, got {batch_size!r}.")
@@ -78,7 +91,7 @@ def check_inputs(weight_grad, bias_grad, weight, bias, batch_size):
         f"batch_size must lie in [1, {min(m, n) - 1}] for a {m} x {n} "
         f"gradient, got {batch_size}."
       )
-  return weight_grad, bias_grad, weight, bias
+  return weight_grad, bias_grad, layer_weight, layer_bias
 
 
 def check_rank(rank: int, batch_size: int | None, m: int, n: int) -> int:

@@ -37,7 +37,7 @@ _CACHE_DIR = flags.DEFINE_string(
 
 def configure_jax(*, x64: bool) -> None:
   """Sets the dtype mode and the persistent compilation cache."""
-  import jax  # noqa: PLC0415  (after the XLA_FLAGS above)
+  import jax
 
   jax.config.update("jax_enable_x64", x64)
   if _CACHE_DIR.value:

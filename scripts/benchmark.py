@@ -46,7 +46,7 @@ from absl import logging
 _MODE = flags.DEFINE_enum(
   "mode",
   "sweep",
-  ["sweep", "throughput"],
+  ["sweep", "throughput", "cold_start"],
   "A resumable sweep of attacks, or SPEAR's raw "
   "proposal throughput against the numpy baseline.",
 )
@@ -282,6 +282,92 @@ def _throughput(config, emit):
         emit(record)
 
 
+def _run_process(argv, env=None):
+  """Runs a whole process: (wall seconds, peak RSS in MB, exit code, stdout)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  proc = subprocess.Popen(
+    argv,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+    env=env,
+  )
+  stdout = proc.stdout.read() if proc.stdout else ""
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  seconds = time.perf_counter() - start
+  return seconds, usage.ru_maxrss / 1024.0, proc.returncode, stdout
+
+
+def _cold_start(emit):
+  """Whole-process times of scripts/invert.py, cold and warm, against numpy.
+
+  For every (m, b) and trial: a real-image client gradient is written to an
+  npz; then, each as a separate process, ``invert.py`` with an empty
+  compilation cache (cold), ``invert.py`` again with the cache it just
+  filled (warm), and ``numpy_baseline.py --gradients`` (the plain numpy
+  SPEAR) on the same file. Wall time includes interpreter start, imports,
+  compilation (or cache loading) and the attack.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  here = os.path.dirname(os.path.abspath(__file__))
+  root = jax.random.key(_SEED.value)
+  for m in map(int, _MS.value):
+    for b in map(int, _BS.value):
+      for trial in range(_TRIALS.value):
+        key = jax.random.fold_in(jax.random.fold_in(root, m * 1000 + b), trial)
+        update, _ = _problem(key, m, b, np.float64)
+        with tempfile.TemporaryDirectory() as tmp:
+          grads = os.path.join(tmp, "grads.npz")
+          np.savez(
+            grads,
+            **{
+              k: np.asarray(getattr(update, k))
+              for k in ("weight_grad", "bias_grad", "weight", "bias")
+            },
+          )
+          invert = [
+            sys.executable,
+            os.path.join(here, "invert.py"),
+            f"--gradients={grads}",
+            f"--output={tmp}/out.npz",
+            f"--compilation_cache_dir={tmp}/cache",
+            f"--seed={trial}",
+          ]
+          runs = {
+            "cold": invert,
+            "warm": invert,
+            "numpy": [
+              sys.executable,
+              os.path.join(here, "numpy_baseline.py"),
+              f"--gradients={grads}",
+              f"--seed={trial}",
+            ],
+          }
+          record = {"kind": "cold_start", "m": m, "b": b, "trial": trial}
+          for name, argv in runs.items():
+            seconds, rss_mb, code, stdout = _run_process(argv)
+            summary = json.loads(stdout.strip().splitlines()[-1])
+            record.update(
+              {
+                f"{name}_s": seconds,
+                f"{name}_peak_rss_mb": rss_mb,
+                f"{name}_exit": code,
+                f"{name}_attack_s": summary["seconds"],
+                f"{name}_proposals": summary["proposals"],
+              }
+            )
+          record["warm_over_numpy"] = record["warm_s"] / record["numpy_s"]
+          record["cold_over_numpy"] = record["cold_s"] / record["numpy_s"]
+          emit(record)
+
+
 def _environment():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -459,7 +545,6 @@ def _summarize(env):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  import jax  # pylint: disable=g-import-not-at-top
 
   _runtime.configure_jax(x64=True)
   import spear_jax  # pylint: disable=g-import-not-at-top
@@ -472,7 +557,7 @@ def main(argv):
     time_budget_s=_TIME_BUDGET_S.value,
     log_every_s=30.0,
   )
-  if _MODE.value == "throughput":
+  if _MODE.value in ("throughput", "cold_start"):
 
     def emit(record):
       record = {**env, "dtype": "float64", **record}
@@ -480,7 +565,10 @@ def main(argv):
       with open(_OUTPUT.value, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-    _throughput(config, emit)
+    if _MODE.value == "throughput":
+      _throughput(config, emit)
+    else:
+      _cold_start(emit)
     return
   try:
     interrupted = _sweep(config, env)

@@ -13,12 +13,14 @@ The random streams differ from the library's (NumPy's ``default_rng`` versus
 JAX keys), so the two agree on the recovered batch, not on the number of
 proposals.
 
-Usage as a script (a quick self-check on random data)::
+Usage as a script (a quick self-check on random data, or one gradient)::
 
   python scripts/numpy_baseline.py --m 400 --n 3072 --b 12
+  python scripts/numpy_baseline.py --gradients=IN.npz
 """
 
 import argparse
+import json
 import math
 import time
 
@@ -535,6 +537,10 @@ def make_problem(m, n, b, seed, dtype=np.float64):
   )
 
 
+def _jsonable(value):
+  return value.item() if isinstance(value, np.generic) else value
+
+
 def _main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--m", type=int, default=400)
@@ -542,7 +548,22 @@ def _main():
   parser.add_argument("--b", type=int, nargs="+", default=[12])
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-certificate", action="store_true")
+  parser.add_argument(
+    "--gradients",
+    help="invert this npz (weight_grad, bias_grad[, weight, bias]) instead; "
+    "prints a JSON summary and exits 0 on a certified recovery, else 1",
+  )
   args = parser.parse_args()
+  if args.gradients:
+    with np.load(args.gradients) as f:
+      arrays = {k: f[k] for k in f.files}
+    cert = {k: arrays[k] for k in ("weight", "bias") if k in arrays}
+    out = invert_numpy(
+      arrays["weight_grad"], arrays["bias_grad"], seed=args.seed, **cert
+    )
+    keys = ("success", "stop_reason", "proposals", "candidates", "seconds")
+    print(json.dumps({k: _jsonable(out[k]) for k in keys}))
+    raise SystemExit(0 if out["success"] else 1)
   for b in args.b:
     wg, bg, w, bi, x_bxn, _ = make_problem(args.m, args.n, b, args.seed)
     cert = {} if args.no_certificate else {"weight": w, "bias": bi}

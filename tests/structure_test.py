@@ -149,7 +149,11 @@ class ReadmeTest(absltest.TestCase):
       "\nassert result.success and bool(result.verified.all())"
     )
     out = subprocess.run(
-      [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
     )
     self.assertEqual(out.returncode, 0, out.stderr[-2000:])
     self.assertIn("True True", out.stdout)

@@ -88,7 +88,7 @@ _OUTPUT = flags.DEFINE_string(
 
 
 def _problem(key, m, b, dtype):
-  """A client gradient of real images: (update, truth)."""
+  """A client update (FedSGD gradient) of real images (`ClientUpdate`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -322,7 +322,7 @@ def _cold_start(emit):
     for b in map(int, _BS.value):
       for trial in range(_TRIALS.value):
         key = jax.random.fold_in(jax.random.fold_in(root, m * 1000 + b), trial)
-        update, _ = _problem(key, m, b, np.float64)
+        update = _problem(key, m, b, np.float64)
         with tempfile.TemporaryDirectory() as tmp:
           grads = os.path.join(tmp, "grads.npz")
           np.savez(

@@ -184,10 +184,17 @@ def _screen_block_fn(devices, block_size, chunk_size, max_out):
 
 
 class SamplerState(NamedTuple):
-  """SPEAR sampler state: the key and the block already in flight."""
+  """SPEAR sampler state.
+
+  Attributes:
+    key: the PRNG key of the next block.
+    pending: the block already in flight (its directions and valid flags).
+    args: the problem's device arrays that every block reads.
+  """
 
   key: PRNGKeyArray
   pending: tuple[jax.Array, jax.Array] | None
+  args: tuple[jax.Array, ...]
 
 
 def spear_sampler(config: AttackConfig | None = None) -> Strategy:
@@ -214,10 +221,13 @@ def spear_sampler(config: AttackConfig | None = None) -> Strategy:
     max(1, min(config.max_candidates_per_block, block_size)),
   )
 
-  def dispatch(key, problem):
+  def dispatch(key, args):
     key, block_key = jax.random.split(key)
-    return key, screen(
-      jax.random.split(block_key, len(devices)),
+    return key, screen(jax.random.split(block_key, len(devices)), *args)
+
+  def init(key, problem):
+    # The block's device arguments are built once per run, not per block.
+    args = (
       problem.l_mxb,
       problem.alive_rows,
       problem.alive,
@@ -225,21 +235,18 @@ def spear_sampler(config: AttackConfig | None = None) -> Strategy:
       problem.scalar(problem.tol.screen),
       jnp.asarray(problem.floor),
     )
-
-  def init(key, problem):
-    del problem
-    return SamplerState(key, None)
+    return SamplerState(key, None, args)
 
   def step(state, problem, pool, selection):
-    del pool, selection
-    key, pending = state
+    del problem, pool, selection
+    key, pending, args = state
     if pending is None:
-      key, pending = dispatch(key, problem)
+      key, pending = dispatch(key, args)
     directions, valid = pending
-    key, pending = dispatch(key, problem)
+    key, pending = dispatch(key, args)
     return StepOutput(
       np.asarray(directions)[np.asarray(valid)],
-      SamplerState(key, pending),
+      SamplerState(key, pending, args),
       proposals=block_size,
       blocks=1,
     )

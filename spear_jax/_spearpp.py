@@ -56,6 +56,24 @@ def _round_many(keys, approx_kxb, l_mxb, alive_m, screen_tol, *, tries, pool):
   )(keys, approx_kxb, l_mxb, alive_m, screen_tol)
 
 
+def _found_and_layer(problem, found_kxb):
+  """The found columns padded to ``b`` (one compilation per run), their
+  validity mask, and the layer data of the pattern-based kernels."""
+  b, k = problem.b, found_kxb.shape[0]
+  padded = np.zeros((b, b), problem.dtype)
+  padded[:k] = found_kxb
+  return (
+    jnp.asarray(padded),
+    jnp.asarray(np.arange(b) < k),
+    problem.l_mxb,
+    problem.r_bxn,
+    problem.weight,
+    problem.bias,
+    problem.alive,
+    problem.scalar(problem.tol.screen),
+  )
+
+
 def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   """Random points of the sphere and rows of ``L`` (deflation).
 
@@ -109,18 +127,9 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
     )
     subspace = round(fraction * count)
   if subspace:
-    padded = np.zeros((b, b), dtype)
-    padded[:k] = found_kxb
     rows = np.asarray(
       estimate_found_rows(
-        jnp.asarray(padded),
-        jnp.asarray(np.arange(b) < k),
-        problem.l_mxb,
-        problem.r_bxn,
-        problem.weight,
-        problem.bias,
-        problem.alive,
-        problem.scalar(problem.tol.screen),
+        *_found_and_layer(problem, found_kxb),
         steps=learner.row_estimate_steps,
         temperature=learner.row_estimate_temperature,
         learning_rate=learner.row_estimate_learning_rate,
@@ -154,8 +163,7 @@ def _pattern_round(
   rounding onto a mixture. Duplicates (|cos| > 1 - 1e-6) are dropped and
   the rest padded to a power of two (few compilations).
   """
-  b = problem.l_mxb.shape[1]
-  k = found_kxb.shape[0]
+  b = problem.b
   cos_k = np.abs(np.sum(approx_kxb * rounded_kxb, axis=1))
   missed = approx_kxb[(zeros_k < floor) | (cos_k < 0.999)]
   kept = []
@@ -170,18 +178,9 @@ def _pattern_round(
   batch = np.zeros((size, b), approx_kxb.dtype)
   batch[: len(kept)] = kept
   batch[len(kept) :] = kept[0]
-  padded = np.zeros((b, b), approx_kxb.dtype)
-  padded[:k] = found_kxb
   directions, zeros = round_with_pattern(
     jnp.asarray(batch),
-    jnp.asarray(padded),
-    jnp.asarray(np.arange(b) < k),
-    problem.l_mxb,
-    problem.r_bxn,
-    problem.weight,
-    problem.bias,
-    problem.alive,
-    problem.scalar(problem.tol.screen),
+    *_found_and_layer(problem, found_kxb),
     max_missing=learner.pattern_max_missing,
     temperature=learner.pattern_temperature,
     label_margin=learner.pattern_label_margin,

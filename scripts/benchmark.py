@@ -282,23 +282,34 @@ def _throughput(config, emit):
         emit(record)
 
 
-def _run_process(argv, env=None):
-  """Runs a whole process: (wall seconds, peak RSS in MB, exit code, stdout)."""
-  import subprocess  # pylint: disable=g-import-not-at-top
+def _run_process(argv):
+  """Runs a whole process: (wall seconds, peak RSS in MB, exit code, stdout).
 
-  start = time.perf_counter()
-  proc = subprocess.Popen(
-    argv,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.DEVNULL,
-    text=True,
-    env=env,
-  )
-  stdout = proc.stdout.read() if proc.stdout else ""
-  _, status, usage = os.wait4(proc.pid, 0)
-  proc.returncode = os.waitstatus_to_exitcode(status)
-  seconds = time.perf_counter() - start
-  return seconds, usage.ru_maxrss / 1024.0, proc.returncode, stdout
+  The peak resident memory comes from GNU time when it is installed
+  (``/usr/bin/time -f %M``); ``getrusage`` of a child forked from this
+  (large) process would also count the parent's pages before ``exec``.
+  Without GNU time the peak is reported as NaN.
+  """
+  import math  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  gnu_time = "/usr/bin/time"
+  with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+    if os.path.exists(gnu_time):
+      argv = [gnu_time, "-f", "%M", "-o", rss.name, *argv]
+    start = time.perf_counter()
+    proc = subprocess.run(
+      argv,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,
+      text=True,
+      check=False,
+    )
+    seconds = time.perf_counter() - start
+    text = rss.read().strip().splitlines()
+  peak_mb = int(text[-1]) / 1024.0 if text else math.nan
+  return seconds, peak_mb, proc.returncode, proc.stdout
 
 
 def _cold_start(emit):

@@ -198,9 +198,12 @@ def _finalize(
     result = reconstruct(problem, basis)
   verified = np.asarray(result.verified)
   success = bool(recovered and (not problem.certifiable or verified.all()))
-  column_norm = jnp.linalg.norm(result.grad_z, axis=0)
-  zero = jnp.abs(result.grad_z) <= problem.tol.zero * column_norm[None, :]
-  sparsity = jnp.sum(zero & problem.alive[:, None], axis=0)
+  # On the host: eager jnp ops here would compile eight tiny programs.
+  grad_z = np.asarray(result.grad_z)
+  column_norm = np.linalg.norm(grad_z, axis=0)
+  zero = np.abs(grad_z) <= problem.tol.zero * column_norm[None, :]
+  alive = np.asarray(problem.alive)[:, None]
+  sparsity = jnp.asarray(np.sum(zero & alive, axis=0).astype(np.int32))
   stats = InversionStats(
     proposals=state.proposals,
     candidates=int(pool.zeros.shape[0]),

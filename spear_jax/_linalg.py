@@ -5,6 +5,7 @@ tolerances resolved from the dtype (:func:`resolve_tolerances`).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -139,9 +140,14 @@ def factorize(
     u, s, vt = _svd(weight_grad)
   num_rank = numerical_rank(s, rtol)
   b = num_rank if rank is None else rank
-  l_mxb = u[:, :b]
-  r_bxn = s[:b, None] * vt[:b]
+  l_mxb, r_bxn = _truncate(u, s, vt, b)
   return l_mxb, r_bxn, num_rank, s
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _truncate(u, s, vt, b):
+  """``L = U_b`` and ``R = S_b V_b^T`` in one program (not five eager ops)."""
+  return u[:, :b], s[:b, None] * vt[:b]
 
 
 # Above this many rows the elimination is a rolled loop: the unrolled form

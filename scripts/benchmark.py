@@ -17,6 +17,11 @@ everything, so the recorded times are warm; the first call's time is
 recorded next to them (the SPEAR warm-up stops after 5 s of attacking, the
 SPEAR++ warm-up after two rounds, which compile the deflated search).
 
+``--mode=cold_start`` times whole processes on the same gradients:
+``scripts/invert.py`` with an empty compilation cache (cold), again with
+the cache it filled (warm), and ``scripts/numpy_baseline.py --gradients``
+(wall time, peak resident memory from GNU time, exit code).
+
 ``--mode=throughput`` measures SPEAR alone: the jitted proposal block in
 proposals/s (median and min over ``--repeats``), the same block in the
 numpy baseline (``scripts/numpy_baseline.py``), and the time to a certified
@@ -28,6 +33,8 @@ recovery of both on the same gradients.
       --bs=50 --ms=1000
   OPENBLAS_NUM_THREADS=1 python scripts/benchmark.py --mode=throughput \
       --bs=16 --baseline
+  python scripts/benchmark.py --mode=cold_start --ms=400 --bs=16,20 \
+      --trials=3 --output=docs/benchmarks/cold_start.jsonl
 """
 
 import json

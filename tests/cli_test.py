@@ -84,6 +84,36 @@ class InvertCliTest(parameterized.TestCase):
         result["inputs"], p["inputs"][order], atol=1e-10
       )
 
+  def test_compilation_cache(self):
+    p = self.problem
+    path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"])
+    cache = os.path.join(self.dir, "cache")
+    outputs = []
+    for run in range(2):
+      out = os.path.join(self.dir, f"cached{run}.npz")
+      code, _, stderr = _run(
+        f"--gradients={path}",
+        f"--output={out}",
+        "--block_size=1024",
+        f"--compilation_cache_dir={cache}",
+      )
+      self.assertEqual(code, 0, stderr)
+      if not run:
+        self.assertNotEmpty(os.listdir(cache))  # programs were written
+      with np.load(out) as result:
+        outputs.append(result["inputs"])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    # An empty value turns the cache off.
+    off = os.path.join(self.dir, "off")
+    code, _, stderr = _run(
+      f"--gradients={path}",
+      f"--output={self.dir}/o.npz",
+      "--block_size=1024",
+      "--compilation_cache_dir=",
+    )
+    self.assertEqual(code, 0, stderr)
+    self.assertFalse(os.path.exists(off))
+
   def test_float32_without_certificate(self):
     p = self.problem
     path = self._npz(weight_grad=p["weight_grad"], bias_grad=p["bias_grad"])

@@ -1,7 +1,10 @@
 """Tests for the NumPy baseline of SPEAR in ``scripts/numpy_baseline.py``."""
 
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -125,6 +128,25 @@ class InvertNumpyTest(parameterized.TestCase):
       numpy_baseline.invert_numpy(
         rng.standard_normal((30, 20)), rng.standard_normal(30), seed=0
       )
+
+
+class GradientsFileTest(absltest.TestCase):
+  def test_gradients_file_prints_a_summary(self):
+    wg, bg, w, bi, _, _ = _problem(60, 40, 5, 23)
+    path = os.path.join(tempfile.mkdtemp(), "g.npz")
+    np.savez(path, weight_grad=wg, bias_grad=bg, weight=w, bias=bi)
+    script = numpy_baseline.__file__
+    proc = subprocess.run(
+      [sys.executable, script, f"--gradients={path}"],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertTrue(summary["success"])
+    self.assertEqual(summary["stop_reason"], "certified")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,18 @@ def _max_error(result, truth_bxn):
   return np.max(np.abs(recovered - truth_bxn[order]))
 
 
+def _certified(p, key, config=None):
+  """``invert`` of a problem from ``helpers`` with its layer (certified)."""
+  return spear_jax.invert(
+    p["weight_grad"],
+    p["bias_grad"],
+    key=jax.random.key(key),
+    weight=p["weight"],
+    bias=p["bias"],
+    config=config,
+  )
+
+
 class ExactRecoveryTest(parameterized.TestCase):
   @parameterized.named_parameters(
     ("b1", 1, 30, 20, 11),
@@ -71,14 +83,7 @@ class ExactRecoveryTest(parameterized.TestCase):
     p = helpers.relu_layer_problem(5, 120, 60, 6, centred=False, bias_scale=0.0)
     dead = int(np.sum(np.all(p["grad_z"] == 0, axis=1)))
     self.assertGreater(dead, 0)
-    result = spear_jax.invert(
-      p["weight_grad"],
-      p["bias_grad"],
-      key=jax.random.key(1),
-      weight=p["weight"],
-      bias=p["bias"],
-      config=_SMALL,
-    )
+    result = _certified(p, 1, _SMALL)
     self.assertTrue(result.success)
     self.assertEqual(result.stats.alive_rows, 120 - dead)
     self.assertLess(_max_error(result, p["inputs"]), 1e-9)
@@ -104,14 +109,7 @@ class ExactRecoveryTest(parameterized.TestCase):
   def test_float32_small_batch(self):
     p = helpers.relu_layer_problem(8, 64, 40, 4)
     p32 = {k: v.astype(np.float32) for k, v in p.items()}
-    result = spear_jax.invert(
-      p32["weight_grad"],
-      p32["bias_grad"],
-      key=jax.random.key(4),
-      weight=p32["weight"],
-      bias=p32["bias"],
-      config=_SMALL,
-    )
+    result = _certified(p32, 4, _SMALL)
     self.assertEqual(result.inputs.dtype, jnp.float32)
     self.assertTrue(result.success)
     rel = _max_error(result, p["inputs"]) / np.max(np.abs(p["inputs"]))
@@ -120,14 +118,7 @@ class ExactRecoveryTest(parameterized.TestCase):
   def test_budget_exhausted_is_reported_honestly(self):
     p = helpers.relu_layer_problem(9, 200, 120, 14)
     cfg = spear_jax.AttackConfig(block_size=64, chunk_size=64, max_proposals=64)
-    result = spear_jax.invert(
-      p["weight_grad"],
-      p["bias_grad"],
-      key=jax.random.key(0),
-      weight=p["weight"],
-      bias=p["bias"],
-      config=cfg,
-    )
+    result = _certified(p, 0, cfg)
     self.assertFalse(result.success)
     self.assertEqual(result.stats.stop_reason, "max_proposals")
     self.assertEqual(result.stats.proposals, 64)
@@ -158,14 +149,7 @@ class ExactRecoveryTest(parameterized.TestCase):
     )
     sizes = [f._cache_size() for f in jitted]
     q = helpers.relu_layer_problem(31, *shapes)
-    result = spear_jax.invert(
-      q["weight_grad"],
-      q["bias_grad"],
-      key=jax.random.key(1),
-      weight=q["weight"],
-      bias=q["bias"],
-      config=_SMALL,
-    )
+    result = _certified(q, 1, _SMALL)
     self.assertTrue(result.success)
     self.assertEqual([f._cache_size() for f in jitted], sizes)
 
@@ -224,14 +208,7 @@ class DevicesTest(parameterized.TestCase):
   def test_single_and_sharded_sampler_recover_exactly(self, num_devices):
     p = helpers.relu_layer_problem(40 + num_devices, 90, 50, 7)
     cfg = spear_jax.AttackConfig(block_size=2048, num_devices=num_devices)
-    result = spear_jax.invert(
-      p["weight_grad"],
-      p["bias_grad"],
-      key=jax.random.key(0),
-      weight=p["weight"],
-      bias=p["bias"],
-      config=cfg,
-    )
+    result = _certified(p, 0, cfg)
     self.assertTrue(result.success)
     self.assertLess(_max_error(result, p["inputs"]), 1e-10)
 

@@ -540,7 +540,7 @@ def _summarize(env):
   _report.write_csv(f"{prefix}_summary.csv", rows)
   print(
     f"{'method':>8} {'obj':>7} {'dataset':>10} {'m':>5} {'b':>4} "
-    f"{'exact':>7} {'median s':>9} {'PSNR':>7} {'SSIM':>6}"
+    f"{'exact':>7} {'median s':>9} {'PSNR':>7} {'SSIM':>6} {'twins':>5}"
   )
   for r in rows:
     print(
@@ -548,7 +548,7 @@ def _summarize(env):
       f"{r['width']:>5} {r['batch_size']:>4} "
       f"{r['exact_batches']:>3}/{r['trials']:<3} "
       f"{r['median_seconds']:>9.2f} {r['mean_psnr']:>7.1f} "
-      f"{r['mean_ssim']:>6.3f}"
+      f"{r['mean_ssim']:>6.3f} {r['near_duplicates_095']:>5.2f}"
     )
   written = [f"{prefix}_summary.csv"]
   try:

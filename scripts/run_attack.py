@@ -295,14 +295,15 @@ def main(argv):
   nan = float("nan")
   print(
     f"{'trial':>5} {'exact':>7} {'certified':>9} {'PSNR dB':>8} "
-    f"{'SSIM':>7} {'max rel err':>11} {'seconds':>8}  stop"
+    f"{'SSIM':>7} {'max rel err':>11} {'twins':>5} {'seconds':>8}  stop"
   )
   for r in trials:
     print(
       f"{r['trial']:>5} {r['exact_samples']:>3}/{r['batch_size']:<3} "
       f"{r['verified_samples']:>9} {r.get('mean_psnr', nan):>8.2f} "
       f"{r.get('mean_ssim', nan):>7.4f} "
-      f"{r['max_relative_error']:>11.2e} {r['seconds']:>8.1f}  "
+      f"{r['max_relative_error']:>11.2e} "
+      f"{r.get('near_duplicates_095', nan):>5.2f} {r['seconds']:>8.1f}  "
       f"{r['stop_reason']}"
     )
   if interrupted:

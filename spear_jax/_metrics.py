@@ -35,6 +35,7 @@ __all__ = [
   "hungarian",
   "match_and_score",
   "mse",
+  "near_duplicates",
   "psnr",
   "score_reconstruction",
   "ssim",
@@ -383,6 +384,41 @@ def _match_rows(rec_rxn: np.ndarray, true_bxn: np.ndarray) -> np.ndarray:
   return matched
 
 
+def near_duplicates(
+  batch_bxn: ArrayLike, thresholds: Sequence[float] = (0.95, 0.98)
+) -> dict[str, float]:
+  r"""How alike the samples of a batch are: the near-twin statistics.
+
+  Near-duplicate samples (dark crops, video frames, faces) share most of
+  their ReLU zero sets, the hard case of SPEAR and SPEAR++. For the inputs
+  as the network sees them (flattened, after normalization), the cosine of
+  every pair of samples is computed; for each threshold ``t`` the result
+  gives the share of samples that have a partner with cosine above ``t``.
+
+  Args:
+    batch_bxn: the batch, one sample per row.
+    thresholds: cosine thresholds.
+
+  Returns:
+    ``{"near_duplicates_095": share, ..., "max_pair_cosine": c}`` with the
+    threshold's two decimals in the key; ``max_pair_cosine`` is NaN for a
+    single sample.
+  """
+  x = np.asarray(batch_bxn, np.float64)
+  x = x.reshape(x.shape[0], -1)
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  unit = x / np.where(norms > 0, norms, 1.0)
+  cosine = unit @ unit.T
+  np.fill_diagonal(cosine, -np.inf)
+  partner = cosine.max(axis=1) if x.shape[0] > 1 else np.full(1, np.nan)
+  out = {
+    f"near_duplicates_{round(100 * t):03d}": float(np.mean(partner > t))
+    for t in thresholds
+  }
+  out["max_pair_cosine"] = float(np.max(partner))
+  return out
+
+
 def score_reconstruction(
   recovered_bxn: ArrayLike,
   truth_bxn: ArrayLike,
@@ -495,6 +531,7 @@ def score_reconstruction(
       "max_relative_error": float(np.max(relative_error)),
       "max_abs_error_overall": float(np.max(scores["max_abs_error"])),
       "mean_mse": float(np.mean(scores["mse"])),
+      **near_duplicates(true),
     }
   )
   if image_shape is not None:

@@ -65,6 +65,7 @@ SUMMARY_FIELDS = _GROUP_KEY + (
   "max_seconds",
   "mean_psnr",
   "mean_ssim",
+  "near_duplicates_095",
   "max_relative_error",
 )
 
@@ -177,6 +178,11 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         "max_seconds": max(seconds),
         "mean_psnr": _mean([r.get("mean_psnr") for r in trials]),
         "mean_ssim": _mean([r.get("mean_ssim") for r in trials]),
+        # Share of samples with a partner above input cosine 0.95 (older
+        # logs lack it: NaN).
+        "near_duplicates_095": _mean(
+          [r.get("near_duplicates_095") for r in trials]
+        ),
         "max_relative_error": max(
           float(r.get("max_relative_error", math.nan)) for r in trials
         ),

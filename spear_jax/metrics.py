@@ -12,6 +12,7 @@ from spear_jax._metrics import denormalize_images as denormalize_images
 from spear_jax._metrics import hungarian as hungarian
 from spear_jax._metrics import match_and_score as match_and_score
 from spear_jax._metrics import mse as mse
+from spear_jax._metrics import near_duplicates as near_duplicates
 from spear_jax._metrics import psnr as psnr
 from spear_jax._metrics import score_reconstruction as score_reconstruction
 from spear_jax._metrics import ssim as ssim
@@ -28,6 +29,7 @@ __all__ = [
   "image_grid",
   "match_and_score",
   "mse",
+  "near_duplicates",
   "psnr",
   "save_error_heatmap",
   "save_image_grid",

@@ -398,6 +398,43 @@ class ScoreReconstructionTest(parameterized.TestCase):
       )
 
 
+class NearDuplicatesTest(absltest.TestCase):
+  def test_against_a_pairwise_loop(self):
+    rng = np.random.default_rng()
+    base = rng.standard_normal((6, 50))
+    # Three planted twins at known angles, a scaled copy and an
+    # unrelated rest.
+    twins = []
+    for cos in (0.99, 0.96, 0.90):
+      noise = rng.standard_normal(50)
+      noise -= noise @ base[0] / (base[0] @ base[0]) * base[0]
+      noise *= np.linalg.norm(base[0]) / np.linalg.norm(noise)
+      twins.append(cos * base[0] + np.sqrt(1 - cos**2) * noise)
+    batch = np.concatenate([base, np.asarray(twins), 3.0 * base[1:2]])
+    out = _metrics.near_duplicates(batch, thresholds=(0.95, 0.98))
+    # Independent: explicit loops over pairs.
+    b = batch.shape[0]
+    best = []
+    for i in range(b):
+      cosines = [
+        batch[i]
+        @ batch[j]
+        / (np.linalg.norm(batch[i]) * np.linalg.norm(batch[j]))
+        for j in range(b)
+        if j != i
+      ]
+      best.append(max(cosines))
+    best = np.asarray(best)
+    self.assertAlmostEqual(out["near_duplicates_095"], np.mean(best > 0.95))
+    self.assertAlmostEqual(out["near_duplicates_098"], np.mean(best > 0.98))
+    self.assertAlmostEqual(out["max_pair_cosine"], best.max(), places=12)
+    # base[0] with its 0.99 and 0.96 twins, base[1] with its copy: 5 of 10.
+    self.assertAlmostEqual(out["near_duplicates_095"], 0.5)
+    self.assertIn(
+      "near_duplicates_095", _metrics.score_reconstruction(batch, batch)
+    )
+
+
 class AggregateTrialsTest(absltest.TestCase):
   def test_rates_and_means(self):
     rng = np.random.default_rng()

@@ -114,7 +114,9 @@ _TFDS_SPECS = {
   ),
 }
 TFDS_NAMES = tuple(_TFDS_SPECS)
-DATASET_NAMES = NAMES + TFDS_NAMES
+# Hard cases built from the bundled photographs (see ``load_near_duplicates``).
+NEAR_DUPLICATE_NAMES = ("cifar_like_dark", "cifar_like_shifted")
+DATASET_NAMES = NAMES + NEAR_DUPLICATE_NAMES + TFDS_NAMES
 
 
 class LazyArray:
@@ -297,6 +299,59 @@ def load_bundled(name: str = "cifar_like") -> ImageSet:
     labels=labels,
     mean=_read_only(mean),
     std=_read_only(std),
+    name=name,
+  )
+
+
+@functools.cache
+def load_near_duplicates(name: str) -> ImageSet:
+  """Batches full of near-twins, built from the bundled photographs.
+
+  Near-duplicate samples share most of their ReLU zero sets, the hard case
+  of SPEAR and SPEAR++ (medical scans, video frames, dark images). Both
+  sets keep ``cifar_like``'s normalization, as a deployment normalizes with
+  its dataset's statistics, not the batch's:
+
+  * ``"cifar_like_dark"``: every ``cifar_like`` patch darkened to 5-25 % of
+    its brightness (mostly-dark images; after normalization they all lie
+    near the normalized black image).
+  * ``"cifar_like_shifted"``: 32 patches, each in 8 versions shifted by up
+    to 1 pixel (edge-padded) with brightness changed by up to 5 % (256
+    images: groups of near-identical frames; in a batch of 64, 53-59 % of
+    the samples have a partner above cosine 0.95).
+
+  The construction is deterministic (seed 0).
+
+  Args:
+    name: one of ``NEAR_DUPLICATE_NAMES``.
+
+  Returns:
+    The image set (float32 in [0, 1], ``(N, 32, 32, 3)``).
+  """
+  if name not in NEAR_DUPLICATE_NAMES:
+    raise ValueError(
+      f"Unknown near-duplicate set {name!r}; valid names: "
+      f"{', '.join(NEAR_DUPLICATE_NAMES)}."
+    )
+  base = load_bundled("cifar_like")
+  rng = np.random.default_rng(0)
+  images = np.asarray(base.images)
+  if name == "cifar_like_dark":
+    scale = rng.uniform(0.05, 0.25, (images.shape[0], 1, 1, 1))
+    out = images * scale.astype(np.float32)
+  else:
+    padded = np.pad(images[:32], ((0, 0), (1, 1), (1, 1), (0, 0)), "edge")
+    versions = []
+    for dy, dx in rng.integers(0, 3, (8, 2)):
+      crop = padded[:, dy : dy + 32, dx : dx + 32]
+      gain = rng.uniform(0.95, 1.05, (32, 1, 1, 1)).astype(np.float32)
+      versions.append(np.clip(crop * gain, 0.0, 1.0))
+    out = np.stack(versions, axis=1).reshape(-1, *images.shape[1:])
+  return ImageSet(
+    images=_read_only(out.astype(np.float32)),
+    labels=None,
+    mean=base.mean,
+    std=base.std,
     name=name,
   )
 
@@ -593,6 +648,10 @@ def load_dataset(
         " split and image_size apply to tensorflow-datasets sets only."
       )
     return load_bundled(name)
+  if name in NEAR_DUPLICATE_NAMES:
+    if split is not None or image_size is not None:
+      raise ValueError(f"{name!r} has no splits and a fixed image size.")
+    return load_near_duplicates(name)
   if name in _TFDS_SPECS:
     return load_tfds(
       name,

@@ -74,6 +74,37 @@ class LoadBundledTest(parameterized.TestCase):
       _data.load_bundled("mnist")
 
 
+class NearDuplicateSetsTest(parameterized.TestCase):
+  @parameterized.parameters(*_data.NEAR_DUPLICATE_NAMES)
+  def test_sets_are_full_of_twins(self, name):
+    image_set = _data.load_dataset(name)
+    base = _data.load_bundled("cifar_like")
+    self.assertEqual(image_set.images.shape[1:], (32, 32, 3))
+    self.assertGreaterEqual(image_set.num_images, 256)
+    self.assertGreaterEqual(float(np.min(image_set.images)), 0.0)
+    self.assertLessEqual(float(np.max(image_set.images)), 1.0)
+    np.testing.assert_array_equal(image_set.mean, base.mean)
+    batch, _ = _data.sample_batch(0, image_set, 64)
+    # Independent of near_duplicates: the best partner cosine by a loop.
+    unit = batch / np.linalg.norm(batch, axis=1, keepdims=True)
+    cosine = unit @ unit.T
+    best = [np.max(np.delete(cosine[i], i)) for i in range(64)]
+    self.assertGreater(np.mean(np.asarray(best) > 0.95), 0.4)
+    plain, _ = _data.sample_batch(0, base, 64)
+    unit = plain / np.linalg.norm(plain, axis=1, keepdims=True)
+    cosine = unit @ unit.T
+    best_plain = [np.max(np.delete(cosine[i], i)) for i in range(64)]
+    self.assertLess(np.mean(np.asarray(best_plain) > 0.95), 0.3)
+
+  def test_deterministic_and_checked(self):
+    a = _data.load_near_duplicates("cifar_like_shifted")
+    self.assertIs(a, _data.load_near_duplicates("cifar_like_shifted"))
+    with self.assertRaisesRegex(ValueError, "no splits"):
+      _data.load_dataset("cifar_like_dark", split="test")
+    with self.assertRaisesRegex(ValueError, "cifar_like_dark"):
+      _data.load_near_duplicates("cifar_like_bright")
+
+
 class NormalizeTest(parameterized.TestCase):
   @parameterized.parameters(*_data.NAMES)
   def test_round_trip(self, name):

@@ -452,7 +452,10 @@ class LoadDatasetTest(parameterized.TestCase):
     self.assertIs(image_set, _data.load_bundled(name))
 
   def test_names(self):
-    self.assertEqual(_data.DATASET_NAMES, _data.NAMES + _data.TFDS_NAMES)
+    self.assertEqual(
+      _data.DATASET_NAMES,
+      _data.NAMES + _data.NEAR_DUPLICATE_NAMES + _data.TFDS_NAMES,
+    )
     self.assertEqual(
       set(_data.TFDS_NAMES), {name for name, _ in _DEFAULT_SHAPES}
     )
@@ -461,7 +464,8 @@ class LoadDatasetTest(parameterized.TestCase):
     with self.assertRaisesRegex(
       ValueError,
       "Unknown dataset 'imagenet'; valid names: cifar_like, faces, digits,"
-      " mnist, cifar10, cifar100, imagenet2012, imagenette, ",
+      " cifar_like_dark, cifar_like_shifted, mnist, cifar10, cifar100,"
+      " imagenet2012, imagenette, ",
     ):
       _data.load_dataset("imagenet")
     with self.assertRaisesRegex(ValueError, "valid names: mnist, cifar10,"):

@@ -273,9 +273,10 @@ def _swap(
     for slot, c in ((s, c) for s in failing for c in others):
       trial = chosen.copy()
       trial[slot] = c
-      if frozenset(trial.tolist()) in seen:
+      signature = frozenset(trial.tolist())
+      if signature in seen:
         continue
-      seen.add(frozenset(trial.tolist()))
+      seen.add(signature)
       basis = pool.directions[trial]
       if np.linalg.matrix_rank(basis, tol=problem.tol.independence) < b:
         continue

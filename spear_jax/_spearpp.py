@@ -74,6 +74,17 @@ def _found_and_layer(problem, found_kxb):
   )
 
 
+def _host_rng(key):
+  """A numpy generator seeded by a JAX key (host-side start selection)."""
+  return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+
+
+def _rows_where_all_vanish(zero_mxk, alive_m):
+  """Alive rows on which every given column vanishes (else all alive rows)."""
+  vanish = np.all(zero_mxk, axis=1) & alive_m
+  return np.flatnonzero(vanish if vanish.any() else alive_m)
+
+
 def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   """Random points of the sphere and rows of ``L`` (deflation).
 
@@ -83,15 +94,12 @@ def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   """
   l_np = np.asarray(problem.l_mxb)
   b = l_np.shape[1]
-  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
-  alive = np.asarray(problem.alive)
+  rng = _host_rng(key)
   targeted = round(targeted_fraction * count)
-  candidates = alive.copy()
-  if found_pxb.shape[0]:
-    vanish = np.all(np.abs(l_np @ found_pxb.T) <= problem.tol.screen, axis=1)
-    if np.any(vanish & alive):
-      candidates = vanish & alive
-  rows = rng.choice(np.flatnonzero(candidates), size=targeted, replace=True)
+  candidates = _rows_where_all_vanish(
+    np.abs(l_np @ found_pxb.T) <= problem.tol.screen, np.asarray(problem.alive)
+  )
+  rows = rng.choice(candidates, size=targeted, replace=True)
   starts = np.concatenate(
     [l_np[rows], rng.standard_normal((count - targeted, b))]
   )
@@ -116,12 +124,12 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
   b = l_np.shape[1]
   k = found_kxb.shape[0]
   dtype = l_np.dtype
-  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  rng = _host_rng(key)
   alive = np.asarray(problem.alive)
   zero_mxk = np.abs(l_np @ found_kxb.T) <= problem.tol.screen
   exclude = np.zeros((b, b), dtype)
   subspace = 0
-  if problem.weight is not None:
+  if problem.certifiable:
     fraction = (
       1.0 if b - k <= learner.focus_missing else learner.subspace_fraction
     )
@@ -140,8 +148,7 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
     exclude[: basis.shape[0]] = basis
   starts = np.empty((count, b), dtype)
   pivots = np.zeros((count, b), dtype)
-  vanish = np.all(zero_mxk, axis=1) & alive
-  candidates = np.flatnonzero(vanish if vanish.any() else alive)
+  candidates = _rows_where_all_vanish(zero_mxk, alive)
   starts[:subspace] = l_np[rng.choice(candidates, subspace)]
   for r, f in zip(range(subspace, count), rng.integers(0, k, count)):
     zero_rows = np.flatnonzero(zero_mxk[:, f] & alive)
@@ -153,19 +160,19 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
 
 
 def _pattern_round(
-  problem, found_kxb, approx_kxb, rounded_kxb, zeros_k, floor, learner
+  problem, found_kxb, approx_kxb, rounded_kxb, zeros_k, learner
 ):
   """Re-rounds, through the ReLU pattern, the end points rounding missed.
 
   An end point counts as missed when its plain rounding has fewer than
-  ``floor`` zeros or moved it (|cos| < 0.999): typically an approximate
+  ``problem.floor`` zeros or moved it (|cos| < 0.999): typically an approximate
   column next to a near-twin's, whose shared zero set pulls the plain
   rounding onto a mixture. Duplicates (|cos| > 1 - 1e-6) are dropped and
   the rest padded to a power of two (few compilations).
   """
   b = problem.b
   cos_k = np.abs(np.sum(approx_kxb * rounded_kxb, axis=1))
-  missed = approx_kxb[(zeros_k < floor) | (cos_k < 0.999)]
+  missed = approx_kxb[(zeros_k < problem.floor) | (cos_k < 0.999)]
   kept = []
   for v in missed:
     if not kept or np.max(np.abs(np.asarray(kept) @ v)) < 1.0 - 1e-6:
@@ -287,7 +294,6 @@ def _pattern_stage(state, problem, pool, selection, learner):
       state.approx,
       state.rounded,
       state.zeros,
-      problem.floor,
       learner,
     )
     directions = snapped[zeros >= problem.floor]

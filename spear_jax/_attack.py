@@ -214,6 +214,7 @@ def _finalize(
     threshold=int(selection.threshold),
     tau=selection.threshold / problem.num_alive,
     stop_reason=str(state.stop_reason),
+    check=problem.check,
   )
   return InversionResult(
     inputs=result.inputs,

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 from spear_jax._types import Array
 from spear_jax._types import Bool
 from spear_jax._types import Float
+from spear_jax._types import Int
 
 _HI = jax.lax.Precision.HIGHEST
 
-__all__ = ["relu_certificate"]
+__all__ = ["drift_certificate", "relu_certificate"]
 
 
 @jax.jit
@@ -61,3 +62,89 @@ def relu_certificate(
   violated_b = jnp.any(nonzero_mxb & inactive_mxb, axis=0)
   finite_b = jnp.all(jnp.isfinite(inputs_bxn), axis=1)
   return (~violated_b) & (column_norm_b > 0) & finite_b
+
+
+@jax.jit
+def drift_certificate(
+  inputs_bxn: Float[Array, "b n"],
+  grad_z_mxb: Float[Array, "m b"],
+  weight_mxn: Float[Array, "m n"],
+  bias_m: Float[Array, " m"],
+  l_mxb: Float[Array, "m b"],
+  alive_m: Bool[Array, " m"],
+  min_zeros: Int[Array, ""],
+  zero_tol: Float[Array, ""],
+  leverage_tol: Float[Array, ""],
+  max_woken: Float[Array, ""],
+  min_association: Float[Array, ""],
+) -> Bool[Array, " b"]:
+  r"""Per-sample certificate of a FedAvg update (the weights drift).
+
+  After several local steps the server's ReLU pattern no longer bounds
+  ``D_eff``: neurons inactive at the server wake up during training
+  (nonzeros on server-inactive neurons, up to half of a column's nonzeros
+  at ``lr = 0.1``) and, with mini-batches, active ones go to sleep before
+  the sample is first seen (zeros on server-active neurons). The local
+  weights are unknown, so the strict certificate rejects the truth. What
+  stays knowable:
+
+  1. *Structure* (exact algebra, no weights): the column has at least
+     ``min_zeros`` zeros over alive rows and its zero set pins it down: the
+     kernel of ``L`` on those rows is one-dimensional and no row of the set
+     has leverage ``1`` (:func:`spear_jax.attack.polish_direction`'s
+     mixture test). A mixture of ``k >= 2`` columns of ``Q`` vanishes only
+     where all ``k`` do, and there the kernel is ``k``-dimensional; a
+     generic direction has only the ``b - 1`` zeros it was built from.
+  2. *Association* with the server's pattern over alive rows: the share of
+     server-inactive neurons with a nonzero (woken) is at most
+     ``max_woken``, and ``P(nonzero | active) - P(nonzero | inactive)``
+     (Youden's J) is at least ``min_association``. For the truth J is 1 in
+     FedSGD and stayed above 0.5 in every FedAvg setting whose columns kept
+     more than a quarter zeros (BUILD_NOTES.md); a wrong sample's ``x`` has
+     a pattern unrelated to its ``D`` column (J near 0).
+
+  Because ``X^T = Q^{-1} R`` couples the samples (one wrong column of
+  ``Q`` spoils every ``x_i`` while the right columns of ``D`` stay right),
+  the structure test must hold for *every* column before any sample is
+  certified; the association test is then per sample.
+
+  Returns:
+    A boolean per sample.
+  """
+  dtype = grad_z_mxb.dtype
+  z_mxb = jnp.dot(weight_mxn, inputs_bxn.T, precision=_HI) + bias_m[:, None]
+  column_norm_b = jnp.linalg.norm(grad_z_mxb, axis=0)
+  alive_mx1 = alive_m[:, None]
+  zero_mxb = (jnp.abs(grad_z_mxb) <= zero_tol * column_norm_b[None, :]) & alive_mx1
+  nonzero_mxb = ~zero_mxb & alive_mx1
+  active_mxb = (z_mxb > 0) & alive_mx1
+  inactive_mxb = (z_mxb <= 0) & alive_mx1
+
+  def share(mask, of):
+    return jnp.sum(mask & of, axis=0) / jnp.maximum(jnp.sum(of, axis=0), 1)
+
+  woken_b = share(nonzero_mxb, inactive_mxb)
+  association_b = share(nonzero_mxb, active_mxb) - woken_b
+
+  def pins_down(zero_m):
+    masked = l_mxb * zero_m[:, None].astype(dtype)
+    eigvals, eigvecs = jnp.linalg.eigh(jnp.dot(masked.T, masked, precision=_HI))
+    tiny = jnp.finfo(dtype).tiny
+    coords = jnp.dot(l_mxb, eigvecs, precision=_HI)[:, 1:]
+    leverage = jnp.sum(coords**2 / jnp.maximum(eigvals[1:], tiny), axis=1)
+    one_dim = eigvals[1] > leverage_tol * eigvals[-1]
+    return one_dim & ~jnp.any(zero_m & (leverage >= 1.0 - leverage_tol))
+
+  structured_b = jax.vmap(pins_down, in_axes=1)(zero_mxb)
+  structured_b &= jnp.sum(zero_mxb, axis=0) >= min_zeros
+  finite_b = jnp.all(jnp.isfinite(inputs_bxn), axis=1)
+  # X^T = Q^-1 R couples the samples: one wrong column of Q spoils every
+  # x_i while the right columns of D stay right, so a sample is only
+  # certified when every column of the selection is pinned down.
+  return (
+    jnp.all(structured_b)
+    & (woken_b <= max_woken)
+    & (association_b >= min_association)
+    & (column_norm_b > 0)
+    & finite_b
+  )

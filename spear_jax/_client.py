@@ -22,6 +22,7 @@ from spear_jax._types import Int
 from spear_jax._types import PRNGKeyArray
 
 __all__ = [
+  "CNN",
   "MLP",
   "ClientUpdate",
   "client_update",
@@ -77,6 +78,52 @@ class MLP(nn.Module):
     for width in self.widths:
       x = nn.relu(self._dense(width, x.shape[-1], x.dtype)(x))
     return self._dense(self.num_classes, x.shape[-1], x.dtype)(x)
+
+
+class CNN(nn.Module):
+  """A small convolutional classifier whose first dense layer follows convs.
+
+  Flattened ``(b, H*W*C)`` images are reshaped to ``image_shape``, passed
+  through ``3x3`` convolutions (ReLU, ``2x2`` average pooling), flattened,
+  then ``Dense(width)``-ReLU and a linear classifier. The first dense layer
+  (``"params/Dense_0"``) sees the flattened conv features
+  (:meth:`features`); attacking it recovers them.
+
+  Attributes:
+    image_shape: ``(H, W, C)`` of the flattened inputs.
+    channels: output channels of each convolution.
+    width: width of the dense hidden layer (``m``).
+    num_classes: outputs of the classifier.
+  """
+
+  image_shape: Sequence[int] = (32, 32, 3)
+  channels: Sequence[int] = (8, 16)
+  width: int = 400
+  num_classes: int = 10
+
+  def setup(self):
+    self.convs = [
+      nn.Conv(c, (3, 3), param_dtype=self.param_dtype, name=f"Conv_{i}")
+      for i, c in enumerate(self.channels)
+    ]
+    self.hidden = nn.Dense(
+      self.width, param_dtype=self.param_dtype, name="Dense_0"
+    )
+    self.head = nn.Dense(
+      self.num_classes, param_dtype=self.param_dtype, name="Dense_1"
+    )
+
+  param_dtype: Any = jnp.float32
+
+  def features(self, x):
+    """The flattened conv features, the first dense layer's inputs."""
+    h = x.reshape((x.shape[0], *self.image_shape))
+    for conv in self.convs:
+      h = nn.avg_pool(nn.relu(conv(h)), (2, 2), strides=(2, 2))
+    return h.reshape((h.shape[0], -1))
+
+  def __call__(self, x):
+    return self.head(nn.relu(self.hidden(self.features(x))))
 
 
 def _torch_bias(fan_in: int):

@@ -2,7 +2,9 @@
 
 import dataclasses
 
-__all__ = ["AttackConfig", "LearnerConfig"]
+__all__ = ["CERTIFICATES", "AttackConfig", "LearnerConfig"]
+
+CERTIFICATES = ("relu", "drift")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +172,15 @@ class AttackConfig:
       the default backend's). On a multi-core CPU host, expose the cores as
       devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
       before JAX starts (the scripts do this).
+    certificate: which ReLU check certifies a sample when the layer's
+      weight and bias are given: ``"relu"`` (the update is a gradient at
+      the server's weights: FedSGD, DP-SGD without noise) or ``"drift"``
+      (a FedAvg update from several local steps:
+      :func:`spear_jax.attack.drift_certificate`).
+    drift_max_woken: the drift certificate's largest share of
+      server-inactive neurons with a nonzero ``D`` entry.
+    drift_min_association: the drift certificate's smallest Youden's J
+      between ``D``'s support and the server's active set.
     learner: settings of SPEAR++ (``method="spearpp"``).
   """
 
@@ -192,6 +203,9 @@ class AttackConfig:
   swap_rounds: int = 2
   log_every_s: float = 5.0
   num_devices: int | None = None
+  certificate: str = "relu"
+  drift_max_woken: float = 0.5
+  drift_min_association: float = 0.3
   learner: LearnerConfig = LearnerConfig()
 
   def __post_init__(self):
@@ -208,3 +222,12 @@ class AttackConfig:
       raise ValueError("max_proposals must be positive.")
     if self.time_budget_s is not None and self.time_budget_s <= 0:
       raise ValueError("time_budget_s must be positive.")
+    if self.certificate not in CERTIFICATES:
+      raise ValueError(
+        f"Unknown certificate {self.certificate!r}; use one of "
+        f"{CERTIFICATES}."
+      )
+    if not 0.0 <= self.drift_max_woken <= 1.0:
+      raise ValueError("drift_max_woken must lie in [0, 1].")
+    if not -1.0 <= self.drift_min_association <= 1.0:
+      raise ValueError("drift_min_association must lie in [-1, 1].")

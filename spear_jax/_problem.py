@@ -57,6 +57,9 @@ class Problem(NamedTuple):
     num_alive: how many neurons are alive (``M``).
     floor: fewest zeros of a candidate (:func:`structure_floor`, or the
       user's ``tau``).
+    check: the certificate applied: ``"relu"``, ``"drift"`` (see
+      ``AttackConfig.certificate``) or ``"none"`` (no weight given).
+    drift: the drift certificate's ``(max_woken, min_association)``.
   """
 
   l_mxb: Float[Array, "m b"]
@@ -69,6 +72,8 @@ class Problem(NamedTuple):
   alive_rows: Int[Array, " m"]
   num_alive: int
   floor: int
+  check: str = "none"
+  drift: tuple[float, float] = (0.5, 0.3)
 
   @property
   def b(self) -> int:
@@ -140,6 +145,7 @@ def prepare_problem(
   floor = structure_floor(b, num_alive)
   if config.tau is not None:
     floor = max(floor, math.ceil(config.tau * num_alive))
+  check = config.certificate if weight is not None else "none"
   return Problem(
     l_mxb=l_mxb,
     r_bxn=r_bxn,
@@ -151,4 +157,6 @@ def prepare_problem(
     alive_rows=jnp.asarray(rows.astype(np.int32)),
     num_alive=num_alive,
     floor=floor,
+    check=check,
+    drift=(config.drift_max_woken, config.drift_min_association),
   )

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spear_jax._certificate import drift_certificate
 from spear_jax._certificate import relu_certificate
 from spear_jax._config import AttackConfig
 from spear_jax._pool import CandidatePool
@@ -147,6 +148,20 @@ def reconstruct(problem: Problem, directions_bxb: ArrayLike) -> Reconstruction:
   )
   if problem.weight is None or problem.bias is None:
     verified = jnp.zeros((q.shape[0],), bool)
+  elif problem.check == "drift":
+    verified = drift_certificate(
+      inputs,
+      grad_z,
+      problem.weight,
+      problem.bias,
+      problem.l_mxb,
+      problem.alive,
+      jnp.asarray(problem.floor, jnp.int32),
+      problem.scalar(problem.tol.zero),
+      problem.scalar(problem.tol.leverage),
+      problem.scalar(problem.drift[0]),
+      problem.scalar(problem.drift[1]),
+    )
   else:
     verified = relu_certificate(
       inputs,

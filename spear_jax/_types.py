@@ -73,6 +73,8 @@ class InversionStats(NamedTuple):
   threshold: int
   tau: float
   stop_reason: str
+  check: str = "none"
+  noise_std: float = 0.0
 
 
 class InversionResult(NamedTuple):

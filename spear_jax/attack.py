@@ -13,6 +13,7 @@ from spear_jax._attack import SearchState as SearchState
 from spear_jax._attack import default_max_proposals as default_max_proposals
 from spear_jax._attack import invert as invert
 from spear_jax._attack import make_strategy as make_strategy
+from spear_jax._certificate import drift_certificate as drift_certificate
 from spear_jax._certificate import relu_certificate as relu_certificate
 from spear_jax._config import AttackConfig as AttackConfig
 from spear_jax._config import LearnerConfig as LearnerConfig
@@ -65,6 +66,7 @@ __all__ = [
   "absorb",
   "complete_last_column",
   "default_max_proposals",
+  "drift_certificate",
   "empty_pool",
   "empty_selection",
   "factorize",

@@ -6,13 +6,23 @@ Usage:
 
 IN.npz holds ``weight_grad`` (m, n) and ``bias_grad`` (m,) in the paper's
 layout, optionally the layer's ``weight`` (m, n) and ``bias`` (m,) for the
-ReLU certificate. OUT.npz receives ``inputs`` (b, n), ``verified`` (b,),
-``grad_z`` (m, b) and ``success``. The last line printed is a JSON summary.
+ReLU certificate and a scalar ``noise_std`` (the known per-entry noise of a
+DP-SGD gradient, ``sigma C / b``). OUT.npz receives ``inputs`` (b, n),
+``verified`` (b,), ``grad_z`` (m, b) and ``success``. The last line printed
+is a JSON summary, with the certificate applied (``check``: relu, drift,
+none or noise) and the noise level.
+
+A FedAvg update (several local steps) is valid input: pass
+``--certificate=drift``. A noisy (DP-SGD) gradient is valid input: its
+noise is estimated from the spectrum unless ``--noise_std`` or the npz key
+gives it, and the best reconstruction is written with exit code 1 (noise
+rules out an exact certificate).
 
 Exit codes: 0 = the whole batch recovered (and certified, when the weights
 were given); 1 = the attack ran but did not recover or certify the whole
-batch (the best partial result is still written); 2 = invalid input
-(nothing is written).
+batch (the best partial result is still written), or the gradient is noisy;
+2 = invalid input: wrong shapes, non-finite values, a pickled object, or no
+low-rank structure even above the noise (nothing is written).
 """
 
 import hashlib
@@ -61,10 +71,24 @@ _CHECKPOINT = flags.DEFINE_string(
   "gradient is resumed.",
 )
 
+_CERTIFICATE = flags.DEFINE_enum(
+  "certificate",
+  "relu",
+  ["relu", "drift"],
+  "relu: the update is a gradient at the server's weights (FedSGD); drift: "
+  "a FedAvg update from several local steps.",
+)
+_NOISE_STD = flags.DEFINE_float(
+  "noise_std",
+  None,
+  "Known per-entry noise of the gradient (DP-SGD: sigma*C/b); default: the "
+  "npz key noise_std, else estimated when the gradient has full rank.",
+)
+
 flags.mark_flags_as_required(["gradients", "output"])
 
 _REQUIRED = ("weight_grad", "bias_grad")
-_OPTIONAL = ("weight", "bias")
+_OPTIONAL = ("weight", "bias", "noise_std")
 
 
 class InputError(Exception):
@@ -137,6 +161,21 @@ def _load_checkpoint(fingerprint: str):
   return candidates, proposals
 
 
+def _noise_std(arrays) -> float | None:
+  """The known noise level: the flag, else the npz key, else ``None``."""
+  if _NOISE_STD.value is not None:
+    value = _NOISE_STD.value
+  elif "noise_std" in arrays:
+    if arrays["noise_std"].size != 1:
+      raise InputError("noise_std must be a scalar.")
+    value = float(arrays["noise_std"].reshape(()))
+  else:
+    return None
+  if not value >= 0 or value == float("inf"):
+    raise InputError(f"noise_std must be finite and >= 0, got {value}.")
+  return value
+
+
 def _write_npz(path: str, **arrays) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -174,7 +213,9 @@ def main(argv):
       time_budget_s=_TIME_BUDGET_S.value,
       block_size=_BLOCK_SIZE.value,
       chunk_size=min(64, _BLOCK_SIZE.value),
+      certificate=_CERTIFICATE.value,
     )
+    noise_std = _noise_std(arrays)
     fingerprint = hashlib.sha256(
       arrays["weight_grad"].tobytes() + arrays["bias_grad"].tobytes()
     ).hexdigest()
@@ -200,6 +241,7 @@ def main(argv):
       config=config,
       initial_candidates=initial,
       checkpoint_fn=checkpoint_fn,
+      noise_std=noise_std,
     )
   except (InputError, ValueError, TypeError) as err:
     _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -223,6 +265,8 @@ def main(argv):
     "seconds": round(result.stats.seconds, 3),
     "stop_reason": result.stats.stop_reason,
     "tau": round(result.stats.tau, 4),
+    "check": result.stats.check,
+    "noise_std": result.stats.noise_std,
     "dtype": _DTYPE.value,
     "output": _OUTPUT.value,
   }

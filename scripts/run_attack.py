@@ -31,6 +31,20 @@ Exit code 0 if every batch was recovered exactly and certified, 1 if not,
   python scripts/run_attack.py --method=spearpp --batch_size=50 \
       --width=1000 --num_trials=3 --out_dir=/tmp/spearpp
   python scripts/run_attack.py --dataset=cifar10 --data_dir=~/tfds
+
+Federated clients (``--client``): ``fedsgd`` (the gradient), ``fedavg``
+(``--local_epochs`` epochs of mini-batches of ``--local_batch_size`` with
+SGD at ``--local_lr``, sent as the parameter delta, certified with the
+drift certificate) or ``dpsgd`` (per-example clipping to ``--clip_norm``,
+Gaussian noise ``--noise_multiplier``; the noise-aware attack estimates the
+noise, and nothing is certified exact). ``--model=cnn`` attacks the dense
+layer after two convolutions (its inputs are conv features).
+
+  python scripts/run_attack.py --client=fedavg --local_epochs=2 \
+      --local_batch_size=4 --local_lr=0.01
+  python scripts/run_attack.py --client=dpsgd --noise_multiplier=1e-4 \
+      --batch_size=8
+  python scripts/run_attack.py --model=cnn --batch_size=8
 """
 
 import json
@@ -67,6 +81,30 @@ _METHOD = flags.DEFINE_enum(
   "spear",
   ["spear", "spearpp"],
   "Attack: SPEAR (sampling) or SPEAR++ (dictionary learning).",
+)
+_MODEL = flags.DEFINE_enum(
+  "model", "mlp", ["mlp", "cnn"], "Client model: the MLP or the flax CNN."
+)
+_CLIENT = flags.DEFINE_enum(
+  "client",
+  "fedsgd",
+  ["fedsgd", "fedavg", "dpsgd"],
+  "What the client sends: FedSGD gradient, FedAvg delta or DP-SGD gradient.",
+)
+_LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "FedAvg epochs E.")
+_LOCAL_BATCH_SIZE = flags.DEFINE_integer(
+  "local_batch_size", None, "FedAvg mini-batch size B (default: the batch)."
+)
+_LOCAL_LR = flags.DEFINE_float("local_lr", 0.01, "FedAvg SGD learning rate.")
+_SIGN = flags.DEFINE_enum(
+  "sign",
+  "server_minus_client",
+  ["server_minus_client", "client_minus_server"],
+  "FedAvg delta convention.",
+)
+_CLIP_NORM = flags.DEFINE_float("clip_norm", 1.0, "DP-SGD clipping norm C.")
+_NOISE_MULTIPLIER = flags.DEFINE_float(
+  "noise_multiplier", 0.0, "DP-SGD noise multiplier sigma."
 )
 _NUM_TRIALS = flags.DEFINE_integer(
   "num_trials", 1, "Number of batches to attack."
@@ -118,6 +156,26 @@ def _check_flags():
     )
   if _TIME_BUDGET_S.value is not None and _TIME_BUDGET_S.value <= 0:
     _fail(f"--time_budget_s must be positive, got {_TIME_BUDGET_S.value}.")
+  if _MODEL.value == "cnn" and _LAYER.value != 0:
+    _fail("--model=cnn has one hidden dense layer: --layer must be 0.")
+  try:
+    _client_config()
+  except ValueError as err:
+    _fail(str(err).splitlines()[0])
+
+
+def _client_config():
+  from spear_jax import fl  # pylint: disable=g-import-not-at-top
+
+  return fl.ClientConfig(
+    mode=_CLIENT.value,
+    local_epochs=_LOCAL_EPOCHS.value,
+    local_batch_size=_LOCAL_BATCH_SIZE.value,
+    learning_rate=_LOCAL_LR.value,
+    sign=_SIGN.value,
+    clip_norm=_CLIP_NORM.value,
+    noise_multiplier=_NOISE_MULTIPLIER.value,
+  )
 
 
 def _environment():
@@ -159,7 +217,24 @@ def _setting():
     "layer": _LAYER.value,
     "dtype": _DTYPE.value,
     "seed": _SEED.value,
+    **_client_setting(),
   }
+
+
+def _client_setting():
+  setting = {"model": _MODEL.value, "client": _CLIENT.value}
+  if _CLIENT.value == "fedavg":
+    setting.update(
+      local_epochs=_LOCAL_EPOCHS.value,
+      local_batch_size=_LOCAL_BATCH_SIZE.value,
+      local_lr=_LOCAL_LR.value,
+      sign=_SIGN.value,
+    )
+  elif _CLIENT.value == "dpsgd":
+    setting.update(
+      clip_norm=_CLIP_NORM.value, noise_multiplier=_NOISE_MULTIPLIER.value
+    )
+  return setting
 
 
 def main(argv):
@@ -229,6 +304,8 @@ def main(argv):
         method=_METHOD.value,
         dtype=jnp.dtype(_DTYPE.value),
         config=config,
+        model=_MODEL.value,
+        client=_client_config(),
       )
     except KeyboardInterrupt:
       interrupted = True
@@ -304,7 +381,7 @@ def main(argv):
       f"{r.get('mean_ssim', nan):>7.4f} "
       f"{r['max_relative_error']:>11.2e} "
       f"{r.get('near_duplicates_095', nan):>5.2f} {r['seconds']:>8.1f}  "
-      f"{r['stop_reason']}"
+      f"{r['stop_reason']} ({r.get('stats_check', 'relu')})"
     )
   if interrupted:
     print(

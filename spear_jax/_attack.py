@@ -10,6 +10,7 @@ another's data.
 """
 
 from collections.abc import Callable
+import functools
 import time
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
+from spear_jax import _noisy
 from spear_jax._config import AttackConfig
 from spear_jax._pool import CandidatePool
 from spear_jax._pool import absorb
@@ -35,6 +37,7 @@ from spear_jax._types import ArrayLike
 from spear_jax._types import InversionResult
 from spear_jax._types import InversionStats
 from spear_jax._types import PRNGKeyArray
+from spear_jax._validation import FullRankError
 
 __all__ = [
   "METHODS",
@@ -240,6 +243,7 @@ def invert(
   config: AttackConfig | None = None,
   initial_candidates: ArrayLike | None = None,
   checkpoint_fn: CheckpointFn | None = None,
+  noise_std: float | None = None,
 ) -> InversionResult:
   r"""Recovers the private batch from one linear layer's gradients (SPEAR).
 
@@ -278,6 +282,12 @@ def invert(
     checkpoint_fn: called as ``checkpoint_fn(candidates, proposals)`` every
       ``config.log_every_s`` seconds and at the end, e.g. to save
       ``candidates`` for a later ``initial_candidates``.
+    noise_std: the known standard deviation of i.i.d. noise on every
+      gradient entry (DP-SGD: ``sigma C / b``). A positive value, or a
+      gradient of full numerical rank whose spectrum shows ``b`` values
+      above the Marchenko-Pastur edge of its noise, runs the noise-aware
+      attack (:func:`spear_jax.attack.invert_noisy`): the best
+      reconstruction, ``stats.check == "noise"``, nothing ``verified``.
 
   Returns:
     An :class:`InversionResult`. ``success`` is ``True`` when ``b``
@@ -287,8 +297,8 @@ def invert(
 
   Raises:
     ValueError: on invalid input: wrong shapes or ndim, non-finite or
-      all-zero gradients, a gradient without low-rank structure, or a
-      ``batch_size`` that its rank contradicts.
+      all-zero gradients, a gradient without low-rank structure (not even
+      above its noise), or a ``batch_size`` that its rank contradicts.
 
   Examples:
     >>> import jax, numpy as np, spear_jax
@@ -310,14 +320,35 @@ def invert(
   start = time.perf_counter()
   config = AttackConfig() if config is None else config
   strategy = make_strategy(method, config)
-  problem = prepare_problem(
+  noisy = functools.partial(
+    _noisy.invert_noisy,
     weight_grad,
     bias_grad,
+    key=key,
     batch_size=batch_size,
     weight=weight,
     bias=bias,
     config=config,
+    method="spear" if strategy.name == "SPEAR" else "spearpp",
   )
+  if strategy.name not in ("SPEAR", "SPEAR++") and noise_std:
+    raise ValueError("the noise-aware attack runs SPEAR or SPEAR++ only.")
+  if noise_std is not None and noise_std > 0:
+    return noisy(noise_std=noise_std)
+  try:
+    problem = prepare_problem(
+      weight_grad,
+      bias_grad,
+      batch_size=batch_size,
+      weight=weight,
+      bias=bias,
+      config=config,
+    )
+  except FullRankError:
+    if strategy.name not in ("SPEAR", "SPEAR++"):
+      raise
+    logging.info("full-rank gradient: trying the noise-aware attack")
+    return noisy(noise_std=None)
   if problem.b == 1:
     state = _single_sample(problem)
   else:

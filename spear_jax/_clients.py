@@ -288,13 +288,26 @@ class SimulatedUpdate(NamedTuple):
   noise_std: float
 
 
-def _layer_inputs(per_example, layer, d_bxm):
-  """``x_i = G_i^T d_i / |d_i|^2`` from the per-example ``G_i = d_i x_i^T``."""
-  g_bxmxn = jax.vmap(lambda g: dense_layer(g, layer)[0])(per_example)
-  norm_b = jnp.sum(d_bxm * d_bxm, axis=1)
-  x_bxn = jnp.einsum("bmn,bm->bn", g_bxmxn, d_bxm)
-  safe = jnp.where(norm_b > 0, norm_b, 1.0)
-  return jnp.where(norm_b[:, None] > 0, x_bxn / safe[:, None], jnp.nan)
+def _per_example_layer(apply_fn, params, inputs, labels, layer, chunk=8):
+  """Per sample: ``d_i``, ``x_i`` and the whole-model gradient norm.
+
+  From the per-example gradient ``G_i = d_i x_i^T`` of the layer and
+  ``d_i`` of its bias: ``x_i = G_i^T d_i / |d_i|^2`` (NaN when ``d_i = 0``:
+  the sample left no trace). Computed ``chunk`` samples at a time, keeping
+  only these small results, so that memory stays bounded for wide models.
+  """
+
+  def one(xy):
+    grads = jax.grad(lambda p: _per_example_loss(apply_fn, p, *xy))(params)
+    g_mxn, d_m = dense_layer(grads, layer)
+    norm = jnp.sum(d_m * d_m)
+    x_n = jnp.dot(d_m, g_mxn) / jnp.where(norm > 0, norm, 1.0)
+    x_n = jnp.where(norm > 0, x_n, jnp.nan)
+    return d_m, x_n, optax.tree.norm(grads)
+
+  return jax.jit(lambda x, y: jax.lax.map(one, (x, y), batch_size=chunk))(
+    inputs, labels
+  )
 
 
 def simulate_client(
@@ -329,12 +342,11 @@ def simulate_client(
   client = ClientConfig() if client is None else client
   key = jax.random.key(0) if key is None else key
   b = inputs_bxn.shape[0]
-  per_example = _per_example_grads(apply_fn, params, inputs_bxn, labels_b)
-  d_bxm = jax.vmap(lambda g: dense_layer(g, layer)[1])(per_example)
+  d_bxm, features, norms = _per_example_layer(
+    apply_fn, params, inputs_bxn, labels_b, layer
+  )
   if features_fn is not None:
     features = features_fn(params, inputs_bxn)
-  else:
-    features = _layer_inputs(per_example, layer, d_bxm)
   noise_std = 0.0
   if client.mode == "fedsgd":
     update = fedsgd_update(apply_fn, params, inputs_bxn, labels_b, client.reduction)
@@ -349,7 +361,6 @@ def simulate_client(
       clip_norm=client.clip_norm,
       noise_multiplier=client.noise_multiplier,
     )
-    norms = jax.vmap(optax.tree.norm)(per_example)
     scale = jnp.minimum(1.0, client.clip_norm / jnp.where(norms > 0, norms, 1.0))
     grad_z = (d_bxm * scale[:, None]).T / b
     noise_std = client.noise_std / b

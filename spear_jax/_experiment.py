@@ -4,6 +4,7 @@ This wires the rooms together (data -> client -> attack -> evaluation) for
 the scripts and tests; the attack itself never sees anything but arrays.
 """
 
+import dataclasses
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spear_jax import _client
+from spear_jax import _clients
 from spear_jax import _data
 from spear_jax import _metrics
 from spear_jax._attack import invert
@@ -33,6 +35,8 @@ def run_trial(
   dtype=jnp.float64,
   config: AttackConfig | None = None,
   exact_rtol: float = 1e-8,
+  model: str = "mlp",
+  client: _clients.ClientConfig | None = None,
 ) -> dict[str, Any]:
   """Samples a real batch, simulates the client and inverts its gradient.
 
@@ -50,6 +54,13 @@ def run_trial(
     dtype: computation dtype of client and attack.
     config: attack configuration.
     exact_rtol: a sample is exact when its relative L2 error is below this.
+    model: ``"mlp"`` (``depth`` Dense-ReLU layers of ``width``) or ``"cnn"``
+      (:class:`spear_jax.fl.CNN`; its dense layer of ``width`` follows two
+      convolutions and is the attacked layer, so ``layer`` must be 0).
+    client: what the client sends (:class:`spear_jax.fl.ClientConfig`);
+      ``None`` is FedSGD. A FedAvg client is certified with the drift
+      certificate; a DP-SGD gradient goes to the noise-aware attack, which
+      estimates the noise.
 
   Returns:
     A JSON-friendly dict: the setting, the attack's stats, the per-batch
@@ -70,9 +81,18 @@ def run_trial(
     labels = jnp.asarray(np.asarray(image_set.labels[indices]) % num_classes)
   else:
     labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
-  model = _client.MLP(widths=(width,) * depth, num_classes=num_classes)
-  params = _client.init_mlp(model_key, model, inputs.shape[1], dtype)
-  update = _client.client_update(params, model, inputs, labels, layer=layer)
+  client = _clients.ClientConfig() if client is None else client
+  if client.mode == "fedavg":
+    config = dataclasses.replace(config, certificate="drift")
+  update = _simulate(
+    model,
+    model_key,
+    image_set,
+    inputs,
+    labels,
+    (width, depth, layer, num_classes),
+    client,
+  )
   start = time.perf_counter()
   result = invert(
     update.weight_grad,
@@ -87,7 +107,7 @@ def run_trial(
   seconds = time.perf_counter() - start
   truth = np.asarray(update.inputs)
   recovered = np.asarray(result.inputs)
-  image_shape = image_set.image_shape if layer == 0 else None
+  image_shape = image_set.image_shape if layer == 0 and model == "mlp" else None
   is_image = image_shape is not None
   scores = _metrics.score_reconstruction(
     recovered,
@@ -113,6 +133,8 @@ def run_trial(
     "width": width,
     "depth": depth,
     "layer": layer,
+    "model": model,
+    **_client_record(client, batch_size),
     "method": method,
     "objective": config.learner.objective if method != "spear" else "none",
     "dtype": jnp.dtype(dtype).name,
@@ -124,6 +146,67 @@ def run_trial(
     "per_sample": _jsonable(per_sample),
     "arrays": arrays,
   }
+
+
+def _simulate(model, key, image_set, inputs, labels, shape, client):
+  """The client round of ``run_trial`` (MLP or CNN)."""
+  width, depth, layer, num_classes = shape
+  dtype = inputs.dtype
+  if model == "cnn":
+    if layer != 0 or image_set.image_shape is None:
+      raise ValueError("the CNN attacks its dense layer (layer 0) of images.")
+    net = _client.CNN(
+      image_shape=image_set.image_shape,
+      width=width,
+      num_classes=num_classes,
+      param_dtype=dtype,
+    )
+    params = net.init(key, inputs[:1])
+
+    def features_fn(p, x):
+      return net.apply(p, x, method=_client.CNN.features)
+
+  elif model == "mlp":
+    net = _client.MLP(widths=(width,) * depth, num_classes=num_classes)
+    params = _client.init_mlp(key, net, inputs.shape[1], dtype)
+
+    def features_fn(p, x):
+      for j in range(layer):
+        w_j, b_j = _client.layer_parameters(p, j)
+        x = jax.nn.relu(x @ w_j.T + b_j[None, :])
+      return x
+
+  else:
+    raise ValueError(f"Unknown model {model!r}; use 'mlp' or 'cnn'.")
+  return _clients.simulate_client(
+    net.apply,
+    params,
+    inputs,
+    labels,
+    layer=f"params/Dense_{layer}",
+    key=jax.random.fold_in(key, 1),
+    client=client,
+    features_fn=features_fn,
+  )
+
+
+def _client_record(client, batch_size):
+  record: dict[str, Any] = {"client": client.mode}
+  if client.mode == "fedavg":
+    record.update(
+      local_epochs=client.local_epochs,
+      local_batch_size=client.local_batch_size or batch_size,
+      local_lr=client.learning_rate,
+      sign=client.sign,
+    )
+  elif client.mode == "dpsgd":
+    record.update(
+      clip_norm=client.clip_norm,
+      noise_multiplier=client.noise_multiplier,
+      dp_epsilon=_clients.dp_epsilon(client.noise_multiplier),
+      dp_delta=1e-5,
+    )
+  return record
 
 
 _PER_SAMPLE = (

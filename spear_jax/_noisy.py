@@ -770,6 +770,8 @@ def _result(fit, search, estimate, stop, seconds, m):
     threshold=int(np.min(fit.near_zeros)) if b else 0,
     tau=float(np.min(fit.near_zeros)) / m if b else 0.0,
     stop_reason=stop,
+    check="noise",
+    noise_std=float(estimate.noise_std),
   )
   return InversionResult(
     inputs=fit.inputs,

@@ -6,7 +6,11 @@ import numpy as np
 
 from spear_jax._types import ArrayLike
 
-__all__ = ["check_inputs", "check_rank"]
+__all__ = ["FullRankError", "check_inputs", "check_rank"]
+
+
+class FullRankError(ValueError):
+  """The gradient has full numerical rank: noisy, aggregated or too big."""
 
 
 def _as_float_array(value: ArrayLike, name: str) -> jax.Array:
@@ -106,7 +110,7 @@ def check_rank(rank: int, batch_size: int | None, m: int, n: int) -> int:
       its rank contradicts ``batch_size``.
   """
   if rank >= min(m, n):
-    raise ValueError(
+    raise FullRankError(
       f"weight_grad has full numerical rank {rank} = min(m, n): no low-rank "
       "structure to invert (noisy, aggregated, or a batch at least as large "
       "as the layer)."

@@ -115,7 +115,9 @@ def drift_certificate(
   z_mxb = jnp.dot(weight_mxn, inputs_bxn.T, precision=_HI) + bias_m[:, None]
   column_norm_b = jnp.linalg.norm(grad_z_mxb, axis=0)
   alive_mx1 = alive_m[:, None]
-  zero_mxb = (jnp.abs(grad_z_mxb) <= zero_tol * column_norm_b[None, :]) & alive_mx1
+  zero_mxb = (
+    jnp.abs(grad_z_mxb) <= zero_tol * column_norm_b[None, :]
+  ) & alive_mx1
   nonzero_mxb = ~zero_mxb & alive_mx1
   active_mxb = (z_mxb > 0) & alive_mx1
   inactive_mxb = (z_mxb <= 0) & alive_mx1
@@ -131,12 +133,14 @@ def drift_certificate(
     eigvals, eigvecs = jnp.linalg.eigh(jnp.dot(masked.T, masked, precision=_HI))
     tiny = jnp.finfo(dtype).tiny
     coords = jnp.dot(l_mxb, eigvecs, precision=_HI)[:, 1:]
-    leverage = jnp.sum(coords**2 / jnp.maximum(eigvals[1:], tiny), axis=1)
+    leverage = jnp.sum(
+      coords**2 / jnp.maximum(eigvals[1:], tiny)[None, :], axis=1
+    )
     one_dim = eigvals[1] > leverage_tol * eigvals[-1]
     return one_dim & ~jnp.any(zero_m & (leverage >= 1.0 - leverage_tol))
 
   structured_b = jax.vmap(pins_down, in_axes=1)(zero_mxb)
-  structured_b &= jnp.sum(zero_mxb, axis=0) >= min_zeros
+  structured_b &= jnp.sum(zero_mxb, axis=0, dtype=min_zeros.dtype) >= min_zeros
   finite_b = jnp.all(jnp.isfinite(inputs_bxn), axis=1)
   # X^T = Q^-1 R couples the samples: one wrong column of Q spoils every
   # x_i while the right columns of D stay right, so a sample is only

@@ -119,7 +119,10 @@ class CNN(nn.Module):
     """The flattened conv features, the first dense layer's inputs."""
     h = x.reshape((x.shape[0], *self.image_shape))
     for conv in self.convs:
-      h = nn.avg_pool(nn.relu(conv(h)), (2, 2), strides=(2, 2))
+      h = nn.relu(conv(h))
+      b, height, width, c = h.shape  # 2x2 average pooling (even sizes)
+      h = h[:, : height // 2 * 2, : width // 2 * 2]
+      h = h.reshape((b, height // 2, 2, width // 2, 2, c)).mean(axis=(2, 4))
     return h.reshape((h.shape[0], -1))
 
   def __call__(self, x):

@@ -93,7 +93,9 @@ class ClientConfig:
         f"Unknown client mode {self.mode!r}; use one of {CLIENT_MODES}."
       )
     if self.reduction not in ("mean", "sum"):
-      raise ValueError(f"reduction must be 'mean' or 'sum', not {self.reduction!r}.")
+      raise ValueError(
+        f"reduction must be 'mean' or 'sum', not {self.reduction!r}."
+      )
     if self.sign not in SIGNS:
       raise ValueError(f"sign must be one of {SIGNS}, not {self.sign!r}.")
     if self.local_epochs < 1:
@@ -101,7 +103,9 @@ class ClientConfig:
     if self.local_batch_size is not None and self.local_batch_size < 1:
       raise ValueError("local_batch_size must be positive.")
     if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+      raise ValueError(
+        f"learning_rate must be positive, got {self.learning_rate}."
+      )
     if not self.clip_norm > 0 or self.noise_multiplier < 0:
       raise ValueError("clip_norm must be positive and noise_multiplier >= 0.")
 
@@ -167,8 +171,12 @@ def _batches(key, num_samples, batch_size, epochs):
   """Shuffled index batches of every epoch (the last may be smaller)."""
   order = []
   for epoch in range(epochs):
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_samples))
-    order += [perm[s : s + batch_size] for s in range(0, num_samples, batch_size)]
+    perm = np.asarray(
+      jax.random.permutation(jax.random.fold_in(key, epoch), num_samples)
+    )
+    order += [
+      perm[s : s + batch_size] for s in range(0, num_samples, batch_size)
+    ]
   return order
 
 
@@ -349,7 +357,9 @@ def simulate_client(
     features = features_fn(params, inputs_bxn)
   noise_std = 0.0
   if client.mode == "fedsgd":
-    update = fedsgd_update(apply_fn, params, inputs_bxn, labels_b, client.reduction)
+    update = fedsgd_update(
+      apply_fn, params, inputs_bxn, labels_b, client.reduction
+    )
     grad_z = d_bxm.T / (b if client.reduction == "mean" else 1)
   elif client.mode == "dpsgd":
     update = dpsgd_update(
@@ -361,7 +371,9 @@ def simulate_client(
       clip_norm=client.clip_norm,
       noise_multiplier=client.noise_multiplier,
     )
-    scale = jnp.minimum(1.0, client.clip_norm / jnp.where(norms > 0, norms, 1.0))
+    scale = jnp.minimum(
+      1.0, client.clip_norm / jnp.where(norms > 0, norms, 1.0)
+    )
     grad_z = (d_bxm * scale[:, None]).T / b
     noise_std = client.noise_std / b
   else:

@@ -224,8 +224,7 @@ class AttackConfig:
       raise ValueError("time_budget_s must be positive.")
     if self.certificate not in CERTIFICATES:
       raise ValueError(
-        f"Unknown certificate {self.certificate!r}; use one of "
-        f"{CERTIFICATES}."
+        f"Unknown certificate {self.certificate!r}; use one of {CERTIFICATES}."
       )
     if not 0.0 <= self.drift_max_woken <= 1.0:
       raise ValueError("drift_max_woken must lie in [0, 1].")

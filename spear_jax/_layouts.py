@@ -79,9 +79,9 @@ def dense_paths(tree) -> list[str]:
   paths = []
   for leaf_path, leaf in leaves.items():
     parent, _, name = leaf_path.rpartition("/")
-    if name in _IN_OUT_NAMES + _OUT_IN_NAMES and np.ndim(leaf) == 2:
-      if _find(leaves, parent, _BIAS_NAMES) is not None:
-        paths.append(parent)
+    is_weight = name in _IN_OUT_NAMES + _OUT_IN_NAMES and np.ndim(leaf) == 2
+    if is_weight and _find(leaves, parent, _BIAS_NAMES) is not None:
+      paths.append(parent)
   return paths
 
 
@@ -124,7 +124,10 @@ def dense_layer(
       dense layers that exist) or the shapes do not match.
   """
   weight_path, bias_path, layout, leaves = _locate(tree, path, layout)
-  weight, bias = jnp.asarray(leaves[weight_path]), jnp.asarray(leaves[bias_path])
+  weight, bias = (
+    jnp.asarray(leaves[weight_path]),
+    jnp.asarray(leaves[bias_path]),
+  )
   if layout == "in_out":
     weight = weight.T
   if weight.ndim != 2 or bias.shape != (weight.shape[0],):

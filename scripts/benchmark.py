@@ -75,6 +75,12 @@ _OBJECTIVES = flags.DEFINE_list(
   "objectives", ["l1"], "SPEAR++ dictionary-learning objectives to compare."
 )
 _MS = flags.DEFINE_list("ms", ["400"], "Widths m of the attacked layer.")
+_CLIENTS = flags.DEFINE_list(
+  "clients",
+  ["fedsgd"],
+  "Client modes of the sweep: fedsgd, dpsgd/SIGMA (C=1) or "
+  "fedavg/E/B/LR (E local epochs of mini-batches of B at SGD rate LR).",
+)
 _TRIALS = flags.DEFINE_integer("trials", 3, "Gradients per (dataset, m, b).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of block timings.")
 _BASELINE = flags.DEFINE_boolean(
@@ -405,14 +411,39 @@ def _environment():
 
 
 def _settings():
-  """Every (method, objective, dataset, m, b) of the sweep, in order."""
+  """Every (method, objective, dataset, m, b, client) of the sweep."""
   for method in _METHODS.value:
     objectives = _OBJECTIVES.value if method == "spearpp" else ["none"]
     for objective in objectives:
       for dataset in _DATASETS.value:
         for m in map(int, _MS.value):
           for b in map(int, _BS.value):
-            yield method, objective, dataset, m, b
+            for client in _CLIENTS.value:
+              yield method, objective, dataset, m, b, client
+
+
+def client_config(spec: str):
+  """The :class:`spear_jax.fl.ClientConfig` of a ``--clients`` entry."""
+  from spear_jax import fl  # pylint: disable=g-import-not-at-top
+
+  mode, *args = spec.split("/")
+  try:
+    if mode == "fedsgd" and not args:
+      return fl.ClientConfig()
+    if mode == "dpsgd" and len(args) == 1:
+      return fl.ClientConfig(mode="dpsgd", noise_multiplier=float(args[0]))
+    if mode == "fedavg" and len(args) == 3:
+      return fl.ClientConfig(
+        mode="fedavg",
+        local_epochs=int(args[0]),
+        local_batch_size=int(args[1]),
+        learning_rate=float(args[2]),
+      )
+  except ValueError as err:
+    raise ValueError(f"--clients entry {spec!r}: {err}") from None
+  raise ValueError(
+    f"--clients entry {spec!r}: use fedsgd, dpsgd/SIGMA or fedavg/E/B/LR."
+  )
 
 
 def _sweep(config, env):
@@ -429,8 +460,10 @@ def _sweep(config, env):
   dtype = "float64"
   done = {_report.trial_key(r) for r in _report.read_records(_OUTPUT.value)}
   plan = []
-  for method, objective, dataset, m, b in _settings():
+  for method, objective, dataset, m, b, client in _settings():
+    client_config(client)  # fail early on a bad spec
     setting = {
+      "client_spec": client,
       "method": method,
       "objective": objective,
       "dataset": dataset,
@@ -479,6 +512,7 @@ def _sweep(config, env):
         "method": setting["method"],
         "dtype": jnp.dtype(dtype),
         "config": cfg,
+        "client": client_config(setting["client_spec"]),
       }
       first_call_s = None
       if _WARMUP.value:
@@ -511,6 +545,7 @@ def _sweep(config, env):
           seed=setting["seed"],
           trial=trial,
           first_call_s=first_call_s,
+          client_spec=setting["client_spec"],
           kind="trial",
           **env,
         )
@@ -519,6 +554,7 @@ def _sweep(config, env):
           1,
           (
             f"{setting['method']}/{setting['objective']} "
+            f"{setting['client_spec']} "
             f"{name} m={setting['width']} b={setting['batch_size']} "
             f"trial {trial}: {record['exact_samples']}/"
             f"{record['batch_size']} exact, {record['seconds']:.1f} s"
@@ -539,13 +575,14 @@ def _summarize(env):
   prefix = prefix.removesuffix(".jsonl")
   _report.write_csv(f"{prefix}_summary.csv", rows)
   print(
-    f"{'method':>8} {'obj':>7} {'dataset':>10} {'m':>5} {'b':>4} "
-    f"{'exact':>7} {'median s':>9} {'PSNR':>7} {'SSIM':>6} {'twins':>5}"
+    f"{'method':>8} {'obj':>7} {'client':>18} {'dataset':>10} {'m':>5} "
+    f"{'b':>4} {'exact':>7} {'median s':>9} {'PSNR':>7} {'SSIM':>6} "
+    f"{'twins':>5}"
   )
   for r in rows:
     print(
-      f"{r['method']:>8} {r['objective']:>7} {r['dataset']:>10} "
-      f"{r['width']:>5} {r['batch_size']:>4} "
+      f"{r['method']:>8} {r['objective']:>7} {r['client_spec']:>18} "
+      f"{r['dataset']:>10} {r['width']:>5} {r['batch_size']:>4} "
       f"{r['exact_batches']:>3}/{r['trials']:<3} "
       f"{r['median_seconds']:>9.2f} {r['mean_psnr']:>7.1f} "
       f"{r['mean_ssim']:>6.3f} {r['near_duplicates_095']:>5.2f}"

@@ -105,28 +105,10 @@ def run_trial(
   )
   jax.block_until_ready(result.inputs)
   seconds = time.perf_counter() - start
-  truth = np.asarray(update.inputs)
-  recovered = np.asarray(result.inputs)
-  image_shape = image_set.image_shape if layer == 0 and model == "mlp" else None
-  is_image = image_shape is not None
-  scores = _metrics.score_reconstruction(
-    recovered,
-    truth,
-    image_shape=image_shape,
-    mean=image_set.mean if is_image else None,
-    std=image_set.std if is_image else None,
-    exact_rtol=exact_rtol,
+  is_image = layer == 0 and model == "mlp" and image_set.image_shape
+  scores, per_sample, arrays = _score(
+    result, update, image_set if is_image else None, exact_rtol
   )
-  matched = scores.pop("matched_row")
-  verified = np.asarray(result.verified)[matched]
-  per_sample = {k: scores.pop(k) for k in _PER_SAMPLE if k in scores}
-  per_sample["verified"] = verified
-  arrays = {"truth": truth, "recovered": recovered[matched]}
-  if image_shape is not None:
-    for name in ("truth", "recovered"):
-      arrays[name] = _metrics.denormalize_images(
-        arrays[name], image_shape, image_set.mean, image_set.std
-      )
   return {
     "dataset": image_set.name,
     "batch_size": batch_size,
@@ -140,12 +122,37 @@ def run_trial(
     "dtype": jnp.dtype(dtype).name,
     "success": bool(result.success),
     "seconds": seconds,
-    "verified_samples": int(np.sum(verified)),
+    "verified_samples": int(np.sum(per_sample["verified"])),
     **_jsonable(scores),
     "stats": result.stats._asdict(),
     "per_sample": _jsonable(per_sample),
     "arrays": arrays,
   }
+
+
+def _score(result, update, image_set, exact_rtol):
+  """Scores, per-sample scores (truth order) and the matched arrays."""
+  truth = np.asarray(update.inputs)
+  recovered = np.asarray(result.inputs)
+  image_shape = None if image_set is None else image_set.image_shape
+  scores = _metrics.score_reconstruction(
+    recovered,
+    truth,
+    image_shape=image_shape,
+    mean=None if image_set is None else image_set.mean,
+    std=None if image_set is None else image_set.std,
+    exact_rtol=exact_rtol,
+  )
+  matched = scores.pop("matched_row")
+  per_sample = {k: scores.pop(k) for k in _PER_SAMPLE if k in scores}
+  per_sample["verified"] = np.asarray(result.verified)[matched]
+  arrays = {"truth": truth, "recovered": recovered[matched]}
+  if image_set is not None:
+    for name in ("truth", "recovered"):
+      arrays[name] = _metrics.denormalize_images(
+        arrays[name], image_shape, image_set.mean, image_set.std
+      )
+  return scores, per_sample, arrays
 
 
 def _simulate(model, key, image_set, inputs, labels, shape, client):

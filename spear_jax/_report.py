@@ -49,9 +49,12 @@ TRIAL_KEY = (
   "batch_size",
   "depth",
   "dtype",
+  "client_spec",
   "seed",
   "trial",
 )
+# Fields added later: records written before them read as the default.
+_DEFAULTS = {"client_spec": "fedsgd"}
 # The grouping of the summary: a trial key without seed and trial.
 _GROUP_KEY = TRIAL_KEY[:-2]
 
@@ -76,10 +79,16 @@ def trial_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
   Raises:
     KeyError: naming the first missing field.
   """
-  missing = [name for name in TRIAL_KEY if name not in record]
+  missing = [
+    name for name in TRIAL_KEY if name not in record and name not in _DEFAULTS
+  ]
   if missing:
     raise KeyError(f"record lacks the trial fields {missing}.")
-  return tuple(record[name] for name in TRIAL_KEY)
+  return tuple(_field(record, name) for name in TRIAL_KEY)
+
+
+def _field(record: Mapping[str, Any], name: str) -> Any:
+  return record.get(name, _DEFAULTS.get(name))
 
 
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -157,7 +166,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   latest = {trial_key(r): r for r in records}
   groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
   for record in latest.values():
-    group = tuple(record[name] for name in _GROUP_KEY)
+    group = tuple(_field(record, name) for name in _GROUP_KEY)
     groups.setdefault(group, []).append(record)
   rows = []
   for group in sorted(groups, key=lambda g: tuple(map(str, g[:3])) + g[3:]):

@@ -329,7 +329,7 @@ class InvalidInputTest(parameterized.TestCase):
         np.random.default_rng(0).standard_normal((40, 30)),
         p["bias_grad"],
       ),
-      "full numerical rank",
+      "no low-rank structure",
     ),
     ("strings", lambda p: (np.full((40, 30), "a"), p["bias_grad"]), "numeric"),
   )

@@ -204,7 +204,7 @@ class InvertCliTest(parameterized.TestCase):
     ("wrong_ndim", "must be 2-D"),
     ("nan", "NaN"),
     ("all_zero", "all zeros"),
-    ("full_rank", "full numerical rank"),
+    ("full_rank", "no low-rank structure"),
     ("bias_shape", "bias_grad must have shape"),
     ("not_npz", "not an .npz"),
     ("no_file", "no such file"),

@@ -30,6 +30,7 @@ import numpy as np
 
 from spear_jax._config import AttackConfig
 from spear_jax._config import LearnerConfig
+from spear_jax._dictionary import complete_from_bias
 from spear_jax._dictionary import complete_last_column
 from spear_jax._dictionary import estimate_found_rows
 from spear_jax._dictionary import learn_directions
@@ -301,19 +302,31 @@ def _pattern_stage(state, problem, pool, selection, learner):
 
 
 def _complete_stage(state, problem, pool, selection, learner):
-  """Stage 3: one column missing, read it off the layer's ReLU pattern."""
+  """Stage 3: one column missing, read it off the bias gradient (always)
+  and off the layer's ReLU pattern (with the weights, strict check)."""
   del learner
   directions = np.zeros((0, problem.b), problem.dtype)
-  if problem.certifiable and selection.chosen.shape[0] == problem.b - 1:
-    direction, _ = complete_last_column(
-      jnp.asarray(pool.directions[selection.chosen].T),
-      problem.l_mxb,
-      problem.r_bxn,
-      problem.weight,
-      problem.bias,
-      problem.alive,
-    )
-    directions = np.asarray(direction)[None, :]
+  if selection.chosen.shape[0] == problem.b - 1:
+    found = pool.directions[selection.chosen].T
+    proposals = [
+      complete_from_bias(
+        found,
+        np.asarray(problem.l_mxb),
+        np.asarray(problem.bias_grad),
+        np.asarray(problem.alive),
+      )
+    ]
+    if problem.certifiable and problem.check == "relu":
+      direction, _ = complete_last_column(
+        jnp.asarray(found),
+        problem.l_mxb,
+        problem.r_bxn,
+        problem.weight,
+        problem.bias,
+        problem.alive,
+      )
+      proposals.append(np.asarray(direction))
+    directions = np.stack(proposals).astype(problem.dtype)
   return StepOutput(directions, state._replace(stage=_SEARCH))
 
 

@@ -592,6 +592,7 @@ def _summarize(env):
     written += _report.plot_summary(
       rows, prefix, title=f"{env['device_kind']}, {env['jax_devices']} dev"
     )
+    written += _report.plot_clients(rows, prefix)
   except ImportError as err:
     logging.warning("%s; skipping the plots.", err)
   print("wrote " + ", ".join(written))

@@ -33,6 +33,7 @@ __all__ = [
   "TRIAL_KEY",
   "ProgressBar",
   "append_record",
+  "plot_clients",
   "plot_summary",
   "read_records",
   "summarize",
@@ -219,10 +220,68 @@ def _series(rows):
     if row["method"] != "spear":
       label += f" ({row['objective']})"
     label += f", {row['dataset']}, m={row['width']}"
+    client = _field(row, "client_spec")
+    if client != "fedsgd":
+      label += f", {client}"
     lines.setdefault(label, []).append(row)
   for series in lines.values():
     series.sort(key=lambda r: r["batch_size"])
   return lines
+
+
+def plot_clients(
+  rows: Sequence[Mapping[str, Any]], out_prefix: str | os.PathLike[str]
+) -> list[str]:
+  """Quality per client setting: ``PREFIX_clients.png`` (if any).
+
+  One bar per client setting (``client_spec``) and attack setting: the
+  exact-batch rate for exact clients (FedSGD, FedAvg) and the mean PSNR
+  (right axis) for noisy ones (DP-SGD), so a sweep over ``--clients``
+  reads at a glance.
+
+  Returns:
+    The paths written (none for a sweep of FedSGD only).
+  """
+  if all(_field(r, "client_spec") == "fedsgd" for r in rows):
+    return []
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  ordered = sorted(
+    rows,
+    key=lambda r: (
+      r["method"],
+      r["width"],
+      r["batch_size"],
+      _field(r, "client_spec"),
+    ),
+  )
+  labels = [
+    f"{r['method']} m={r['width']} b={r['batch_size']}\n"
+    f"{_field(r, 'client_spec')}"
+    for r in ordered
+  ]
+  noisy = [_field(r, "client_spec").startswith("dpsgd") for r in ordered]
+  fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(rows)), 4.4), dpi=100)
+  psnr_ax = ax.twinx()
+  for i, (row, is_noisy) in enumerate(zip(ordered, noisy, strict=True)):
+    if is_noisy:
+      psnr_ax.bar(i, row["mean_psnr"], color="tab:orange", alpha=0.7)
+    else:
+      ax.bar(i, row["exact_batch_rate"], color="tab:blue", alpha=0.8)
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("exact-batch rate (blue: FedSGD, FedAvg)")
+  psnr_ax.set_ylabel("mean PSNR, dB (orange: DP-SGD)")
+  ax.set_xticks(range(len(labels)))
+  ax.set_xticklabels(labels, rotation=90, fontsize="x-small")
+  ax.set_title("attack quality per client setting")
+  fig.tight_layout()
+  path = f"{os.fspath(out_prefix)}_clients.png"
+  fig.savefig(path)
+  plt.close(fig)
+  return [path]
 
 
 def plot_summary(

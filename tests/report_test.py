@@ -120,6 +120,17 @@ class SummaryTest(absltest.TestCase):
       )
     paths = _report.plot_summary(rows, os.path.join(out, "plot"))
     self.assertLen(paths, 2)
+    # FedSGD only: no client plot; with DP-SGD and FedAvg rows: one.
+    self.assertEqual(_report.plot_clients(rows, os.path.join(out, "c")), [])
+    clients = [
+      {**r, "client_spec": spec}
+      for r in records
+      for spec in ("dpsgd/1e-4", "fedavg/3/4/0.01")
+    ]
+    client_rows = _report.summarize(records + clients)
+    self.assertLen(client_rows, 9)  # 3 batch sizes x 3 clients
+    paths += _report.plot_clients(client_rows, os.path.join(out, "c"))
+    self.assertLen(paths, 3)
     for path in paths:
       with open(path, "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")

@@ -30,6 +30,7 @@ import functools
 import time
 from typing import NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -513,6 +514,24 @@ class _Search(NamedTuple):
   pool: _Pool
   proposals: int
   blocks: int
+  interrupted: bool = False
+
+
+def _progress(name, setup, search, start, last_log, config):
+  """Logs the search's progress at most every ``config.log_every_s``."""
+  now = time.perf_counter()
+  if now - last_log < config.log_every_s:
+    return last_log
+  logging.info(
+    "noisy %s b=%d: %d proposals, %d blocks, %d directions in the pool, %.0f s",
+    name,
+    setup.b,
+    search.proposals,
+    search.blocks,
+    search.pool.directions.shape[0],
+    now - start,
+  )
+  return now
 
 
 class _Setup(NamedTuple):
@@ -581,33 +600,46 @@ def _spear_search(key, setup, config, start, patience=16):
   allowed = jnp.ones((keep, m), bool)
   pool = _empty_pool(b, setup.m_np.dtype)
   proposals = blocks = stale = 0
-  while True:
-    key, sub = jax.random.split(key)
-    directions, _ = _propose_block(
-      sub,
-      setup.m_mxb,
-      setup.rows_m,
-      jnp.asarray(setup.num_rows),
-      setup.noise_std,
-      block_size=block,
-      chunk_size=chunk,
-      keep=keep,
-    )
-    refined = _refine_many(
-      directions, setup.m_mxb, setup.noise_std, allowed, iterations=4
-    )
-    pool, added = _merge(pool, refined, setup.m_np, setup.floor)
-    proposals, blocks = proposals + block, blocks + 1
-    stale = 0 if added else stale + 1
-    full = _select(pool, setup).shape[0] == b
-    elapsed = time.perf_counter() - start
-    if (
-      _done(pool, setup)
-      or proposals >= max_proposals
-      or (config.time_budget_s is not None and elapsed > config.time_budget_s)
-      or (full and stale >= patience)
-    ):
-      return _Search(pool, proposals, blocks)
+  last_log = start
+  try:
+    while True:
+      key, sub = jax.random.split(key)
+      directions, _ = _propose_block(
+        sub,
+        setup.m_mxb,
+        setup.rows_m,
+        jnp.asarray(setup.num_rows),
+        setup.noise_std,
+        block_size=block,
+        chunk_size=chunk,
+        keep=keep,
+      )
+      refined = _refine_many(
+        directions, setup.m_mxb, setup.noise_std, allowed, iterations=4
+      )
+      pool, added = _merge(pool, refined, setup.m_np, setup.floor)
+      proposals, blocks = proposals + block, blocks + 1
+      stale = 0 if added else stale + 1
+      full = _select(pool, setup).shape[0] == b
+      elapsed = time.perf_counter() - start
+      if (
+        _done(pool, setup)
+        or proposals >= max_proposals
+        or (config.time_budget_s is not None and elapsed > config.time_budget_s)
+        or (full and stale >= patience)
+      ):
+        return _Search(pool, proposals, blocks)
+      last_log = _progress(
+        "SPEAR",
+        setup,
+        _Search(pool, proposals, blocks),
+        start,
+        last_log,
+        config,
+      )
+  except KeyboardInterrupt:
+    logging.warning("interrupted; returning the best partial result.")
+    return _Search(pool, proposals, blocks, interrupted=True)
 
 
 def _starts(rng, setup, pool, count, sv_np):
@@ -642,23 +674,36 @@ def _spearpp_search(key, setup, config, start, sv_b):
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
   pool = _empty_pool(b, setup.m_np.dtype)
   rounds = stale = 0
-  while rounds < learner.max_rounds and stale < learner.patience:
-    starts = _starts(rng, setup, pool, count, np.asarray(sv_b))
-    ends, _ = learn_directions(
-      jnp.asarray(starts, setup.m_np.dtype), u_mxb, alive, config=learner
-    )
-    y_kxb = ends / sv_b[None, :]
-    y_kxb = y_kxb / jnp.linalg.norm(y_kxb, axis=1, keepdims=True)
-    refined = _refine_many(
-      y_kxb, setup.m_mxb, setup.noise_std, allowed, iterations=6
-    )
-    pool, added = _merge(pool, refined, setup.m_np, setup.floor)
-    rounds, stale = rounds + 1, (0 if added else stale + 1)
-    elapsed = time.perf_counter() - start
-    if _done(pool, setup) or (
-      config.time_budget_s is not None and elapsed > config.time_budget_s
-    ):
-      break
+  last_log = start
+  try:
+    while rounds < learner.max_rounds and stale < learner.patience:
+      starts = _starts(rng, setup, pool, count, np.asarray(sv_b))
+      ends, _ = learn_directions(
+        jnp.asarray(starts, setup.m_np.dtype), u_mxb, alive, config=learner
+      )
+      y_kxb = ends / sv_b[None, :]
+      y_kxb = y_kxb / jnp.linalg.norm(y_kxb, axis=1, keepdims=True)
+      refined = _refine_many(
+        y_kxb, setup.m_mxb, setup.noise_std, allowed, iterations=6
+      )
+      pool, added = _merge(pool, refined, setup.m_np, setup.floor)
+      rounds, stale = rounds + 1, (0 if added else stale + 1)
+      elapsed = time.perf_counter() - start
+      if _done(pool, setup) or (
+        config.time_budget_s is not None and elapsed > config.time_budget_s
+      ):
+        break
+      last_log = _progress(
+        "SPEAR++",
+        setup,
+        _Search(pool, rounds * count, rounds),
+        start,
+        last_log,
+        config,
+      )
+  except KeyboardInterrupt:
+    logging.warning("interrupted; returning the best partial result.")
+    return _Search(pool, rounds * count, rounds, interrupted=True)
   return _Search(pool, rounds * count, rounds)
 
 
@@ -734,6 +779,8 @@ def invert_noisy_with_report(
   search = _search(key, setup, config, method, sv_b, start)
   chosen = _select(search.pool, setup)
   stop = "noisy" if chosen.shape[0] == b else "no_directions"
+  if search.interrupted:
+    stop = "interrupted"
   y_kxb = complete_basis(search.pool.directions[chosen], b).T
   fit = _finish(
     jnp.asarray(y_kxb, dtype),

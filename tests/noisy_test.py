@@ -4,6 +4,8 @@ Problems come from ``helpers.relu_layer_problem`` (exact ReLU zeros, fresh
 random inputs) plus iid Gaussian noise of a known level ``s``.
 """
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import helpers
@@ -133,6 +135,28 @@ class InvertNoisyTest(parameterized.TestCase):
       self.assertFalse(np.asarray(result.verified).any())
       scores.append(_psnr(result, p["inputs"]))
     self.assertGreater(scores[0], scores[1] + 20.0)
+
+  def test_ctrl_c_returns_the_best_partial_result(self):
+    p = _noisy_problem(7, 200, 300, 4, 1e-3)
+    merge, calls = _noisy._merge, []
+
+    def interrupt_first_block(*args, **kwargs):
+      calls.append(1)
+      raise KeyboardInterrupt
+
+    with mock.patch.object(_noisy, "_merge", interrupt_first_block):
+      result = _noisy.invert_noisy(
+        p["weight_grad"],
+        p["bias_grad"],
+        key=jax.random.key(0),
+        batch_size=4,
+        config=AttackConfig(block_size=64, chunk_size=64, max_proposals=10**6),
+      )
+    self.assertLen(calls, 1)
+    self.assertIs(_noisy._merge, merge)
+    self.assertEqual(result.stats.stop_reason, "interrupted")
+    self.assertEqual(result.inputs.shape, (4, 300))
+    self.assertFalse(np.any(result.verified))
 
   def test_bad_method_raises(self):
     p = _noisy_problem(15, 200, 300, 4, 1e-3)

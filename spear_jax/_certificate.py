@@ -64,6 +64,27 @@ def relu_certificate(
   return (~violated_b) & (column_norm_b > 0) & finite_b
 
 
+def _pinned_columns(zero_mxb, l_mxb, leverage_tol):
+  """Per column: does its zero set pin it down (1-D kernel, no leverage 1)?
+
+  One column at a time (``lax.map``): memory stays ``O(m b)``.
+  """
+  dtype = l_mxb.dtype
+
+  def pins_down(zero_m):
+    masked = l_mxb * zero_m[:, None].astype(dtype)
+    eigvals, eigvecs = jnp.linalg.eigh(jnp.dot(masked.T, masked, precision=_HI))
+    tiny = jnp.finfo(dtype).tiny
+    coords = jnp.dot(l_mxb, eigvecs, precision=_HI)[:, 1:]
+    leverage = jnp.sum(
+      coords**2 / jnp.maximum(eigvals[1:], tiny)[None, :], axis=1
+    )
+    one_dim = eigvals[1] > leverage_tol * eigvals[-1]
+    return one_dim & ~jnp.any(zero_m & (leverage >= 1.0 - leverage_tol))
+
+  return jax.lax.map(pins_down, zero_mxb.T)
+
+
 @jax.jit
 def drift_certificate(
   inputs_bxn: Float[Array, "b n"],
@@ -111,7 +132,6 @@ def drift_certificate(
   Returns:
     A boolean per sample.
   """
-  dtype = grad_z_mxb.dtype
   z_mxb = jnp.dot(weight_mxn, inputs_bxn.T, precision=_HI) + bias_m[:, None]
   column_norm_b = jnp.linalg.norm(grad_z_mxb, axis=0)
   alive_mx1 = alive_m[:, None]
@@ -128,18 +148,7 @@ def drift_certificate(
   woken_b = share(nonzero_mxb, inactive_mxb)
   association_b = share(nonzero_mxb, active_mxb) - woken_b
 
-  def pins_down(zero_m):
-    masked = l_mxb * zero_m[:, None].astype(dtype)
-    eigvals, eigvecs = jnp.linalg.eigh(jnp.dot(masked.T, masked, precision=_HI))
-    tiny = jnp.finfo(dtype).tiny
-    coords = jnp.dot(l_mxb, eigvecs, precision=_HI)[:, 1:]
-    leverage = jnp.sum(
-      coords**2 / jnp.maximum(eigvals[1:], tiny)[None, :], axis=1
-    )
-    one_dim = eigvals[1] > leverage_tol * eigvals[-1]
-    return one_dim & ~jnp.any(zero_m & (leverage >= 1.0 - leverage_tol))
-
-  structured_b = jax.vmap(pins_down, in_axes=1)(zero_mxb)
+  structured_b = _pinned_columns(zero_mxb, l_mxb, leverage_tol)
   structured_b &= jnp.sum(zero_mxb, axis=0, dtype=min_zeros.dtype) >= min_zeros
   finite_b = jnp.all(jnp.isfinite(inputs_bxn), axis=1)
   # X^T = Q^-1 R couples the samples: one wrong column of Q spoils every

@@ -62,6 +62,43 @@ class InvertCliTest(parameterized.TestCase):
         result["inputs"], p["inputs"][order], atol=1e-10
       )
 
+  @parameterized.named_parameters(("estimated", False), ("given", True))
+  def test_noisy_gradient_exits_1_with_the_reconstruction(self, given):
+    p = helpers.relu_layer_problem(23, 200, 150, 4)
+    rng = np.random.default_rng(5)
+    noise = 1e-4
+    arrays = {
+      "weight_grad": p["weight_grad"] + noise * rng.standard_normal((200, 150)),
+      "bias_grad": p["bias_grad"] + noise * rng.standard_normal(200),
+      "weight": p["weight"],
+      "bias": p["bias"],
+    }
+    if given:
+      arrays["noise_std"] = np.asarray(noise)
+    path = self._npz("noisy.npz", **arrays)
+    out = os.path.join(self.dir, "noisy_out.npz")
+    code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}")
+    self.assertEqual(code, 1, stderr)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    self.assertEqual(summary["check"], "noise")
+    self.assertEqual(summary["verified"], 0)
+    # Estimated from 200 x 150 - 4 residual entries: within 5%.
+    self.assertAlmostEqual(summary["noise_std"], noise, delta=0.05 * noise)
+    with np.load(out) as result:
+      self.assertEqual(result["inputs"].shape, (4, 150))
+      order = helpers.match_rows(result["inputs"], p["inputs"])
+      error = np.abs(result["inputs"] - p["inputs"][order]).max()
+      self.assertLess(error, 1e-2)  # noise 1e-4 against inputs of O(1)
+
+  def test_bad_noise_std_exits_2(self):
+    p = self.problem
+    path = self._npz(
+      weight_grad=p["weight_grad"], bias_grad=p["bias_grad"], noise_std=[1, 2]
+    )
+    code, _, stderr = _run(f"--gradients={path}", "--output=/tmp/x.npz")
+    self.assertEqual(code, 2)
+    self.assertIn("noise_std must be a scalar", stderr)
+
   def test_spearpp_method(self):
     p = helpers.relu_layer_problem(21, 300, 120, 20)
     path = self._npz(

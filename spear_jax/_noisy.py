@@ -285,7 +285,9 @@ def _propose_block(
   best = keep // 2
   _, top = jax.lax.top_k(score, best)
   taken = jnp.zeros(near.shape, bool).at[top].set(True)
-  priority = jnp.where(hit & ~taken, 1.0 + draw, score - 2.0 * taken)
+  priority = jnp.where(
+    hit & ~taken, 1.0 + draw, jnp.where(taken, score - 2.0, score)
+  )
   _, rest = jax.lax.top_k(priority, keep - best)
   index = jnp.concatenate([top, rest])
   return directions.reshape(block_size, b)[index], near[index]

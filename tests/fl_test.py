@@ -386,7 +386,7 @@ _W_KEY = jax.random.key(11)
 # passed the ReLU certificate (relative error 0.13): a known limit of the
 # certificate at M / b = 7, recorded in BUILD_NOTES.md (issue 10) for
 # issue 12. Derandomized so that CI is reproducible.
-@settings(max_examples=14, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(
   b=st.integers(3, 5),
   width=st.sampled_from([60, 100]),
@@ -435,6 +435,7 @@ def test_no_wrong_sample_is_ever_verified(
       config=spear_jax.AttackConfig(
         certificate="drift" if client == "fedavg" else "relu",
         max_proposals=20000,
+        time_budget_s=15.0,  # bounds every example; flags stay honest
       ),
     )
   except ValueError:

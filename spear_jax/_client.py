@@ -165,6 +165,15 @@ def layer_gradient(grads, layer: int = 0):
   return layer_parameters(grads, layer)
 
 
+def hidden_features(params, inputs_bxn, layer: int):
+  """The inputs of hidden layer ``layer`` of an :class:`MLP`."""
+  features = inputs_bxn
+  for j in range(layer):
+    w_j, b_j = layer_parameters(params, j)
+    features = jax.nn.relu(features @ w_j.T + b_j[None, :])
+  return features
+
+
 class ClientUpdate(NamedTuple):
   """What the client shares about the attacked layer, and the truth.
 
@@ -225,10 +234,7 @@ def client_update(
   weight, bias = layer_parameters(params, layer)
 
   # Ground truth: the attacked layer's input and dL/dZ (for tests only).
-  features = inputs_bxn
-  for j in range(layer):
-    w_j, b_j = layer_parameters(params, j)
-    features = jax.nn.relu(features @ w_j.T + b_j[None, :])
+  features = hidden_features(params, inputs_bxn, layer)
 
   def loss_from_z(z_bxm):
     x = jax.nn.relu(z_bxm)

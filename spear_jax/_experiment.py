@@ -178,10 +178,7 @@ def _simulate(model, key, image_set, inputs, labels, shape, client):
     params = _client.init_mlp(key, net, inputs.shape[1], dtype)
 
     def features_fn(p, x):
-      for j in range(layer):
-        w_j, b_j = _client.layer_parameters(p, j)
-        x = jax.nn.relu(x @ w_j.T + b_j[None, :])
-      return x
+      return _client.hidden_features(p, x, layer)
 
   else:
     raise ValueError(f"Unknown model {model!r}; use 'mlp' or 'cnn'.")

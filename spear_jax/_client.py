@@ -165,10 +165,14 @@ def layer_gradient(grads, layer: int = 0):
   return layer_parameters(grads, layer)
 
 
-def hidden_features(params, inputs_bxn, layer: int):
-  """The inputs of hidden layer ``layer`` of an :class:`MLP`."""
+def hidden_features(params, inputs_bxn, layer: int, start: int = 0):
+  """The inputs of dense layer ``layer`` of an :class:`MLP`.
+
+  ``inputs_bxn`` are the inputs of layer ``start`` (0: the model's inputs);
+  every dense layer from ``start`` to ``layer - 1`` is followed by ReLU.
+  """
   features = inputs_bxn
-  for j in range(layer):
+  for j in range(start, layer):
     w_j, b_j = layer_parameters(params, j)
     features = jax.nn.relu(features @ w_j.T + b_j[None, :])
   return features

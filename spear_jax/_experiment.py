@@ -6,18 +6,24 @@ the scripts and tests; the attack itself never sees anything but arrays.
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from spear_jax import _baseline
 from spear_jax import _client
 from spear_jax import _clients
 from spear_jax import _data
+from spear_jax import _labels
 from spear_jax import _metrics
 from spear_jax._attack import invert
 from spear_jax._config import AttackConfig
+from spear_jax._layouts import dense_layer
+from spear_jax._types import InversionResult
+from spear_jax._types import InversionStats
 
 __all__ = ["run_trial", "trial_record"]
 
@@ -37,6 +43,8 @@ def run_trial(
   exact_rtol: float = 1e-8,
   model: str = "mlp",
   client: _clients.ClientConfig | None = None,
+  baseline: _baseline.BaselineConfig | None = None,
+  with_labels: bool = True,
 ) -> dict[str, Any]:
   """Samples a real batch, simulates the client and inverts its gradient.
 
@@ -47,7 +55,10 @@ def run_trial(
     batch_size: ``b``.
     width: ``m``, width of every hidden layer.
     depth: number of hidden Dense-ReLU layers.
-    method: ``"spear"`` or ``"spearpp"``.
+    method: ``"spear"``, ``"spearpp"`` or ``"baseline"`` (gradient matching
+      on the whole update with the true labels,
+      :func:`spear_jax.attack.gradient_matching`; the first layer of the
+      MLP only: it reconstructs images).
     num_classes: classifier outputs; labels of a labelled set are taken
       modulo this, an unlabelled set gets uniform random labels.
     layer: the attacked hidden layer (0: the first, which sees the images).
@@ -61,6 +72,10 @@ def run_trial(
       ``None`` is FedSGD. A FedAvg client is certified with the drift
       certificate; a DP-SGD gradient goes to the noise-aware attack, which
       estimates the noise.
+    baseline: settings of ``method="baseline"``.
+    with_labels: after SPEAR or SPEAR++, read each sample's label off the
+      classifier's update (:func:`spear_jax.attack.recover_labels`) from
+      the recovered inputs and score it (``label_accuracy``).
 
   Returns:
     A JSON-friendly dict: the setting, the attack's stats, the per-batch
@@ -84,7 +99,8 @@ def run_trial(
   client = _clients.ClientConfig() if client is None else client
   if client.mode == "fedavg":
     config = dataclasses.replace(config, certificate="drift")
-  update = _simulate(
+  true_labels = labels
+  client_model = _simulate(
     model,
     model_key,
     image_set,
@@ -93,22 +109,37 @@ def run_trial(
     (width, depth, layer, num_classes),
     client,
   )
+  update = client_model.update
+  is_image = layer == 0 and model == "mlp" and image_set.image_shape
   start = time.perf_counter()
-  result = invert(
-    update.weight_grad,
-    update.bias_grad,
-    key=attack_key,
-    method=method,
-    weight=update.weight,
-    bias=update.bias,
-    config=config,
-  )
+  if method == "baseline":
+    if not is_image:
+      raise ValueError(
+        "the baseline reconstructs images: the MLP's first layer only."
+      )
+    result = _run_baseline(
+      client_model, image_set, inputs, true_labels, attack_key, baseline
+    )
+  else:
+    result = invert(
+      update.weight_grad,
+      update.bias_grad,
+      key=attack_key,
+      method=method,
+      weight=update.weight,
+      bias=update.bias,
+      config=config,
+    )
   jax.block_until_ready(result.inputs)
   seconds = time.perf_counter() - start
-  is_image = layer == 0 and model == "mlp" and image_set.image_shape
   scores, per_sample, arrays = _score(
     result, update, image_set if is_image else None, exact_rtol
   )
+  label_record = {}
+  if with_labels and method != "baseline":
+    label_record = _score_labels(
+      client_model, result, per_sample, true_labels, client
+    )
   return {
     "dataset": image_set.name,
     "batch_size": batch_size,
@@ -123,6 +154,7 @@ def run_trial(
     "success": bool(result.success),
     "seconds": seconds,
     "verified_samples": int(np.sum(per_sample["verified"])),
+    **label_record,
     **_jsonable(scores),
     "stats": result.stats._asdict(),
     "per_sample": _jsonable(per_sample),
@@ -145,6 +177,7 @@ def _score(result, update, image_set, exact_rtol):
   )
   matched = scores.pop("matched_row")
   per_sample = {k: scores.pop(k) for k in _PER_SAMPLE if k in scores}
+  per_sample["matched_row"] = matched
   per_sample["verified"] = np.asarray(result.verified)[matched]
   arrays = {"truth": truth, "recovered": recovered[matched]}
   if image_set is not None:
@@ -153,6 +186,16 @@ def _score(result, update, image_set, exact_rtol):
         arrays[name], image_shape, image_set.mean, image_set.std
       )
   return scores, per_sample, arrays
+
+
+class _ClientModel(NamedTuple):
+  """One simulated client round and what the attacker knows of the model."""
+
+  update: _clients.SimulatedUpdate
+  params: Any
+  apply_fn: Any
+  tail_fn: Any  # (params, attacked layer's inputs) -> classifier's inputs
+  head: str  # path of the classifier (the last dense layer)
 
 
 def _simulate(model, key, image_set, inputs, labels, shape, client):
@@ -173,6 +216,10 @@ def _simulate(model, key, image_set, inputs, labels, shape, client):
     def features_fn(p, x):
       return net.apply(p, x, method=_client.CNN.features)
 
+    def tail_fn(p, z):
+      return _client.hidden_features(p, z, 1)
+
+    head = "params/Dense_1"
   elif model == "mlp":
     net = _client.MLP(widths=(width,) * depth, num_classes=num_classes)
     params = _client.init_mlp(key, net, inputs.shape[1], dtype)
@@ -180,9 +227,13 @@ def _simulate(model, key, image_set, inputs, labels, shape, client):
     def features_fn(p, x):
       return _client.hidden_features(p, x, layer)
 
+    def tail_fn(p, z):
+      return _client.hidden_features(p, z, depth, start=layer)
+
+    head = f"params/Dense_{depth}"
   else:
     raise ValueError(f"Unknown model {model!r}; use 'mlp' or 'cnn'.")
-  return _clients.simulate_client(
+  update = _clients.simulate_client(
     net.apply,
     params,
     inputs,
@@ -191,6 +242,91 @@ def _simulate(model, key, image_set, inputs, labels, shape, client):
     key=jax.random.fold_in(key, 1),
     client=client,
     features_fn=features_fn,
+  )
+  return _ClientModel(update, params, net.apply, tail_fn, head)
+
+
+def _score_labels(client_model, result, per_sample, true_labels, client):
+  """Labels of the recovered samples from the classifier's update, scored."""
+  params, update = client_model.params, client_model.update
+  weight, bias = dense_layer(params, client_model.head)
+  weight_grad, bias_grad = dense_layer(update.update, client_model.head)
+  if client.mode == "fedavg" and client.sign == "client_minus_server":
+    weight_grad, bias_grad = -weight_grad, -bias_grad
+  b = true_labels.shape[0]
+  scale = None
+  if client.mode == "fedsgd":
+    scale = 1.0 / b if client.reduction == "mean" else 1.0
+  head_inputs = client_model.tail_fn(params, jnp.asarray(result.inputs))
+  found = _labels.recover_labels(
+    head_inputs, weight, bias, weight_grad, bias_grad, scale=scale
+  )
+  matched = np.asarray(per_sample["matched_row"])
+  has_match = matched >= 0
+  labels = np.where(has_match, found.labels[matched], -1)
+  verified = has_match & found.verified[matched]
+  truth = np.asarray(true_labels)
+  per_sample["label"] = labels
+  per_sample["true_label"] = truth
+  per_sample["label_verified"] = verified
+  return {
+    "label_accuracy": _labels.label_accuracy(labels, truth),
+    "labels_verified": int(verified.sum()),
+    "label_reason": found.reason,
+  }
+
+
+def _run_baseline(client_model, image_set, inputs, labels, key, config):
+  """Gradient matching on the client's whole update, as an InversionResult."""
+  apply_fn = client_model.apply_fn
+  update = client_model.update
+
+  def loss_fn(p, x):
+    logits = apply_fn(p, x)
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits, labels
+    ).mean()
+
+  # The box of pixel values in [0, 1], normalized per channel (the
+  # flattened layout is (H, W, C): channels vary fastest).
+  channels = image_set.image_shape[-1]
+  shape = (channels,)
+  mean = np.broadcast_to(np.asarray(image_set.mean, np.float64), shape)
+  std = np.broadcast_to(np.asarray(image_set.std, np.float64), shape)
+  pixels = inputs.shape[1] // channels
+  low, high = np.tile(-mean / std, pixels), np.tile((1.0 - mean) / std, pixels)
+  found = _baseline.gradient_matching(
+    loss_fn,
+    client_model.params,
+    update.update,
+    key=key,
+    shape=inputs.shape,
+    image_shape=image_set.image_shape,
+    bounds=(jnp.asarray(low, inputs.dtype), jnp.asarray(high, inputs.dtype)),
+    config=config,
+    dtype=inputs.dtype,
+  )
+  b, m = inputs.shape[0], update.weight.shape[0]
+  return InversionResult(
+    inputs=found.inputs,
+    grad_z=jnp.zeros((m, b), inputs.dtype),
+    verified=jnp.zeros((b,), bool),
+    success=False,
+    directions=jnp.zeros((b, b), inputs.dtype),
+    sparsity=jnp.zeros((b,), jnp.int32),
+    candidates=np.zeros((0, b)),
+    stats=InversionStats(
+      proposals=0,
+      candidates=0,
+      blocks=0,
+      seconds=found.seconds,
+      rank=b,
+      alive_rows=m,
+      threshold=0,
+      tau=0.0,
+      stop_reason="steps",
+      check="none",
+    ),
   )
 
 

@@ -71,6 +71,7 @@ SUMMARY_FIELDS = _GROUP_KEY + (
   "mean_ssim",
   "near_duplicates_095",
   "max_relative_error",
+  "label_accuracy",
 )
 
 
@@ -196,6 +197,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         "max_relative_error": max(
           float(r.get("max_relative_error", math.nan)) for r in trials
         ),
+        # Mean share of correct labels (NaN where none were read).
+        "label_accuracy": _mean([r.get("label_accuracy") for r in trials]),
       }
     )
   return rows

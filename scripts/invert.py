@@ -12,6 +12,19 @@ DP-SGD gradient, ``sigma C / b``). OUT.npz receives ``inputs`` (b, n),
 is a JSON summary, with the certificate applied (``check``: relu, drift,
 none or noise) and the noise level.
 
+With ``--labels``, IN.npz describes a whole ReLU MLP with softmax
+cross-entropy (mean over the batch) on top, every layer in the paper's
+layout (``weight_k`` is ``m_k x n_k``): ``weight_0..weight_{K-1}``,
+``bias_0..``, ``weight_grad_0..``, ``bias_grad_0..`` (K >= 2; layer K-1 is
+the classifier). Layer 0 is attacked (``weight_grad``, ``bias_grad``,
+``weight``, ``bias`` may be left out; when present they must equal layer
+0's), the recovered inputs are passed forward to the classifier, and each
+sample's label is read off the classifier's gradient
+(:func:`spear_jax.attack.recover_labels`). OUT.npz then also holds
+``labels`` (b,), in the order of ``inputs`` (-1 where no label could be
+read), and ``labels_verified`` (b,). An optional string key ``loss`` other
+than ``softmax_cross_entropy`` is refused (no labels, the reason printed).
+
 A FedAvg update (several local steps) is valid input: pass
 ``--certificate=drift``. A noisy (DP-SGD) gradient is valid input: its
 noise is estimated from the spectrum unless ``--noise_std`` or the npz key
@@ -19,7 +32,7 @@ gives it, and the best reconstruction is written with exit code 1 (noise
 rules out an exact certificate).
 
 Exit codes: 0 = the whole batch recovered (and certified, when the weights
-were given); 1 = the attack ran but did not recover or certify the whole
+were given; with ``--labels``, every label verified); 1 = the attack ran but did not recover or certify the whole
 batch (the best partial result is still written), or the gradient is noisy;
 2 = invalid input: wrong shapes, non-finite values, a pickled object, or no
 low-rank structure even above the noise (nothing is written).
@@ -85,10 +98,18 @@ _NOISE_STD = flags.DEFINE_float(
   "npz key noise_std, else estimated when the gradient has full rank.",
 )
 
+_LABELS = flags.DEFINE_boolean(
+  "labels",
+  False,
+  "Also recover each sample's label: IN.npz holds the whole MLP "
+  "(weight_k, bias_k, weight_grad_k, bias_grad_k).",
+)
+
 flags.mark_flags_as_required(["gradients", "output"])
 
 _REQUIRED = ("weight_grad", "bias_grad")
 _OPTIONAL = ("weight", "bias", "noise_std")
+_LAYER_KEYS = ("weight", "bias", "weight_grad", "bias_grad")
 
 
 class InputError(Exception):
@@ -124,13 +145,91 @@ def load_gradients(path: str) -> dict:
     raise
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
     raise InputError(f"{path}: not a readable .npz file ({err}).") from None
+  if _LABELS.value or "weight_grad_0" in arrays:
+    layers = _mlp_layers(path, arrays)
+    for name, value in zip(_LAYER_KEYS, layers[0]):
+      if name in arrays and not _same(arrays[name], value):
+        raise InputError(
+          f"{path}: {name} disagrees with {name}_0 (both given; they must "
+          "be the same layer)."
+        )
+      arrays[name] = value
+    arrays["layers"] = layers
   missing = [k for k in _REQUIRED if k not in arrays]
   if missing:
     raise InputError(
       f"{path}: missing {', '.join(missing)} (found: "
       f"{', '.join(sorted(arrays)) or 'nothing'})."
     )
-  return {k: arrays[k] for k in (*_REQUIRED, *_OPTIONAL) if k in arrays}
+  keep = (*_REQUIRED, *_OPTIONAL, "layers", "loss")
+  return {k: arrays[k] for k in keep if k in arrays}
+
+
+def _same(a, b) -> bool:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  return a.shape == b.shape and bool(
+    np.allclose(a, b, rtol=1e-6, atol=0, equal_nan=False)
+  )
+
+
+def _mlp_layers(path: str, arrays: dict) -> list:
+  """``[(weight_k, bias_k, weight_grad_k, bias_grad_k)]`` of a whole MLP."""
+  depth = 0
+  while f"weight_{depth}" in arrays:
+    depth += 1
+  if depth < 2:
+    raise InputError(
+      f"{path}: --labels needs a whole MLP, weight_0 .. weight_{{K-1}} with "
+      f"K >= 2 (the last layer is the classifier); found K = {depth}."
+    )
+  layers = []
+  for k in range(depth):
+    names = [f"{name}_{k}" for name in _LAYER_KEYS]
+    missing = [name for name in names if name not in arrays]
+    if missing:
+      raise InputError(f"{path}: missing {', '.join(missing)}.")
+    weight, bias, weight_grad, bias_grad = (arrays[n] for n in names)
+    if (
+      weight.ndim != 2
+      or weight_grad.shape != weight.shape
+      or bias.shape != (weight.shape[0],)
+      or bias_grad.shape != bias.shape
+    ):
+      raise InputError(
+        f"{path}: layer {k}: weight {weight.shape}, bias {bias.shape}, "
+        f"weight_grad {weight_grad.shape} and bias_grad {bias_grad.shape} "
+        "must be (m, n), (m,), (m, n) and (m,)."
+      )
+    if layers and layers[-1][0].shape[0] != weight.shape[1]:
+      raise InputError(
+        f"{path}: layer {k} takes {weight.shape[1]} inputs but layer "
+        f"{k - 1} has {layers[-1][0].shape[0]} outputs."
+      )
+    layers.append((weight, bias, weight_grad, bias_grad))
+  return layers
+
+
+def _labels(arrays, result, noisy: bool) -> dict:
+  """Each recovered sample's label, off the classifier's gradient."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import spear_jax  # pylint: disable=g-import-not-at-top
+
+  loss = "softmax_cross_entropy"
+  if "loss" in arrays:
+    loss = str(arrays["loss"].reshape(()))
+  *hidden, head = arrays["layers"]
+  features = np.asarray(result.inputs, np.float64)
+  for weight, bias, _, _ in hidden:
+    features = np.maximum(features @ weight.T + bias[None, :], 0.0)
+  b = features.shape[0]
+  return spear_jax.attack.recover_labels(
+    features,
+    *head,
+    scale=None if noisy else 1.0 / b,
+    loss=loss,
+  )
 
 
 def _load_checkpoint(fingerprint: str):
@@ -207,7 +306,8 @@ def main(argv):
     arrays = {
       k: v.astype(_DTYPE.value) if np.issubdtype(v.dtype, np.number) else v
       for k, v in arrays.items()
-    }
+      if k != "layers"
+    } | ({"layers": arrays["layers"]} if "layers" in arrays else {})
     config = spear_jax.AttackConfig(
       max_proposals=_MAX_PROPOSALS.value,
       time_budget_s=_TIME_BUDGET_S.value,
@@ -247,12 +347,18 @@ def main(argv):
     _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
   verified = np.asarray(result.verified)
+  outputs = {}
+  labels = None
+  if _LABELS.value:
+    labels = _labels(arrays, result, noisy=result.stats.check == "noise")
+    outputs = {"labels": labels.labels, "labels_verified": labels.verified}
   _write_npz(
     _OUTPUT.value,
     inputs=np.asarray(result.inputs),
     verified=verified,
     grad_z=np.asarray(result.grad_z),
     success=np.asarray(result.success),
+    **outputs,
   )
   summary = {
     "success": result.success,
@@ -270,8 +376,14 @@ def main(argv):
     "dtype": _DTYPE.value,
     "output": _OUTPUT.value,
   }
+  labels_ok = True
+  if labels is not None:
+    summary["labels"] = int((labels.labels >= 0).sum())
+    summary["labels_verified"] = int(labels.verified.sum())
+    summary["labels_reason"] = labels.reason
+    labels_ok = bool(labels.verified.all())
   print(json.dumps(summary))
-  sys.exit(0 if result.success else 1)
+  sys.exit(0 if result.success and labels_ok else 1)
 
 
 if __name__ == "__main__":

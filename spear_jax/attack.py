@@ -6,6 +6,10 @@
 sampler (:func:`spear_sampler`) and SPEAR++'s dictionary learner
 (:func:`spearpp_learner`) are the two built-in strategies; the kernels
 below are the stages they are made of, for writing new ones.
+
+After the inputs: :func:`recover_labels` reads each sample's label off the
+classifier's update. For comparison: :func:`gradient_matching`, the
+approximate optimization attack of "Inverting Gradients".
 """
 
 from spear_jax._attack import METHODS as METHODS
@@ -13,6 +17,9 @@ from spear_jax._attack import SearchState as SearchState
 from spear_jax._attack import default_max_proposals as default_max_proposals
 from spear_jax._attack import invert as invert
 from spear_jax._attack import make_strategy as make_strategy
+from spear_jax._baseline import BaselineConfig as BaselineConfig
+from spear_jax._baseline import BaselineResult as BaselineResult
+from spear_jax._baseline import gradient_matching as gradient_matching
 from spear_jax._certificate import drift_certificate as drift_certificate
 from spear_jax._certificate import relu_certificate as relu_certificate
 from spear_jax._config import AttackConfig as AttackConfig
@@ -24,6 +31,9 @@ from spear_jax._dictionary import (
 )
 from spear_jax._dictionary import round_direction as round_direction
 from spear_jax._dictionary import round_with_pattern as round_with_pattern
+from spear_jax._labels import LabelResult as LabelResult
+from spear_jax._labels import label_accuracy as label_accuracy
+from spear_jax._labels import recover_labels as recover_labels
 from spear_jax._linalg import Tolerances as Tolerances
 from spear_jax._linalg import factorize as factorize
 from spear_jax._linalg import polish_direction as polish_direction
@@ -51,9 +61,12 @@ from spear_jax._types import InversionStats as InversionStats
 __all__ = [
   "METHODS",
   "AttackConfig",
+  "BaselineConfig",
+  "BaselineResult",
   "CandidatePool",
   "InversionResult",
   "InversionStats",
+  "LabelResult",
   "LearnerConfig",
   "LearnerRoundState",
   "Problem",
@@ -70,7 +83,9 @@ __all__ = [
   "empty_pool",
   "empty_selection",
   "factorize",
+  "gradient_matching",
   "invert",
+  "label_accuracy",
   "learn_directions",
   "make_dictionary_learner",
   "make_strategy",
@@ -78,6 +93,7 @@ __all__ = [
   "prepare_problem",
   "propose_direction",
   "reconstruct",
+  "recover_labels",
   "relu_certificate",
   "round_direction",
   "round_with_pattern",

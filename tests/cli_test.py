@@ -292,6 +292,70 @@ class InvertCliTest(parameterized.TestCase):
     self.assertEqual(stdout, "")
     self.assertFalse(os.path.exists(out))
 
+  def _mlp(self, sizes=(40, 60, 30, 4), labels=(1, 1, 0, 3, 1)):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    p = helpers.mlp_problem(seed, sizes, np.asarray(labels))
+    keys = [k for k in p if k.rsplit("_", 1)[-1].isdigit()]
+    return p, {k: p[k] for k in keys}
+
+  def test_labels_of_a_whole_mlp(self):
+    p, arrays = self._mlp()
+    path = self._npz(**arrays)
+    out = os.path.join(self.dir, "out.npz")
+    code, stdout, stderr = _run(
+      f"--gradients={path}", f"--output={out}", "--labels", "--block_size=1024"
+    )
+    self.assertEqual(code, 0, stderr)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    self.assertEqual(summary["labels_verified"], 5)
+    self.assertEqual(summary["labels_reason"], "")
+    with np.load(out) as result:
+      order = helpers.match_rows(result["inputs"], p["inputs"])
+      np.testing.assert_allclose(
+        result["inputs"], p["inputs"][order], atol=1e-10
+      )
+      # Labels in the order of the inputs, repeated labels included.
+      np.testing.assert_array_equal(result["labels"], p["labels"][order])
+      self.assertTrue(result["labels_verified"].all())
+
+  def test_labels_refused_honestly_exit_1(self):
+    # A head of 3 inputs cannot separate 5 samples; another loss is refused.
+    for sizes, extra, reason in (
+      ((40, 60, 3, 4), {}, "not identifiable"),
+      ((40, 60, 30, 4), {"loss": np.asarray("mse")}, "softmax"),
+    ):
+      _, arrays = self._mlp(sizes)
+      path = self._npz(**arrays, **extra)
+      out = os.path.join(self.dir, "out.npz")
+      code, stdout, stderr = _run(
+        f"--gradients={path}", f"--output={out}", "--labels"
+      )
+      self.assertEqual(code, 1, stderr)
+      summary = json.loads(stdout.strip().splitlines()[-1])
+      self.assertTrue(summary["success"])  # the inputs themselves are exact
+      self.assertIn(reason, summary["labels_reason"])
+      with np.load(out) as result:
+        self.assertTrue((result["labels"] == -1).all())
+
+  def test_labels_bad_files_exit_2(self):
+    _, arrays = self._mlp()
+    cases = (
+      ({"weight_0": arrays["weight_0"], "bias_0": arrays["bias_0"]}, "K >= 2"),
+      ({**arrays, "weight_grad": arrays["weight_grad_0"] + 1}, "disagrees"),
+      ({**arrays, "weight_1": arrays["weight_1"][:, :5]}, "layer 1"),
+      ({k: v for k, v in arrays.items() if k != "bias_grad_1"}, "bias_grad_1"),
+    )
+    for content, message in cases:
+      path = self._npz(**content)
+      out = os.path.join(self.dir, "never.npz")
+      code, stdout, stderr = _run(
+        f"--gradients={path}", f"--output={out}", "--labels"
+      )
+      self.assertEqual(code, 2, stderr)
+      self.assertIn(message, stderr)
+      self.assertNotIn("Traceback", stderr)
+      self.assertFalse(os.path.exists(out))
+
   def test_missing_flag_exits_2(self):
     code, _, stderr = _run("--output=/tmp/x.npz")
     self.assertEqual(code, 2)

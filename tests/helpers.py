@@ -32,3 +32,49 @@ def match_rows(recovered_bxn, truth_bxn):
   rec = recovered_bxn / np.linalg.norm(recovered_bxn, axis=1, keepdims=True)
   tru = truth_bxn / np.linalg.norm(truth_bxn, axis=1, keepdims=True)
   return np.argmax(np.abs(rec @ tru.T), axis=1)
+
+
+def mlp_problem(seed, sizes, labels, reduction="mean", scale_inputs=1.0):
+  """A ReLU MLP with softmax cross-entropy and its gradients, by hand.
+
+  ``sizes = (n, m_0, ..., m_{K-2}, c)``; every layer but the last is
+  followed by ReLU. Forward and backward passes are written out in numpy
+  (paper layout: ``weight_k`` is ``m_k x n_k``), independently of JAX and
+  the library. Returns the npz-style dict of ``weight_k``, ``bias_k``,
+  ``weight_grad_k``, ``bias_grad_k``, plus ``inputs``, ``labels``,
+  ``features`` (the classifier's inputs) and ``logits``.
+  """
+  rng = np.random.default_rng(seed)
+  labels = np.asarray(labels)
+  b = labels.shape[0]
+  inputs = scale_inputs * rng.standard_normal((b, sizes[0]))
+  weights, biases = [], []
+  for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    bound = 1.0 / np.sqrt(fan_in)
+    weights.append(rng.uniform(-bound, bound, (fan_out, fan_in)))
+    biases.append(rng.uniform(-bound, bound, fan_out))
+  activations, pre = [inputs], []
+  for k, (w, beta) in enumerate(zip(weights, biases)):
+    z = activations[-1] @ w.T + beta
+    pre.append(z)
+    if k < len(weights) - 1:
+      activations.append(np.maximum(z, 0.0))
+  logits = pre[-1]
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  grad = probs - np.eye(sizes[-1])[labels]
+  if reduction == "mean":
+    grad = grad / b
+  out = {}
+  for k in reversed(range(len(weights))):
+    out[f"weight_grad_{k}"] = grad.T @ activations[k]
+    out[f"bias_grad_{k}"] = grad.sum(axis=0)
+    if k:
+      grad = (grad @ weights[k]) * (pre[k - 1] > 0)
+  for k, (w, beta) in enumerate(zip(weights, biases)):
+    out[f"weight_{k}"] = w
+    out[f"bias_{k}"] = beta
+  out.update(
+    inputs=inputs, labels=labels, features=activations[-1], logits=logits
+  )
+  return out

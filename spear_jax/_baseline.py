@@ -160,7 +160,9 @@ def gradient_matching(
     return x, objective(x)
 
   run = jax.jit(jax.vmap(one_restart))
-  inputs, losses = run(jax.random.split(key, config.restarts))
+  # optax's Adam mixes Python floats with its int32 step count.
+  with jax.numpy_dtype_promotion("standard"):
+    inputs, losses = run(jax.random.split(key, config.restarts))
   best = int(jnp.argmin(losses))
   inputs = jax.block_until_ready(inputs[best])
   return BaselineResult(

@@ -426,24 +426,10 @@ def client_config(spec: str):
   """The :class:`spear_jax.fl.ClientConfig` of a ``--clients`` entry."""
   from spear_jax import fl  # pylint: disable=g-import-not-at-top
 
-  mode, *args = spec.split("/")
   try:
-    if mode == "fedsgd" and not args:
-      return fl.ClientConfig()
-    if mode == "dpsgd" and len(args) == 1:
-      return fl.ClientConfig(mode="dpsgd", noise_multiplier=float(args[0]))
-    if mode == "fedavg" and len(args) == 3:
-      return fl.ClientConfig(
-        mode="fedavg",
-        local_epochs=int(args[0]),
-        local_batch_size=int(args[1]),
-        learning_rate=float(args[2]),
-      )
+    return fl.parse_client_spec(spec)
   except ValueError as err:
-    raise ValueError(f"--clients entry {spec!r}: {err}") from None
-  raise ValueError(
-    f"--clients entry {spec!r}: use fedsgd, dpsgd/SIGMA or fedavg/E/B/LR."
-  )
+    raise ValueError(f"--clients: {err}") from None
 
 
 def _sweep(config, env):

@@ -29,6 +29,7 @@ from spear_jax.attack import LearnerConfig as LearnerConfig
 from spear_jax.attack import invert as invert
 
 if TYPE_CHECKING:
+  from spear_jax import audit as audit
   from spear_jax import data as data
   from spear_jax import fl as fl
   from spear_jax import metrics as metrics
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 
 # Lazily imported: name -> (module, attribute or None for the module).
 _LAZY = {
+  "audit": ("spear_jax.audit", None),
   "data": ("spear_jax.data", None),
   "fl": ("spear_jax.fl", None),
   "metrics": ("spear_jax.metrics", None),
@@ -78,6 +80,7 @@ __all__ = [
   "InversionStats",
   "LearnerConfig",
   "attack",
+  "audit",
   "client_update",
   "data",
   "fl",

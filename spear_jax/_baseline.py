@@ -49,7 +49,7 @@ class BaselineConfig:
     signed: step on the sign of the gradient, as Geiping et al. do.
   """
 
-  steps: int = 300
+  steps: int = 200
   restarts: int = 2
   learning_rate: float = 0.1
   tv_weight: float = 1e-2
@@ -86,7 +86,9 @@ def _total_variation(x_bxn, image_shape):
 
 
 def _cosine_distance(grads, target):
-  dots = jax.tree.leaves(jax.tree.map(lambda g, t: jnp.vdot(g, t), grads, target))
+  dots = jax.tree.leaves(
+    jax.tree.map(lambda g, t: jnp.vdot(g, t), grads, target)
+  )
   dot = sum(dots)
   return 1.0 - dot / (optax.tree.norm(grads) * optax.tree.norm(target) + 1e-30)
 
@@ -140,10 +142,13 @@ def gradient_matching(
       value = value + tv_weight * _total_variation(x, image_shape)
     return value
 
+  if bounds is not None:  # broadcast to (b, n) explicitly
+    low, high = (jnp.broadcast_to(jnp.asarray(v, dtype), shape) for v in bounds)
+
   def clip(x):
     if bounds is None:
       return x
-    return jnp.clip(x, bounds[0], bounds[1])
+    return jnp.clip(x, low, high)
 
   def one_restart(restart_key):
     x0 = clip(jax.random.normal(restart_key, shape, dtype))

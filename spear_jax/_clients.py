@@ -42,11 +42,13 @@ from spear_jax._types import PRNGKeyArray
 __all__ = [
   "CLIENT_MODES",
   "ClientConfig",
+  "ModelSpec",
   "SimulatedUpdate",
   "dp_epsilon",
   "dpsgd_update",
   "fedavg_update",
   "fedsgd_update",
+  "parse_client_spec",
   "simulate_client",
 ]
 
@@ -115,6 +117,65 @@ class ClientConfig:
     if self.mode != "dpsgd":
       return 0.0
     return self.noise_multiplier * self.clip_norm
+
+
+class ModelSpec(NamedTuple):
+  """A model, as the experiment runner and the audit need to know it.
+
+  A model factory ``factory(key, n, width, num_classes, dtype) ->
+  ModelSpec`` brings a user's own flax (or any JAX) model to the audit
+  (:func:`spear_jax.audit.run_audit`) and the experiment runner.
+
+  Attributes:
+    apply_fn: ``apply_fn(params, inputs_bxn) -> logits``.
+    params: the server's parameters (a pytree).
+    layer: path of the attacked dense layer in ``params``
+      (:func:`spear_jax.fl.dense_layer`), e.g. ``"params/Dense_0"``.
+    head: path of the classifier (last dense layer), for labels; ``None``
+      skips label recovery.
+    features_fn: ``features_fn(params, inputs) -> the attacked layer's
+      inputs``; ``None`` when the attacked layer sees the inputs (then the
+      reconstruction is scored as images and the baseline can run).
+    tail_fn: ``tail_fn(params, layer_inputs) -> the classifier's inputs``
+      (what the network computes between the attacked layer's input and
+      the head), for labels; ``None`` skips label recovery.
+  """
+
+  apply_fn: Callable[..., Any]
+  params: Any
+  layer: str
+  head: str | None = None
+  features_fn: Callable[..., Any] | None = None
+  tail_fn: Callable[..., Any] | None = None
+
+
+def parse_client_spec(spec: str) -> ClientConfig:
+  """A :class:`ClientConfig` from a short spec, as the scripts take it.
+
+  ``fedsgd``; ``dpsgd/SIGMA`` (clipping norm 1); ``fedavg/E/B/LR`` (``E``
+  local epochs of mini-batches of ``B`` at SGD rate ``LR``).
+
+  Raises:
+    ValueError: a malformed spec, in one line.
+  """
+  mode, *args = spec.split("/")
+  try:
+    if mode == "fedsgd" and not args:
+      return ClientConfig()
+    if mode == "dpsgd" and len(args) == 1:
+      return ClientConfig(mode="dpsgd", noise_multiplier=float(args[0]))
+    if mode == "fedavg" and len(args) == 3:
+      return ClientConfig(
+        mode="fedavg",
+        local_epochs=int(args[0]),
+        local_batch_size=int(args[1]),
+        learning_rate=float(args[2]),
+      )
+  except ValueError as err:
+    raise ValueError(f"client spec {spec!r}: {err}") from None
+  raise ValueError(
+    f"client spec {spec!r}: use fedsgd, dpsgd/SIGMA or fedavg/E/B/LR."
+  )
 
 
 def _per_example_loss(apply_fn: ApplyFn, params, x_n, y):

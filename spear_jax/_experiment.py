@@ -4,9 +4,10 @@ This wires the rooms together (data -> client -> attack -> evaluation) for
 the scripts and tests; the attack itself never sees anything but arrays.
 """
 
+from collections.abc import Callable
 import dataclasses
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from spear_jax import _metrics
 from spear_jax._attack import invert
 from spear_jax._config import AttackConfig
 from spear_jax._layouts import dense_layer
+from spear_jax._noisy import NoStructureError
 from spear_jax._types import InversionResult
 from spear_jax._types import InversionStats
 
@@ -41,7 +43,7 @@ def run_trial(
   dtype=jnp.float64,
   config: AttackConfig | None = None,
   exact_rtol: float = 1e-8,
-  model: str = "mlp",
+  model: str | Callable[..., Any] = "mlp",
   client: _clients.ClientConfig | None = None,
   baseline: _baseline.BaselineConfig | None = None,
   with_labels: bool = True,
@@ -65,9 +67,12 @@ def run_trial(
     dtype: computation dtype of client and attack.
     config: attack configuration.
     exact_rtol: a sample is exact when its relative L2 error is below this.
-    model: ``"mlp"`` (``depth`` Dense-ReLU layers of ``width``) or ``"cnn"``
+    model: ``"mlp"`` (``depth`` Dense-ReLU layers of ``width``), ``"cnn"``
       (:class:`spear_jax.fl.CNN`; its dense layer of ``width`` follows two
-      convolutions and is the attacked layer, so ``layer`` must be 0).
+      convolutions and is the attacked layer, so ``layer`` must be 0) or a
+      factory ``factory(key, n, width, num_classes, dtype) ->``
+      :class:`spear_jax.fl.ModelSpec` for a user's own model (``depth``
+      and ``layer`` are then the factory's business).
     client: what the client sends (:class:`spear_jax.fl.ClientConfig`);
       ``None`` is FedSGD. A FedAvg client is certified with the drift
       certificate; a DP-SGD gradient goes to the noise-aware attack, which
@@ -88,19 +93,13 @@ def run_trial(
   """
   if config is None:
     config = AttackConfig()
-  batch_key, model_key, label_key, attack_key = jax.random.split(key, 4)
-  seed = int(jax.random.randint(batch_key, (), 0, 2**31 - 1))
-  batch, indices = _data.sample_batch(seed, image_set, batch_size)
-  inputs = jnp.asarray(batch, dtype)
-  if image_set.labels is not None:
-    labels = jnp.asarray(np.asarray(image_set.labels[indices]) % num_classes)
-  else:
-    labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
+  model_key, attack_key = jax.random.split(key, 4)[1::2]
+  inputs, labels = _sample(key, image_set, batch_size, num_classes, dtype)
   client = _clients.ClientConfig() if client is None else client
   if client.mode == "fedavg":
     config = dataclasses.replace(config, certificate="drift")
   true_labels = labels
-  client_model = _simulate(
+  update, spec = _simulate(
     model,
     model_key,
     image_set,
@@ -109,27 +108,19 @@ def run_trial(
     (width, depth, layer, num_classes),
     client,
   )
-  update = client_model.update
-  is_image = layer == 0 and model == "mlp" and image_set.image_shape
+  is_image = spec.features_fn is None and image_set.image_shape is not None
+  if method == "baseline" and not is_image:
+    raise ValueError(
+      "the baseline reconstructs images: it needs the attacked layer to "
+      "see them (the MLP's first layer)."
+    )
   start = time.perf_counter()
   if method == "baseline":
-    if not is_image:
-      raise ValueError(
-        "the baseline reconstructs images: the MLP's first layer only."
-      )
     result = _run_baseline(
-      client_model, image_set, inputs, true_labels, attack_key, baseline
+      update, spec, image_set, inputs, true_labels, attack_key, baseline
     )
   else:
-    result = invert(
-      update.weight_grad,
-      update.bias_grad,
-      key=attack_key,
-      method=method,
-      weight=update.weight,
-      bias=update.bias,
-      config=config,
-    )
+    result = _invert_update(update, attack_key, method, config)
   jax.block_until_ready(result.inputs)
   seconds = time.perf_counter() - start
   scores, per_sample, arrays = _score(
@@ -138,7 +129,7 @@ def run_trial(
   label_record = {}
   if with_labels and method != "baseline":
     label_record = _score_labels(
-      client_model, result, per_sample, true_labels, client
+      update, spec, result, per_sample, true_labels, client
     )
   return {
     "dataset": image_set.name,
@@ -146,7 +137,7 @@ def run_trial(
     "width": width,
     "depth": depth,
     "layer": layer,
-    "model": model,
+    "model": _model_name(model),
     **_client_record(client, batch_size),
     "method": method,
     "objective": config.learner.objective if method != "spear" else "none",
@@ -160,6 +151,45 @@ def run_trial(
     "per_sample": _jsonable(per_sample),
     "arrays": arrays,
   }
+
+
+def _invert_update(update, key, method, config):
+  """The attack; a gradient whose noise hides everything recovers nothing."""
+  try:
+    return invert(
+      update.weight_grad,
+      update.bias_grad,
+      key=key,
+      method=method,
+      weight=update.weight,
+      bias=update.bias,
+      config=config,
+    )
+  except NoStructureError:
+    # Not an input error here: the attacker gets nothing (NaN inputs score
+    # as not exact, with no PSNR), and the record says why.
+    m, n = update.weight_grad.shape
+    b = update.inputs.shape[0]
+    return _nothing(m, n, b, update.weight_grad.dtype, "no_structure", "noise")
+
+
+def _model_name(model) -> str:
+  return (
+    model if isinstance(model, str) else getattr(model, "__name__", "custom")
+  )
+
+
+def _sample(key, image_set, batch_size, num_classes, dtype):
+  """A batch of real images and its labels (random if the set has none)."""
+  batch_key, _, label_key, _ = jax.random.split(key, 4)
+  seed = int(jax.random.randint(batch_key, (), 0, 2**31 - 1))
+  batch, indices = _data.sample_batch(seed, image_set, batch_size)
+  inputs = jnp.asarray(batch, dtype)
+  if image_set.labels is not None:
+    labels = jnp.asarray(np.asarray(image_set.labels[indices]) % num_classes)
+  else:
+    labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
+  return inputs, labels
 
 
 def _score(result, update, image_set, exact_rtol):
@@ -188,76 +218,80 @@ def _score(result, update, image_set, exact_rtol):
   return scores, per_sample, arrays
 
 
-class _ClientModel(NamedTuple):
-  """One simulated client round and what the attacker knows of the model."""
-
-  update: _clients.SimulatedUpdate
-  params: Any
-  apply_fn: Any
-  tail_fn: Any  # (params, attacked layer's inputs) -> classifier's inputs
-  head: str  # path of the classifier (the last dense layer)
-
-
-def _simulate(model, key, image_set, inputs, labels, shape, client):
-  """The client round of ``run_trial`` (MLP or CNN)."""
+def _builtin_model(model, key, image_set, inputs, shape) -> _clients.ModelSpec:
+  """The MLP or the CNN of ``run_trial`` as a :class:`ModelSpec`."""
   width, depth, layer, num_classes = shape
   dtype = inputs.dtype
   if model == "cnn":
     if layer != 0 or image_set.image_shape is None:
       raise ValueError("the CNN attacks its dense layer (layer 0) of images.")
-    net = _client.CNN(
+    cnn = _client.CNN(
       image_shape=image_set.image_shape,
       width=width,
       num_classes=num_classes,
       param_dtype=dtype,
     )
-    params = net.init(key, inputs[:1])
-
-    def features_fn(p, x):
-      return net.apply(p, x, method=_client.CNN.features)
-
-    def tail_fn(p, z):
-      return _client.hidden_features(p, z, 1)
-
-    head = "params/Dense_1"
-  elif model == "mlp":
+    return _clients.ModelSpec(
+      apply_fn=cnn.apply,
+      params=cnn.init(key, inputs[:1]),
+      layer="params/Dense_0",
+      head="params/Dense_1",
+      features_fn=lambda p, x: cnn.apply(p, x, method=_client.CNN.features),
+      tail_fn=lambda p, z: _client.hidden_features(p, z, 1),
+    )
+  if model == "mlp":
     net = _client.MLP(widths=(width,) * depth, num_classes=num_classes)
-    params = _client.init_mlp(key, net, inputs.shape[1], dtype)
+    return _clients.ModelSpec(
+      apply_fn=net.apply,
+      params=_client.init_mlp(key, net, inputs.shape[1], dtype),
+      layer=f"params/Dense_{layer}",
+      head=f"params/Dense_{depth}",
+      features_fn=(
+        None
+        if layer == 0
+        else lambda p, x: _client.hidden_features(p, x, layer)
+      ),
+      tail_fn=lambda p, z: _client.hidden_features(p, z, depth, start=layer),
+    )
+  raise ValueError(f"Unknown model {model!r}; use 'mlp', 'cnn' or a factory.")
 
-    def features_fn(p, x):
-      return _client.hidden_features(p, x, layer)
 
-    def tail_fn(p, z):
-      return _client.hidden_features(p, z, depth, start=layer)
-
-    head = f"params/Dense_{depth}"
+def _simulate(model, key, image_set, inputs, labels, shape, client):
+  """The client round of ``run_trial``; returns (update, model spec)."""
+  width, _, _, num_classes = shape
+  if callable(model):
+    spec = model(key, inputs.shape[1], width, num_classes, inputs.dtype)
+    if not isinstance(spec, _clients.ModelSpec):
+      raise TypeError("a model factory must return a spear_jax.fl.ModelSpec.")
   else:
-    raise ValueError(f"Unknown model {model!r}; use 'mlp' or 'cnn'.")
+    spec = _builtin_model(model, key, image_set, inputs, shape)
   update = _clients.simulate_client(
-    net.apply,
-    params,
+    spec.apply_fn,
+    spec.params,
     inputs,
     labels,
-    layer=f"params/Dense_{layer}",
+    layer=spec.layer,
     key=jax.random.fold_in(key, 1),
     client=client,
-    features_fn=features_fn,
+    features_fn=spec.features_fn or (lambda p, x: x),
   )
-  return _ClientModel(update, params, net.apply, tail_fn, head)
+  return update, spec
 
 
-def _score_labels(client_model, result, per_sample, true_labels, client):
+def _score_labels(update, spec, result, per_sample, true_labels, client):
   """Labels of the recovered samples from the classifier's update, scored."""
-  params, update = client_model.params, client_model.update
-  weight, bias = dense_layer(params, client_model.head)
-  weight_grad, bias_grad = dense_layer(update.update, client_model.head)
+  if spec.head is None or spec.tail_fn is None:
+    return {"label_reason": "no classifier (head, tail_fn) given."}
+  params = spec.params
+  weight, bias = dense_layer(params, spec.head)
+  weight_grad, bias_grad = dense_layer(update.update, spec.head)
   if client.mode == "fedavg" and client.sign == "client_minus_server":
     weight_grad, bias_grad = -weight_grad, -bias_grad
   b = true_labels.shape[0]
   scale = None
   if client.mode == "fedsgd":
     scale = 1.0 / b if client.reduction == "mean" else 1.0
-  head_inputs = client_model.tail_fn(params, jnp.asarray(result.inputs))
+  head_inputs = spec.tail_fn(params, jnp.asarray(result.inputs))
   found = _labels.recover_labels(
     head_inputs, weight, bias, weight_grad, bias_grad, scale=scale
   )
@@ -276,10 +310,9 @@ def _score_labels(client_model, result, per_sample, true_labels, client):
   }
 
 
-def _run_baseline(client_model, image_set, inputs, labels, key, config):
+def _run_baseline(update, spec, image_set, inputs, labels, key, config):
   """Gradient matching on the client's whole update, as an InversionResult."""
-  apply_fn = client_model.apply_fn
-  update = client_model.update
+  apply_fn = spec.apply_fn
 
   def loss_fn(p, x):
     logits = apply_fn(p, x)
@@ -297,7 +330,7 @@ def _run_baseline(client_model, image_set, inputs, labels, key, config):
   low, high = np.tile(-mean / std, pixels), np.tile((1.0 - mean) / std, pixels)
   found = _baseline.gradient_matching(
     loss_fn,
-    client_model.params,
+    spec.params,
     update.update,
     key=key,
     shape=inputs.shape,
@@ -306,26 +339,34 @@ def _run_baseline(client_model, image_set, inputs, labels, key, config):
     config=config,
     dtype=inputs.dtype,
   )
-  b, m = inputs.shape[0], update.weight.shape[0]
+  m, n = update.weight.shape
+  result = _nothing(m, n, inputs.shape[0], inputs.dtype, "steps", "none")
+  return result._replace(
+    inputs=found.inputs, stats=result.stats._replace(seconds=found.seconds)
+  )
+
+
+def _nothing(m, n, b, dtype, stop_reason, check) -> InversionResult:
+  """An uncertified result with NaN inputs (for the non-SPEAR outcomes)."""
   return InversionResult(
-    inputs=found.inputs,
-    grad_z=jnp.zeros((m, b), inputs.dtype),
+    inputs=jnp.full((b, n), jnp.nan, dtype),
+    grad_z=jnp.zeros((m, b), dtype),
     verified=jnp.zeros((b,), bool),
     success=False,
-    directions=jnp.zeros((b, b), inputs.dtype),
+    directions=jnp.zeros((b, b), dtype),
     sparsity=jnp.zeros((b,), jnp.int32),
     candidates=np.zeros((0, b)),
     stats=InversionStats(
       proposals=0,
       candidates=0,
       blocks=0,
-      seconds=found.seconds,
+      seconds=0.0,
       rank=b,
       alive_rows=m,
       threshold=0,
       tau=0.0,
-      stop_reason="steps",
-      check="none",
+      stop_reason=stop_reason,
+      check=check,
     ),
   )
 

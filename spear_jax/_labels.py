@@ -83,6 +83,61 @@ def _refused(b, c, reason, residual=np.nan, scale=np.nan, counts=None):
   )
 
 
+def _head_arrays(*arrays):
+  """The head's arrays in float64, their shapes checked."""
+  h, w, beta, dw, dbeta = (np.asarray(a, np.float64) for a in arrays)
+  if h.ndim != 2 or w.ndim != 2 or w.shape[1] != h.shape[1]:
+    raise ValueError(
+      f"head_inputs {h.shape} and head_weight {w.shape} must be (b, k) "
+      "and (c, k)."
+    )
+  c = w.shape[0]
+  if dw.shape != w.shape or beta.shape != (c,) or dbeta.shape != (c,):
+    raise ValueError(
+      f"head shapes disagree: weight {w.shape}, bias {beta.shape}, weight "
+      f"gradient {dw.shape}, bias gradient {dbeta.shape}."
+    )
+  return h, w, beta, dw, dbeta
+
+
+def _output_gradients(h, dw, dbeta, rank_rtol):
+  """``G`` (b x c) of ``[H, 1]^T G = [dW, dbeta]^T``; which rows are fixed."""
+  b = h.shape[0]
+  a = np.concatenate([h, np.ones((b, 1))], axis=1)
+  r = np.concatenate([dw, dbeta[:, None]], axis=1)
+  u, sv, vt = np.linalg.svd(a, full_matrices=True)
+  rank = int(np.sum(sv > rank_rtol * max(sv[0], 1e-300)))
+  # Minimum-norm G = A^{T+} R^T; a row of G is determined when its e_i has
+  # no component in the null space of A^T (spanned by u[:, rank:]).
+  inv = np.where(np.arange(sv.size) < rank, 1.0 / np.where(sv > 0, sv, 1), 0)
+  g = u[:, : sv.size] @ (inv[:, None] * (vt[: sv.size] @ r.T))
+  identifiable = np.linalg.norm(u[:, rank:], axis=1) <= 1e-6
+  residual = np.linalg.norm(a.T @ g - r.T) / max(np.linalg.norm(r), 1e-300)
+  return g, identifiable, rank, float(residual)
+
+
+def _read_labels(g, probs, dbeta, identifiable, scale, tol):
+  """Labels (argmin of each row), exactness, the scale and label counts."""
+  b, c = g.shape
+  labels = np.argmin(g, axis=1)
+  if scale is None:
+    # g_iy = s (p_iy - 1): one estimate of s per identifiable sample.
+    rows = np.flatnonzero(identifiable)
+    estimates = -g[rows, labels[rows]] / np.maximum(
+      1.0 - probs[rows, labels[rows]], 1e-300
+    )
+    used = float(np.median(estimates)) if estimates.size else np.nan
+  else:
+    used = float(scale)
+  counts = np.full(c, np.nan)
+  verified = np.zeros(b, bool)
+  if np.isfinite(used) and used > 0:
+    counts = probs.sum(axis=0) - dbeta / used
+    deviation = np.abs(probs - g / used - np.eye(c)[labels]).max(axis=1)
+    verified = identifiable & (deviation <= tol)
+  return labels, verified, used, counts
+
+
 def recover_labels(
   head_inputs: ArrayLike,
   head_weight: ArrayLike,
@@ -119,28 +174,15 @@ def recover_labels(
   Returns:
     A :class:`LabelResult`.
   """
-  h = np.asarray(head_inputs)
-  dtype = np.result_type(h.dtype, np.float32)
-  h = h.astype(np.float64)
-  w = np.asarray(head_weight, np.float64)
-  beta = np.asarray(head_bias, np.float64)
-  dw = np.asarray(head_weight_grad, np.float64)
-  dbeta = np.asarray(head_bias_grad, np.float64)
-  if h.ndim != 2 or w.ndim != 2 or w.shape[1] != h.shape[1]:
-    raise ValueError(
-      f"head_inputs {h.shape} and head_weight {w.shape} must be (b, k) "
-      "and (c, k)."
-    )
-  b, c = h.shape[0], w.shape[0]
-  if dw.shape != w.shape or beta.shape != (c,) or dbeta.shape != (c,):
-    raise ValueError(
-      f"head shapes disagree: weight {w.shape}, bias {beta.shape}, weight "
-      f"gradient {dw.shape}, bias gradient {dbeta.shape}."
-    )
+  if tol is None:
+    exact = np.result_type(np.asarray(head_inputs).dtype, np.float32)
+    tol = 1e-6 if exact == np.float64 else 1e-2
+  h, w, beta, dw, dbeta = _head_arrays(
+    head_inputs, head_weight, head_bias, head_weight_grad, head_bias_grad
+  )
   if scale is not None and not scale > 0:
     raise ValueError(f"scale must be positive, got {scale}.")
-  if tol is None:
-    tol = 1e-6 if dtype == np.float64 else 1e-2
+  b, c = h.shape[0], w.shape[0]
   if loss not in LOSSES:
     return _refused(
       b, c, f"labels are read off softmax cross-entropy only, not {loss!r}."
@@ -148,38 +190,10 @@ def recover_labels(
   if not (np.isfinite(h).all() and np.isfinite(dw).all()):
     return _refused(b, c, "non-finite head inputs or gradient.")
   probs = _softmax(h @ w.T + beta[None, :])
-
-  # A^T G = R^T with A = [H, 1] (b x (k+1)), R = [dW, dbeta] (c x (k+1)).
-  a = np.concatenate([h, np.ones((b, 1))], axis=1)
-  r = np.concatenate([dw, dbeta[:, None]], axis=1)
-  u, sv, vt = np.linalg.svd(a, full_matrices=True)
-  rank = int(np.sum(sv > rank_rtol * max(sv[0], 1e-300)))
-  # G = A^{T+} R^T (minimum norm); the rows of G that do not depend on the
-  # null space of A^T (spanned by u[:, rank:]) are determined.
-  inv = np.where(np.arange(sv.size) < rank, 1.0 / np.where(sv > 0, sv, 1), 0)
-  g = u[:, : sv.size] @ (inv[:, None] * (vt[: sv.size] @ r.T))
-  null = u[:, rank:]
-  identifiable = np.linalg.norm(null, axis=1) <= 1e-6
-  denominator = max(np.linalg.norm(r), 1e-300)
-  residual = float(np.linalg.norm(a.T @ g - r.T) / denominator)
-
-  labels = np.argmin(g, axis=1)
-  onehot = np.eye(c)[labels]
-  if scale is None:
-    # g_iy = s (p_iy - 1): one estimate per identifiable sample.
-    estimates = -g[identifiable, labels[identifiable]] / np.maximum(
-      1.0 - probs[identifiable, labels[identifiable]], 1e-300
-    )
-    used = float(np.median(estimates)) if estimates.size else np.nan
-  else:
-    used = float(scale)
-  counts = np.full(c, np.nan)
-  if np.isfinite(used) and used > 0:
-    counts = probs.sum(axis=0) - dbeta / used
-    deviation = np.abs(probs - g / used - onehot).max(axis=1)
-    verified = identifiable & (deviation <= tol)
-  else:
-    verified = np.zeros(b, bool)
+  g, identifiable, rank, residual = _output_gradients(h, dw, dbeta, rank_rtol)
+  labels, verified, used, counts = _read_labels(
+    g, probs, dbeta, identifiable, scale, tol
+  )
   if scale is None and not (np.isfinite(used) and used > 0):
     return _refused(
       b,

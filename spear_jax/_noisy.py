@@ -56,6 +56,7 @@ _HI = jax.lax.Precision.HIGHEST
 __all__ = [
   "EDGE_FACTOR",
   "NEAR_ZERO",
+  "NoStructureError",
   "NoiseEstimate",
   "NoiseReport",
   "estimate_noise",
@@ -152,7 +153,7 @@ def _estimate_from_values(sv, m, n, noise_std, batch_size, iterations=100):
   above = int(np.sum(sv > edge))
   rank = above if batch_size is None else int(batch_size)
   if above == 0 or rank >= r // 2 or (batch_size is None and above >= r // 2):
-    raise ValueError(
+    raise NoStructureError(
       "weight_grad has no low-rank structure above the noise: "
       f"{above} of {r} singular values exceed the Marchenko-Pastur edge "
       f"{edge:.3g} of the noise level {s:.3g} (the largest is "
@@ -160,6 +161,10 @@ def _estimate_from_values(sv, m, n, noise_std, batch_size, iterations=100):
       "recovered."
     )
   return NoiseEstimate(s, rank, edge, sv)
+
+
+class NoStructureError(ValueError):
+  """The noise hides every sample: no singular value above its edge."""
 
 
 def _as_matrix(weight_grad):

@@ -23,11 +23,13 @@ from spear_jax._client import layer_parameters as layer_parameters
 from spear_jax._client import paper_layout as paper_layout
 from spear_jax._clients import CLIENT_MODES as CLIENT_MODES
 from spear_jax._clients import ClientConfig as ClientConfig
+from spear_jax._clients import ModelSpec as ModelSpec
 from spear_jax._clients import SimulatedUpdate as SimulatedUpdate
 from spear_jax._clients import dp_epsilon as dp_epsilon
 from spear_jax._clients import dpsgd_update as dpsgd_update
 from spear_jax._clients import fedavg_update as fedavg_update
 from spear_jax._clients import fedsgd_update as fedsgd_update
+from spear_jax._clients import parse_client_spec as parse_client_spec
 from spear_jax._clients import simulate_client as simulate_client
 from spear_jax._layouts import dense_layer as dense_layer
 from spear_jax._layouts import dense_paths as dense_paths
@@ -39,6 +41,7 @@ __all__ = [
   "MLP",
   "ClientConfig",
   "ClientUpdate",
+  "ModelSpec",
   "SimulatedUpdate",
   "client_update",
   "dense_layer",
@@ -51,6 +54,7 @@ __all__ = [
   "layer_gradient",
   "layer_parameters",
   "paper_layout",
+  "parse_client_spec",
   "replace_dense_layer",
   "simulate_client",
 ]

@@ -348,7 +348,7 @@ class InvertCliTest(parameterized.TestCase):
     for content, message in cases:
       path = self._npz(**content)
       out = os.path.join(self.dir, "never.npz")
-      code, stdout, stderr = _run(
+      code, _, stderr = _run(
         f"--gradients={path}", f"--output={out}", "--labels"
       )
       self.assertEqual(code, 2, stderr)

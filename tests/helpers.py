@@ -1,5 +1,7 @@
 """Synthetic problems built independently of the code under test."""
 
+import itertools
+
 import numpy as np
 
 
@@ -49,7 +51,7 @@ def mlp_problem(seed, sizes, labels, reduction="mean", scale_inputs=1.0):
   b = labels.shape[0]
   inputs = scale_inputs * rng.standard_normal((b, sizes[0]))
   weights, biases = [], []
-  for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+  for fan_in, fan_out in itertools.pairwise(sizes):
     bound = 1.0 / np.sqrt(fan_in)
     weights.append(rng.uniform(-bound, bound, (fan_out, fan_in)))
     biases.append(rng.uniform(-bound, bound, fan_out))

@@ -38,7 +38,10 @@ class RecoverLabelsTest(absltest.TestCase):
         a, jnp.asarray(p["labels"])
       ).mean()
 
-    params = [(jnp.asarray(p[f"weight_{k}"]), jnp.asarray(p[f"bias_{k}"])) for k in range(3)]
+    params = [
+      (jnp.asarray(p[f"weight_{k}"]), jnp.asarray(p[f"bias_{k}"]))
+      for k in range(3)
+    ]
     grads = jax.grad(loss)(params)
     for k in range(3):  # float64 rounding only
       np.testing.assert_allclose(grads[k][0], p[f"weight_grad_{k}"], atol=1e-14)
@@ -57,7 +60,9 @@ class RecoverLabelsTest(absltest.TestCase):
     self.assertTrue(found.verified.all())
     self.assertEqual(found.reason, "")
     # Counts from the bias gradient alone: exact to rounding (1e-9).
-    np.testing.assert_allclose(found.counts, np.bincount(labels, minlength=c), atol=1e-9)
+    np.testing.assert_allclose(
+      found.counts, np.bincount(labels, minlength=c), atol=1e-9
+    )
     self.assertLess(found.residual, 1e-10)
 
   def test_sum_reduction_and_unknown_scale(self):
@@ -69,7 +74,9 @@ class RecoverLabelsTest(absltest.TestCase):
     self.assertTrue(found.verified.all())
     # A positive multiple (one FedAvg step at lr 0.37): the scale is
     # inferred and every label still verifies.
-    found = attack.recover_labels(p["features"], w, beta, 0.37 * dw, 0.37 * dbeta)
+    found = attack.recover_labels(
+      p["features"], w, beta, 0.37 * dw, 0.37 * dbeta
+    )
     np.testing.assert_array_equal(found.labels, labels)
     self.assertTrue(found.verified.all())
     self.assertAlmostEqual(found.scale, 0.37, delta=1e-9)
@@ -96,7 +103,9 @@ class RecoverLabelsTest(absltest.TestCase):
     np.testing.assert_allclose(found.counts, [2, 2, 1, 1], atol=1e-9)
     # A head with 3 inputs cannot separate 6 samples: no label at all.
     narrow = helpers.mlp_problem(_seed(), (10, 16, 3, 4), labels)
-    found = attack.recover_labels(narrow["features"], *_head(narrow, 2), scale=1 / 6)
+    found = attack.recover_labels(
+      narrow["features"], *_head(narrow, 2), scale=1 / 6
+    )
     self.assertTrue((found.labels == -1).all())
     self.assertIn("not identifiable", found.reason)
     del p
@@ -127,9 +136,13 @@ class ClientLabelsTest(absltest.TestCase):
     self.b, self.c = 8, 4
     key = jax.random.key(seed)
     self.x = jax.random.normal(key, (self.b, 24))
-    self.y = jax.random.randint(jax.random.fold_in(key, 1), (self.b,), 0, self.c)
+    self.y = jax.random.randint(
+      jax.random.fold_in(key, 1), (self.b,), 0, self.c
+    )
     self.model = fl.MLP(widths=(32, 32), num_classes=self.c)
-    self.params = fl.init_mlp(jax.random.fold_in(key, 2), self.model, 24, jnp.float64)
+    self.params = fl.init_mlp(
+      jax.random.fold_in(key, 2), self.model, 24, jnp.float64
+    )
 
   def _labels(self, client):
     update = fl.simulate_client(

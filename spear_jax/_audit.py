@@ -693,6 +693,13 @@ def _axis_table(config, axis, axis_rows) -> list[str]:
   return lines + [""]
 
 
+def _dodge(value, i, count, axis):
+  shift = (i - (count - 1) / 2) * 0.04
+  if axis == "noise_multiplier":
+    return value * 10**shift
+  return value * (1 + shift)
+
+
 def _plot(rows, out_dir) -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
 
@@ -707,18 +714,27 @@ def _plot(rows, out_dir) -> list[str]:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
     for ax, axis in zip(axes.flat, AXES, strict=True):
       axis_rows = [r for r in rows if r["axis"] == axis and r["trials"]]
-      for method in sorted({r["method"] for r in axis_rows}):
+      methods = sorted({r["method"] for r in axis_rows})
+      for i, method in enumerate(methods):
         series = sorted(
           (r for r in axis_rows if r["method"] == method),
           key=lambda r: r["value"],
         )
-        x = [r["value"] for r in series]
+        # Methods side by side (else equal rates hide each other).
+        x = [_dodge(r["value"], i, len(methods), axis) for r in series]
         if name == "exact_rate":
           y = [r["exact_rate"] for r in series]
           low = [r["exact_rate"] - r["exact_rate_ci95"][0] for r in series]
           high = [r["exact_rate_ci95"][1] - r["exact_rate"] for r in series]
           ax.errorbar(
-            x, y, yerr=[low, high], marker="o", capsize=3, label=method
+            x,
+            y,
+            yerr=[low, high],
+            marker="o",
+            capsize=3,
+            alpha=0.8,
+            elinewidth=1,
+            label=f"{method} (Wilson 95%)",
           )
           if method == "spear":
             est = [(r["value"], r.get("analytic_estimate")) for r in series]

@@ -28,6 +28,52 @@ class RunTrialTest(absltest.TestCase):
     for image in truth.reshape(4, -1):
       self.assertLess(np.min(np.abs(flat - image).max(axis=1)), 1e-6)
     np.testing.assert_allclose(recovered, truth, atol=1e-10)
+    # Labels read off the classifier: the digits' own labels, verified.
+    per_sample = trial["per_sample"]
+    matched = [
+      int(np.argmin(np.abs(flat - image).max(axis=1)))
+      for image in truth.reshape(4, -1)
+    ]
+    np.testing.assert_array_equal(
+      per_sample["true_label"], images.labels[matched] % 10
+    )
+    np.testing.assert_array_equal(per_sample["label"], per_sample["true_label"])
+    self.assertEqual(trial["label_accuracy"], 1.0)
+    self.assertEqual(trial["labels_verified"], 4)
+
+  def test_baseline_and_hopeless_noise_claim_nothing(self):
+    from spear_jax import attack  # pylint: disable=g-import-not-at-top
+    from spear_jax import fl  # pylint: disable=g-import-not-at-top
+
+    images = _data.load_bundled("digits")
+    trial = _experiment.run_trial(
+      self.key,
+      images,
+      batch_size=4,
+      width=64,
+      method="baseline",
+      baseline=attack.BaselineConfig(steps=30, restarts=1),
+    )
+    self.assertFalse(trial["success"])
+    self.assertEqual(trial["verified_samples"], 0)
+    self.assertFalse(trial["exact_batch"])
+    self.assertTrue(np.isfinite(trial["mean_psnr"]))
+    self.assertNotIn("label_accuracy", trial)  # the baseline is given labels
+    with self.assertRaisesRegex(ValueError, "baseline reconstructs images"):
+      _experiment.run_trial(
+        self.key, images, batch_size=4, width=64, method="baseline", layer=1
+      )
+    # DP noise far above the signal: an attack outcome, not an error.
+    trial = _experiment.run_trial(
+      self.key,
+      images,
+      batch_size=4,
+      width=64,
+      client=fl.ClientConfig(mode="dpsgd", noise_multiplier=10.0),
+    )
+    self.assertEqual(trial["stats"]["stop_reason"], "no_structure")
+    self.assertEqual(trial["exact_samples"], 0)
+    self.assertFalse(trial["success"])
 
   def test_deeper_layer_has_no_image_metrics(self):
     images = _data.load_bundled("cifar_like")
@@ -41,6 +87,7 @@ class RunTrialTest(absltest.TestCase):
     self.assertNotIn("psnr", trial["per_sample"])
     self.assertTrue(trial["exact_batch"])
     np.testing.assert_allclose(recovered, truth, atol=1e-10)
+    self.assertEqual(trial["label_accuracy"], 1.0)  # forward from layer 1
     record = _experiment.trial_record(trial, seed=0, trial=0)
     self.assertEqual(record["layer"], 1)
     self.assertNotIn("arrays", record)

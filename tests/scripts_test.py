@@ -76,6 +76,14 @@ class RunAttackTest(absltest.TestCase):
       self.assertLess(trial["max_relative_error"], 1e-10)
       self.assertEqual(trial["mean_psnr"], 100.0)  # the documented cap
       self.assertLen(trial["per_sample"]["ssim"], 4)
+      self.assertEqual(trial["label_accuracy"], 1.0)  # digits' own labels
+      self.assertEqual(trial["labels_verified"], 4)
+    self.assertEqual(metrics["aggregate"]["label_accuracy"], 1.0)
+    rows = [line.split() for line in stdout.splitlines()]
+    rows = [r for r in rows if r and r[0] in ("0", "1")]
+    self.assertLen(rows, 2)
+    for row in rows:  # trial, exact 4/4, ..., labels 4/4 (all verified)
+      self.assertEqual(row.count("4/4"), 2, row)
     # The stored arrays are the matched truth and reconstruction.
     with np.load(os.path.join(out, "trial_001.npz")) as arrays:
       self.assertEqual(arrays["truth"].shape, (4, 8, 8, 1))

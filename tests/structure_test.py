@@ -6,9 +6,12 @@ checked against the numpy truth, not against the code under test.
 """
 
 import ast
+import json
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 import helpers
@@ -145,6 +148,7 @@ class ReadmeTest(absltest.TestCase):
     readme = (_PACKAGE.parent / "README.md").read_text()
     blocks = [b.split("```")[0] for b in readme.split("```python\n")[1:]]
     self.assertGreaterEqual(len(blocks), 2)
+    work = tempfile.mkdtemp()
     code = "\n".join(blocks) + (
       "\nassert result.success and bool(result.verified.all())"
     )
@@ -154,9 +158,28 @@ class ReadmeTest(absltest.TestCase):
       text=True,
       timeout=600,
       check=False,
+      cwd=work,  # the export snippet writes mlp_gradients.npz here
     )
     self.assertEqual(out.returncode, 0, out.stderr[-2000:])
     self.assertIn("True True", out.stdout)
+    # The exported whole-MLP npz goes through invert.py --labels.
+    script = _PACKAGE.parent / "scripts" / "invert.py"
+    out = subprocess.run(
+      [sys.executable, str(script), "--gradients=mlp_gradients.npz"]
+      + ["--output=out.npz", "--labels"],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+      cwd=work,
+    )
+    self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    self.assertEqual(summary["labels_verified"], 8)
+    with np.load(os.path.join(work, "out.npz")) as result:
+      self.assertEqual(
+        sorted(result["labels"].tolist()), [0, 1, 1, 3, 3, 3, 7, 9]
+      )
 
 
 class FunctionLengthTest(absltest.TestCase):

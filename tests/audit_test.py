@@ -95,6 +95,7 @@ class RunAuditTest(absltest.TestCase):
   def test_factory_model_report_and_resume(self):
     out = tempfile.mkdtemp()
     config = audit.AuditConfig(
+      dataset="digits",  # 8x8 images: a small model compiles quickly
       batch_size=3,
       width=60,
       batch_sizes=(3,),

@@ -87,7 +87,6 @@ class RecoverLabelsTest(absltest.TestCase):
 
   def test_duplicates_and_narrow_heads_are_refused_per_sample(self):
     labels = np.array([2, 0, 1, 1, 3, 0])
-    p = helpers.mlp_problem(_seed(), (10, 16, 12, 4), labels)
     # Samples 2 and 3 made identical (same features, same label).
     dup = helpers.mlp_problem(_seed(), (10, 16, 12, 4), labels)
     h = dup["features"].copy()
@@ -101,14 +100,18 @@ class RecoverLabelsTest(absltest.TestCase):
     np.testing.assert_array_equal(found.identifiable, [1, 1, 0, 0, 1, 1])
     self.assertIn("2 of 6 samples are not identifiable", found.reason)
     np.testing.assert_allclose(found.counts, [2, 2, 1, 1], atol=1e-9)
-    # A head with 3 inputs cannot separate 6 samples: no label at all.
-    narrow = helpers.mlp_problem(_seed(), (10, 16, 3, 4), labels)
-    found = attack.recover_labels(
-      narrow["features"], *_head(narrow, 2), scale=1 / 6
-    )
+    # A head with 3 generic inputs cannot separate 6 samples: no label.
+    # (Generic: any 4 rows of [h, 1] independent. Dead ReLU features can
+    # make a sample identifiable again, legitimately.)
+    rng = np.random.default_rng()
+    h = rng.random((6, 3)) + 0.1
+    w, beta = rng.standard_normal((4, 3)), rng.standard_normal(4)
+    probs = np.exp(h @ w.T + beta)
+    probs /= probs.sum(axis=1, keepdims=True)
+    g = (probs - np.eye(4)[labels]) / 6
+    found = attack.recover_labels(h, w, beta, g.T @ h, g.sum(0), scale=1 / 6)
     self.assertTrue((found.labels == -1).all())
     self.assertIn("not identifiable", found.reason)
-    del p
 
   def test_other_losses_are_refused(self):
     labels = np.array([0, 1, 2, 1])

@@ -177,6 +177,11 @@ class AttackConfig:
       the server's weights: FedSGD, DP-SGD without noise) or ``"drift"``
       (a FedAvg update from several local steps:
       :func:`spear_jax.attack.drift_certificate`).
+    factorization: how ``weight_grad = L R`` is computed: ``"svd"`` (full
+      SVD), ``"sketch"`` (randomized range finder with an accuracy check,
+      falling back to the SVD; never forms an ``m x n`` factor) or
+      ``"auto"`` (the sketch from ``2^23`` entries on: ImageNet-size
+      inputs, m = 4000 layers).
     drift_max_woken: the drift certificate's largest share of
       server-inactive neurons with a nonzero ``D`` entry.
     drift_min_association: the drift certificate's smallest Youden's J
@@ -204,6 +209,7 @@ class AttackConfig:
   log_every_s: float = 5.0
   num_devices: int | None = None
   certificate: str = "relu"
+  factorization: str = "auto"
   drift_max_woken: float = 0.5
   drift_min_association: float = 0.3
   learner: LearnerConfig = LearnerConfig()
@@ -225,6 +231,11 @@ class AttackConfig:
     if self.certificate not in CERTIFICATES:
       raise ValueError(
         f"Unknown certificate {self.certificate!r}; use one of {CERTIFICATES}."
+      )
+    if self.factorization not in ("auto", "svd", "sketch"):
+      raise ValueError(
+        f"factorization must be auto, svd or sketch, not "
+        f"{self.factorization!r}."
       )
     if not 0.0 <= self.drift_max_woken <= 1.0:
       raise ValueError("drift_max_woken must lie in [0, 1].")

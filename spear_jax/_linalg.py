@@ -20,12 +20,14 @@ from spear_jax._types import Int
 _HI = jax.lax.Precision.HIGHEST
 
 __all__ = [
+  "SKETCH_MIN_ENTRIES",
   "Tolerances",
   "factorize",
   "null_vector",
   "numerical_rank",
   "polish_direction",
   "resolve_tolerances",
+  "sketched_svd",
   "split_mixture",
 ]
 
@@ -115,7 +117,10 @@ def numerical_rank(singular_values: Float[Array, " r"], rtol: float) -> int:
 
 
 def factorize(
-  weight_grad: Float[Array, "m n"], rank: int | None, rtol: float
+  weight_grad: Float[Array, "m n"],
+  rank: int | None,
+  rtol: float,
+  method: str = "auto",
 ) -> tuple[Float[Array, "m b"], Float[Array, "b n"], int, Float[Array, " r"]]:
   r"""Low-rank factorisation ``weight_grad = L R`` (Theorem 3.1 of SPEAR).
 
@@ -123,25 +128,109 @@ def factorize(
   ``L = U_b`` (orthonormal columns, so ``L^+ = L^T``) and ``R = S_b V_b^T``.
   Then ``D = L Q`` and ``X^T = Q^{-1} R`` for a unique invertible ``Q``.
 
+  A big gradient (``method="auto"`` and at least ``2^23`` entries, or
+  ``method="sketch"``) is factorised from a random sketch of its range
+  (:func:`sketched_svd`): the top singular triplets from ``Y = G Omega``,
+  ``k`` a little above the rank, so no ``m x n`` factor is ever formed
+  (ImageNet-size inputs) and the cost is ``O(m n k)``; the sketch grows
+  until the rank shows a gap, and an a-posteriori probe checks that
+  nothing above the rank cutoff was left out. Without a gap or a passing
+  check it falls back to the full SVD.
+
   Args:
     weight_grad: the shared weight gradient ``D X^T``.
     rank: the batch size ``b``, or ``None`` to use the numerical rank.
     rtol: relative singular-value cutoff of the numerical rank.
+    method: ``"auto"``, ``"svd"`` or ``"sketch"``.
 
   Returns:
     ``(l, r, numerical_rank, singular_values)``; ``l`` and ``r`` use
-    ``rank`` columns/rows when it is given, else the numerical rank.
+    ``rank`` columns/rows when it is given, else the numerical rank
+    (the sketch returns only its ``k`` leading singular values).
 
   References:
     Dimitrov et al., SPEAR: Exact Gradient Inversion of Batches in Federated
     Learning, NeurIPS 2024, https://arxiv.org/abs/2403.03945.
+    Halko, Martinsson, Tropp, Finding structure with randomness, SIAM
+    Review 2011 (range finder, Alg. 4.1; a-posteriori error, Sec. 4.3).
   """
+  if method not in ("auto", "svd", "sketch"):
+    raise ValueError(f"method must be auto, svd or sketch, not {method!r}.")
+  m, n = weight_grad.shape
   with jax.default_matmul_precision("highest"):
-    u, s, vt = _svd(weight_grad)
+    found = None
+    if method == "sketch" or (method == "auto" and m * n >= SKETCH_MIN_ENTRIES):
+      found = sketched_svd(weight_grad, rank, rtol)
+    if found is None:
+      found = _svd(weight_grad)
+    u, s, vt = found
   num_rank = numerical_rank(s, rtol)
   b = num_rank if rank is None else rank
   l_mxb, r_bxn = _truncate(u, s, vt, b)
   return l_mxb, r_bxn, num_rank, s
+
+
+# Gradients with at least this many entries are factorised from a sketch
+# (8.4M: m = 4000 at n = 3072 and every ImageNet-size layer).
+SKETCH_MIN_ENTRIES = 1 << 23
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _sketch(grad_mxn, key, k):
+  """Top-``k`` SVD of ``grad`` from its sketch ``Y = grad Omega``."""
+  omega = jax.random.normal(key, (grad_mxn.shape[1], k), grad_mxn.dtype)
+  q, _ = jnp.linalg.qr(grad_mxn @ omega)
+  u_kxk, s, vt = jnp.linalg.svd(q.T @ grad_mxn, full_matrices=False)
+  return q @ u_kxk, s, vt
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _left_out(grad_mxn, u_mxk, key, b, probes):
+  """``|(I - U_b U_b^T) G g| / |G g|`` for Gaussian probes ``g``."""
+  g = jax.random.normal(key, (grad_mxn.shape[1], probes), grad_mxn.dtype)
+  z = grad_mxn @ g
+  u = u_mxk[:, :b]
+  return jnp.linalg.norm(z - u @ (u.T @ z)) / jnp.linalg.norm(z)
+
+
+def sketched_svd(
+  weight_grad: Float[Array, "m n"],
+  rank: int | None,
+  rtol: float,
+  *,
+  oversample: int = 16,
+  key: jax.Array | None = None,
+) -> tuple[Array, Array, Array] | None:
+  """The leading singular triplets of a low-rank matrix from random sketches.
+
+  Starts with ``k = rank + oversample`` (or 64 columns when the rank is
+  unknown) and doubles ``k`` until the sketch's numerical rank shows a gap
+  (``< k``), up to ``min(m, n) / 2``. The result is accepted when Gaussian
+  probes lose at most ``rtol`` of their norm to the discarded part (the
+  same cutoff as the numerical rank).
+
+  Returns:
+    ``(u, s, vt)`` with ``k`` columns/values/rows, or ``None`` when no gap
+    was found or the check failed (then the full SVD is needed).
+  """
+  m, n = weight_grad.shape
+  key = jax.random.key(0) if key is None else key
+  cap = min(m, n) // 2
+  k = min(cap, (rank + oversample) if rank is not None else 64)
+  while k >= 1:
+    u, s, vt = _sketch(weight_grad, jax.random.fold_in(key, k), k)
+    b = numerical_rank(s, rtol)
+    if b < k:
+      left = float(
+        _left_out(weight_grad, u, jax.random.fold_in(key, 1 << 20 | k), b, 8)
+      )
+      if left <= rtol:
+        return u, s, vt
+      return None
+    if k >= cap:
+      return None
+    k = min(cap, 2 * k)
+  return None
 
 
 @functools.partial(jax.jit, static_argnums=3)

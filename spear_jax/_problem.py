@@ -95,6 +95,11 @@ class Problem(NamedTuple):
     return jnp.asarray(value, self.dtype)
 
 
+@jax.jit
+def _row_max_abs(weight_grad):
+  return jnp.max(jnp.abs(weight_grad), axis=1)
+
+
 def prepare_problem(
   weight_grad: ArrayLike,
   bias_grad: ArrayLike,
@@ -128,11 +133,13 @@ def prepare_problem(
   )
   m, n = weight_grad.shape
   tol = resolve_tolerances(config, weight_grad.dtype, m, n)
-  l_mxb, r_bxn, rank, _ = factorize(weight_grad, batch_size, tol.rank_rtol)
+  l_mxb, r_bxn, rank, _ = factorize(
+    weight_grad, batch_size, tol.rank_rtol, config.factorization
+  )
   b = _validation.check_rank(rank, batch_size, m, n)
   if batch_size is None:
     l_mxb, r_bxn = l_mxb[:, :b], r_bxn[:b]
-  row_scale = np.max(np.abs(np.asarray(weight_grad)), axis=1)
+  row_scale = np.asarray(_row_max_abs(weight_grad))  # no m x n temporary
   eps = float(jnp.finfo(weight_grad.dtype).eps)
   alive = row_scale > eps * row_scale.max()
   num_alive = int(alive.sum())

@@ -14,26 +14,42 @@ class FullRankError(ValueError):
 
 
 def _as_float_array(value: ArrayLike, name: str) -> jax.Array:
-  try:
-    array = np.asarray(value)
-  except Exception as err:  # noqa: BLE001 - any conversion failure is bad input
-    raise ValueError(f"{name} is not an array: {err}") from None
+  array: jax.Array | np.ndarray
+  if isinstance(value, jax.Array):
+    array = value  # no host copy of a (possibly 1.2 GB) device array
+  else:
+    try:
+      array = np.asarray(value)
+    except Exception as err:  # noqa: BLE001 - any conversion failure is bad input
+      raise ValueError(f"{name} is not an array: {err}") from None
   if array.dtype == object or not (
     np.issubdtype(array.dtype, np.number) or array.dtype == bool
   ):
     raise ValueError(f"{name} must be numeric, got dtype {array.dtype}.")
-  if np.iscomplexobj(array):
+  if np.issubdtype(array.dtype, np.complexfloating):
     raise ValueError(f"{name} must be real, got dtype {array.dtype}.")
-  out = jnp.asarray(value)
+  out = jnp.asarray(array)
   if not jnp.issubdtype(out.dtype, jnp.floating) or out.dtype.itemsize < 4:
     out = out.astype(jnp.result_type(float))
   return out
 
 
+@jax.jit
+def _finite_and_nonzero(array):
+  return jnp.isfinite(array).all(), jnp.any(array != 0)
+
+
 def _check_finite(array, name):
-  # On the host: an eager jnp check would compile a program per shape.
-  if not np.isfinite(np.asarray(array)).all():
+  # One fused reduction: a whole-array np.isfinite would allocate a bool
+  # copy (and np.asarray a host copy) of an m x n gradient.
+  finite, _ = _finite_and_nonzero(array)
+  if not bool(finite):
     raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def _cast(array: jax.Array, dtype) -> jax.Array:
+  """``array`` in ``dtype``; no copy when it already is (1.2 GB layers)."""
+  return array if array.dtype == dtype else array.astype(dtype)
 
 
 def check_inputs(
@@ -63,10 +79,10 @@ def check_inputs(
       f"{tuple(bias_grad.shape)}."
     )
   dtype = jnp.promote_types(weight_grad.dtype, bias_grad.dtype)
-  weight_grad, bias_grad = weight_grad.astype(dtype), bias_grad.astype(dtype)
+  weight_grad, bias_grad = _cast(weight_grad, dtype), _cast(bias_grad, dtype)
   _check_finite(weight_grad, "weight_grad")
   _check_finite(bias_grad, "bias_grad")
-  if not np.any(np.asarray(weight_grad)):
+  if not bool(_finite_and_nonzero(weight_grad)[1]):
     raise ValueError("weight_grad is all zeros: nothing to invert.")
   if (weight is None) != (bias is None):
     raise ValueError(
@@ -74,8 +90,8 @@ def check_inputs(
     )
   layer_weight = layer_bias = None
   if weight is not None and bias is not None:
-    layer_weight = _as_float_array(weight, "weight").astype(dtype)
-    layer_bias = _as_float_array(bias, "bias").astype(dtype)
+    layer_weight = _cast(_as_float_array(weight, "weight"), dtype)
+    layer_bias = _cast(_as_float_array(bias, "bias"), dtype)
     if layer_weight.shape != (m, n):
       raise ValueError(
         f"weight must have shape {(m, n)} like weight_grad, got "

@@ -3,6 +3,8 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
+import helpers
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,6 +73,55 @@ class FactorizeTest(chex.TestCase):
     chex.assert_shape((l, r), ((30, b), (b, 20)))
     np.testing.assert_allclose(np.asarray(l.T @ l), np.eye(b), atol=1e-13)
     np.testing.assert_allclose(np.asarray(l @ r), g, rtol=0, atol=1e-12)
+
+  @parameterized.named_parameters(("given", True), ("numerical", False))
+  def test_sketch_matches_the_svd(self, given):
+    # A rank-b matrix with a spread spectrum (condition number 1e4), fresh
+    # draws; the sketch must span the same subspace and rebuild the matrix
+    # to float64 rounding (compared with numpy's SVD, not our code).
+    rng = np.random.default_rng()
+    m, n, b = 300, 700, int(rng.integers(5, 40))
+    u, _ = np.linalg.qr(rng.standard_normal((m, b)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, b)))
+    g = (u * np.logspace(0, -4, b)) @ v.T
+    rtol = 10 * max(m, n) * np.finfo(np.float64).eps
+    l, r, rank, s = _linalg.factorize(
+      jnp.asarray(g), b if given else None, rtol, method="sketch"
+    )
+    self.assertEqual(rank, b)
+    self.assertLess(s.shape[0], min(m, n))  # a sketch, not the full SVD
+    l = np.asarray(l)
+    np.testing.assert_allclose(l.T @ l, np.eye(b), atol=1e-13)
+    np.testing.assert_allclose(l @ np.asarray(r), g, rtol=0, atol=1e-14)
+    reference = np.linalg.svd(g)[0][:, :b]
+    # Same subspace: the projector difference, to 1e-10 at condition 1e4.
+    np.testing.assert_allclose(
+      l @ l.T, reference @ reference.T, rtol=0, atol=1e-10
+    )
+
+  def test_invert_through_the_sketch_is_exact(self):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    p = helpers.relu_layer_problem(seed, 150, 80, 6)
+    result = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(seed),
+      weight=p["weight"],
+      bias=p["bias"],
+      config=spear_jax.AttackConfig(factorization="sketch"),
+    )
+    self.assertTrue(result.success)
+    order = helpers.match_rows(np.asarray(result.inputs), p["inputs"])
+    np.testing.assert_allclose(
+      np.asarray(result.inputs), p["inputs"][order], rtol=0, atol=1e-10
+    )
+
+  def test_sketch_gives_up_on_full_rank(self):
+    g = jnp.asarray(np.random.default_rng().standard_normal((80, 60)))
+    self.assertIsNone(_linalg.sketched_svd(g, None, 1e-12))
+    # factorize then falls back to the full SVD and sees the full rank.
+    _, _, rank, s = _linalg.factorize(g, None, 1e-12, method="sketch")
+    self.assertEqual((rank, s.shape[0]), (60, 60))
 
   def test_float32_tolerances_are_looser(self):
     cfg = spear_jax.AttackConfig()

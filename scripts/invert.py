@@ -110,6 +110,7 @@ flags.mark_flags_as_required(["gradients", "output"])
 _REQUIRED = ("weight_grad", "bias_grad")
 _OPTIONAL = ("weight", "bias", "noise_std")
 _LAYER_KEYS = ("weight", "bias", "weight_grad", "bias_grad")
+_BIG = ("weight_grad", "weight")  # m x n: moved to the device as read
 
 
 class InputError(Exception):
@@ -140,7 +141,15 @@ def load_gradients(path: str) -> dict:
     with np.load(path, allow_pickle=False) as data:
       if not hasattr(data, "files"):
         raise InputError(f"{path}: not an .npz archive (a single .npy?).")
-      arrays = {k: np.asarray(data[k]) for k in data.files}
+      layered = _LABELS.value or "weight_grad_0" in data.files
+      arrays, fingerprint = {}, hashlib.sha256()
+      for k in sorted(data.files, key=lambda k: k != "weight_grad"):
+        arrays[k] = np.asarray(data[k])
+        if k in ("weight_grad", "bias_grad"):  # in this order
+          fingerprint.update(memoryview(np.ascontiguousarray(arrays[k])))
+        if k in _BIG and not layered:
+          arrays[k] = _to_device(arrays[k])
+      arrays["fingerprint"] = fingerprint.hexdigest()
   except InputError:
     raise
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
@@ -161,8 +170,25 @@ def load_gradients(path: str) -> dict:
       f"{path}: missing {', '.join(missing)} (found: "
       f"{', '.join(sorted(arrays)) or 'nothing'})."
     )
-  keep = (*_REQUIRED, *_OPTIONAL, "layers", "loss")
+  keep = (*_REQUIRED, *_OPTIONAL, "layers", "loss", "fingerprint")
   return {k: arrays[k] for k in keep if k in arrays}
+
+
+def _to_device(value):
+  """A big numpy array on the JAX device, in the run's dtype.
+
+  Copied now and waited for, so that the numpy original can be dropped
+  before the next array is read (an ImageNet-size layer is 1.2 GB; the
+  lazy alias of ``jnp.asarray`` would keep both alive and copy later).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  if not np.issubdtype(value.dtype, np.number) or value.ndim != 2:
+    return value  # left to the validation's one-line errors
+  return jax.device_put(
+    value.astype(_DTYPE.value, copy=False)
+  ).block_until_ready()
 
 
 def _same(a, b) -> bool:
@@ -275,30 +301,6 @@ def _noise_std(arrays) -> float | None:
   return value
 
 
-def _fingerprint(*arrays) -> str:
-  """SHA-256 of the arrays' bytes, without copying them."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  digest = hashlib.sha256()
-  for array in arrays:
-    digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
-  return digest.hexdigest()
-
-
-def _to_jax(arrays: dict, name: str):
-  """``arrays[name]`` as a JAX array, the numpy original dropped (or None)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  if name not in arrays:
-    return None
-  value = arrays.pop(name)
-  if "layers" in arrays:  # --labels keeps the layer for the forward pass
-    arrays[name] = value
-  # device_put copies now (jnp.asarray would alias the numpy buffer and
-  # copy on first use, while the original is still alive).
-  return jax.device_put(value)
-
-
 def _write_npz(path: str, **arrays) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -330,11 +332,10 @@ def main(argv):
     arrays = {
       # copy=False: an ImageNet-size layer is 1.2 GB per array.
       k: v.astype(_DTYPE.value, copy=False)
-      if np.issubdtype(v.dtype, np.number)
+      if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.number)
       else v
       for k, v in arrays.items()
-      if k != "layers"
-    } | ({"layers": arrays["layers"]} if "layers" in arrays else {})
+    }
     config = spear_jax.AttackConfig(
       max_proposals=_MAX_PROPOSALS.value,
       time_budget_s=_TIME_BUDGET_S.value,
@@ -343,7 +344,7 @@ def main(argv):
       certificate=_CERTIFICATE.value,
     )
     noise_std = _noise_std(arrays)
-    fingerprint = _fingerprint(arrays["weight_grad"], arrays["bias_grad"])
+    fingerprint = arrays.pop("fingerprint")
     initial, earlier_proposals = _load_checkpoint(fingerprint)
 
     def checkpoint_fn(candidates, proposals):
@@ -355,18 +356,13 @@ def main(argv):
           fingerprint=np.asarray(fingerprint),
         )
 
-    certified = "weight" in arrays
-    # Hand the big arrays over to JAX and drop the numpy copies (an
-    # ImageNet-size layer is 1.2 GB per array).
-    weight_grad = _to_jax(arrays, "weight_grad")
-    weight = _to_jax(arrays, "weight")
     result = spear_jax.invert(
-      weight_grad,
+      arrays["weight_grad"],
       arrays["bias_grad"],
       key=jax.random.key(_SEED.value),
       method=_METHOD.value,
       batch_size=_BATCH_SIZE.value,
-      weight=weight,
+      weight=arrays.get("weight"),
       bias=arrays.get("bias"),
       config=config,
       initial_candidates=initial,
@@ -392,7 +388,7 @@ def main(argv):
   )
   summary = {
     "success": result.success,
-    "certified": certified,
+    "certified": "weight" in arrays,
     "batch_size": result.stats.rank,
     "verified": int(verified.sum()),
     "proposals": result.stats.proposals,

@@ -22,6 +22,11 @@ SPEAR++ warm-up after two rounds, which compile the deflated search).
 the cache it filled (warm), and ``scripts/numpy_baseline.py --gradients``
 (wall time, peak resident memory from GNU time, exit code).
 
+``--mode=factorization`` times ``L R = weight_grad`` by the full SVD and
+by the sketch (randomized range finder) on synthetic rank-``b`` gradients
+of ``m x --n`` (warm, median of ``--repeats``, in one process so the ratio
+is fair), and checks that both rebuild the gradient to 1e-12.
+
 ``--mode=throughput`` measures SPEAR alone: the jitted proposal block in
 proposals/s (median and min over ``--repeats``), the same block in the
 numpy baseline (``scripts/numpy_baseline.py``), and the time to a certified
@@ -53,7 +58,7 @@ from absl import logging
 _MODE = flags.DEFINE_enum(
   "mode",
   "sweep",
-  ["sweep", "throughput", "cold_start"],
+  ["sweep", "throughput", "cold_start", "factorization"],
   "A resumable sweep of attacks, or SPEAR's raw "
   "proposal throughput against the numpy baseline.",
 )
@@ -94,6 +99,9 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", 8192, "Proposals per block.")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Proposals per vmap.")
 _TIME_BUDGET_S = flags.DEFINE_float(
   "time_budget_s", 600.0, "Per-inversion wall-time budget."
+)
+_N = flags.DEFINE_integer(
+  "n", 3072, "Input size of --mode=factorization (150528: ImageNet)."
 )
 _OUTPUT = flags.DEFINE_string(
   "output", "benchmark.jsonl", "JSON-lines log to append to (and resume)."
@@ -584,6 +592,38 @@ def _summarize(env):
   print("wrote " + ", ".join(written))
 
 
+def _factorization(emit):
+  """Full SVD against the sketch on the same synthetic gradients."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from spear_jax import _linalg  # pylint: disable=g-import-not-at-top
+
+  n = _N.value
+  for m in (int(v) for v in _MS.value):
+    for b in (int(v) for v in _BS.value):
+      rng = np.random.default_rng(_SEED.value)
+      x = rng.standard_normal((b, n))
+      d = (rng.random((m, b)) < 0.5) * rng.standard_normal((m, b))
+      grad = jax.device_put(d @ x)
+      rtol = 10 * max(m, n) * np.finfo(np.float64).eps
+      record = {"kind": "factorization", "m": m, "n": n, "b": b}
+      for method in ("svd", "sketch"):
+        times = []
+        for _ in range(_REPEATS.value + 1):  # the first compiles
+          start = time.perf_counter()
+          l, r, rank, _ = _linalg.factorize(grad, None, rtol, method)
+          jax.block_until_ready((l, r))
+          times.append(time.perf_counter() - start)
+        error = float(np.abs(np.asarray(l @ r) - np.asarray(grad)).max())
+        record[f"{method}_s"] = statistics.median(times[1:])
+        record[f"{method}_first_s"] = times[0]
+        record[f"{method}_rank"] = rank
+        record[f"{method}_max_error"] = error / float(np.abs(d @ x).max())
+      record["speedup"] = record["svd_s"] / record["sketch_s"]
+      emit(record)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -599,7 +639,7 @@ def main(argv):
     time_budget_s=_TIME_BUDGET_S.value,
     log_every_s=30.0,
   )
-  if _MODE.value in ("throughput", "cold_start"):
+  if _MODE.value in ("throughput", "cold_start", "factorization"):
 
     def emit(record):
       record = {**env, "dtype": "float64", **record}
@@ -609,6 +649,8 @@ def main(argv):
 
     if _MODE.value == "throughput":
       _throughput(config, emit)
+    elif _MODE.value == "factorization":
+      _factorization(emit)
     else:
       _cold_start(emit)
     return

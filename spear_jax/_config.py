@@ -180,8 +180,8 @@ class AttackConfig:
     factorization: how ``weight_grad = L R`` is computed: ``"svd"`` (full
       SVD), ``"sketch"`` (randomized range finder with an accuracy check,
       falling back to the SVD; never forms an ``m x n`` factor) or
-      ``"auto"`` (the sketch from ``2^23`` entries on: ImageNet-size
-      inputs, m = 4000 layers).
+      ``"auto"`` (the sketch from ``2^21`` entries on: m >= 1000 at
+      n = 3072, ImageNet-size inputs).
     drift_max_woken: the drift certificate's largest share of
       server-inactive neurons with a nonzero ``D`` entry.
     drift_min_association: the drift certificate's smallest Youden's J

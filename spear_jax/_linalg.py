@@ -128,7 +128,7 @@ def factorize(
   ``L = U_b`` (orthonormal columns, so ``L^+ = L^T``) and ``R = S_b V_b^T``.
   Then ``D = L Q`` and ``X^T = Q^{-1} R`` for a unique invertible ``Q``.
 
-  A big gradient (``method="auto"`` and at least ``2^23`` entries, or
+  A big gradient (``method="auto"`` and at least ``2^21`` entries, or
   ``method="sketch"``) is factorised from a random sketch of its range
   (:func:`sketched_svd`): the top singular triplets from ``Y = G Omega``,
   ``k`` a little above the rank, so no ``m x n`` factor is ever formed
@@ -171,8 +171,8 @@ def factorize(
 
 
 # Gradients with at least this many entries are factorised from a sketch
-# (8.4M: m = 4000 at n = 3072 and every ImageNet-size layer).
-SKETCH_MIN_ENTRIES = 1 << 23
+# (2.1M: m = 1000 at n = 3072 and up, every ImageNet-size layer).
+SKETCH_MIN_ENTRIES = 1 << 21
 
 
 @functools.partial(jax.jit, static_argnums=2)

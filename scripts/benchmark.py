@@ -27,6 +27,13 @@ by the sketch (randomized range finder) on synthetic rank-``b`` gradients
 of ``m x --n`` (warm, median of ``--repeats``, in one process so the ratio
 is fair), and checks that both rebuild the gradient to 1e-12.
 
+``--mode=big_layer`` is the bounded-memory check of a big input (offline,
+synthetic): a rank-``b`` ReLU-layer gradient of ``m x --n`` (150528 for
+ImageNet's 224x224x3) with its weight and bias is written to an npz, and
+``scripts/invert.py`` inverts it as a separate process: wall time, peak
+resident memory of the whole process (GNU time), exit code and the
+largest relative error against the true inputs.
+
 ``--mode=throughput`` measures SPEAR alone: the jitted proposal block in
 proposals/s (median and min over ``--repeats``), the same block in the
 numpy baseline (``scripts/numpy_baseline.py``), and the time to a certified
@@ -58,7 +65,7 @@ from absl import logging
 _MODE = flags.DEFINE_enum(
   "mode",
   "sweep",
-  ["sweep", "throughput", "cold_start", "factorization"],
+  ["sweep", "throughput", "cold_start", "factorization", "big_layer"],
   "A resumable sweep of attacks, or SPEAR's raw "
   "proposal throughput against the numpy baseline.",
 )
@@ -592,6 +599,62 @@ def _summarize(env):
   print("wrote " + ", ".join(written))
 
 
+def _big_layer(emit):
+  """invert.py on a synthetic big layer: time and peak memory of the process."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  n = _N.value
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "invert.py")
+  for m in (int(v) for v in _MS.value):
+    for b in (int(v) for v in _BS.value):
+      with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(_SEED.value)
+        x_nxb = (rng.random((n, b)) - 0.5) / 0.25  # standardized pixels
+        weight = rng.standard_normal((m, n)) / np.sqrt(n)
+        bias = 0.1 * rng.standard_normal(m)
+        d = ((weight @ x_nxb + bias[:, None]) > 0) * rng.standard_normal((m, b))
+        path, out = os.path.join(tmp, "layer.npz"), os.path.join(tmp, "out.npz")
+        np.savez(
+          path,
+          weight_grad=d @ x_nxb.T,
+          bias_grad=d.sum(1),
+          weight=weight,
+          bias=bias,
+        )
+        del weight, d
+        seconds, peak_mb, code, _ = _run_process(
+          [sys.executable, script, f"--gradients={path}", f"--output={out}"]
+        )
+        error = float("nan")
+        if os.path.exists(out):
+          with np.load(out) as result:
+            rec, truth = result["inputs"], x_nxb.T
+          cos = np.abs(rec @ truth.T) / np.outer(
+            np.linalg.norm(rec, axis=1), np.linalg.norm(truth, axis=1)
+          )
+          match = truth[np.argmax(cos, axis=1)]
+          error = float(
+            np.max(
+              np.linalg.norm(rec - match, axis=1)
+              / np.linalg.norm(match, axis=1)
+            )
+          )
+      emit(
+        {
+          "kind": "big_layer",
+          "m": m,
+          "n": n,
+          "b": b,
+          "seconds": seconds,
+          "peak_rss_mb": peak_mb,
+          "exit_code": code,
+          "max_relative_error": error,
+        }
+      )
+
+
 def _factorization(emit):
   """Full SVD against the sketch on the same synthetic gradients."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -639,7 +702,7 @@ def main(argv):
     time_budget_s=_TIME_BUDGET_S.value,
     log_every_s=30.0,
   )
-  if _MODE.value in ("throughput", "cold_start", "factorization"):
+  if _MODE.value in ("throughput", "cold_start", "factorization", "big_layer"):
 
     def emit(record):
       record = {**env, "dtype": "float64", **record}
@@ -651,6 +714,8 @@ def main(argv):
       _throughput(config, emit)
     elif _MODE.value == "factorization":
       _factorization(emit)
+    elif _MODE.value == "big_layer":
+      _big_layer(emit)
     else:
       _cold_start(emit)
     return

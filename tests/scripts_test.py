@@ -118,6 +118,27 @@ class RunAttackErrorsTest(parameterized.TestCase):
     self.assertNotIn("Traceback", stderr)
 
 
+class BenchmarkBigInputsTest(absltest.TestCase):
+  def test_factorization_and_big_layer_modes(self):
+    log = os.path.join(tempfile.mkdtemp(), "big.jsonl")
+    seed = str(int(np.random.default_rng().integers(1000)))
+    common = ["--ms=90", "--bs=5", "--n=400", "--repeats=1", f"--seed={seed}"]
+    for mode in ("factorization", "big_layer"):
+      code, _, stderr = _run(
+        "benchmark.py", f"--mode={mode}", *common, f"--output={log}"
+      )
+      self.assertEqual(code, 0, stderr)
+    with open(log) as f:
+      factorization, big = (json.loads(line) for line in f)
+    self.assertEqual(
+      (factorization["svd_rank"], factorization["sketch_rank"]), (5, 5)
+    )
+    self.assertLess(factorization["sketch_max_error"], 1e-12)
+    self.assertEqual(big["exit_code"], 0)  # exact and certified
+    self.assertLess(big["max_relative_error"], 1e-10)  # against the truth
+    self.assertGreater(big["peak_rss_mb"], 0)
+
+
 class BenchmarkSweepTest(absltest.TestCase):
   def test_sweep_resumes_and_summarizes(self):
     out = tempfile.mkdtemp()

@@ -14,6 +14,7 @@
 """
 
 import os
+import sys
 
 from absl import flags
 
@@ -33,6 +34,24 @@ _CACHE_DIR = flags.DEFINE_string(
   "JAX persistent compilation cache (empty: off). A warm cache skips "
   "most of the compilation of a new process.",
 )
+
+
+def fail(prog: str, message: str):
+  """Bad input: ``PROG: error: MESSAGE`` on one stderr line, exit code 2."""
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def flags_parser(prog: str):
+  """An ``app.run`` flags parser that reports a bad flag with :func:`fail`."""
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as err:
+      fail(prog, str(err).splitlines()[0])
+
+  return parse
 
 
 def configure_jax(*, x64: bool) -> None:

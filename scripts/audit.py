@@ -92,16 +92,8 @@ flags.mark_flags_as_required(["out_dir"])
 _PROG = "audit.py"
 
 
-def _fail(message):
-  print(f"{_PROG}: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as err:
-    _fail(str(err).splitlines()[0])
+def _fail(message: str) -> None:
+  _runtime.fail(_PROG, message)
 
 
 def _numbers(flag, kind):
@@ -175,4 +167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=_runtime.flags_parser(_PROG))

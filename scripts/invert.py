@@ -118,15 +118,7 @@ class InputError(Exception):
 
 
 def _fail(message: str) -> None:
-  print(f"invert.py: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as err:
-    _fail(str(err).splitlines()[0])
+  _runtime.fail("invert.py", message)
 
 
 def load_gradients(path: str) -> dict:
@@ -413,4 +405,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=_runtime.flags_parser("invert.py"))

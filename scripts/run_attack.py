@@ -129,16 +129,8 @@ _RESUME = flags.DEFINE_boolean(
 _PROG = "run_attack.py"
 
 
-def _fail(message):
-  print(f"{_PROG}: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as err:
-    _fail(str(err).splitlines()[0])
+def _fail(message: str) -> None:
+  _runtime.fail(_PROG, message)
 
 
 def _check_flags():
@@ -423,4 +415,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=_runtime.flags_parser(_PROG))

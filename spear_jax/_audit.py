@@ -37,6 +37,7 @@ import numpy as np
 from spear_jax import _baseline
 from spear_jax import _clients
 from spear_jax import _report
+from spear_jax._attack import default_max_proposals
 
 __all__ = [
   "AXES",
@@ -493,7 +494,7 @@ def _rows(config: AuditConfig, records: Sequence[Mapping[str, Any]]):
       if cell["axis"] == "noise_multiplier":
         row["dp_epsilon"] = _clients.dp_epsilon(cell["value"])
       if method == "spear" and cell["client"] == "fedsgd":
-        budget = _default_budget(cell["b"])
+        budget = float(default_max_proposals(cell["b"]))
         if math.isfinite(rate):
           budget = min(budget, rate * config.time_budget_s)
         row["analytic_estimate"] = spear_success_estimate(
@@ -502,11 +503,6 @@ def _rows(config: AuditConfig, records: Sequence[Mapping[str, Any]]):
         row["analytic_proposals"] = budget
       rows.append(row)
   return rows, rate
-
-
-def _default_budget(b: int) -> float:
-  harmonic = sum(1.0 / k for k in range(1, b + 1))
-  return max(1e6, 100 * 2.0 ** (b - 1) * harmonic)
 
 
 def _leaked(row) -> bool:

@@ -93,8 +93,10 @@ def run_trial(
   """
   if config is None:
     config = AttackConfig()
-  model_key, attack_key = jax.random.split(key, 4)[1::2]
-  inputs, labels = _sample(key, image_set, batch_size, num_classes, dtype)
+  batch_key, model_key, label_key, attack_key = jax.random.split(key, 4)
+  inputs, labels = _sample(
+    batch_key, label_key, image_set, batch_size, num_classes, dtype
+  )
   client = _clients.ClientConfig() if client is None else client
   if client.mode == "fedavg":
     config = dataclasses.replace(config, certificate="drift")
@@ -179,9 +181,8 @@ def _model_name(model) -> str:
   )
 
 
-def _sample(key, image_set, batch_size, num_classes, dtype):
+def _sample(batch_key, label_key, image_set, batch_size, num_classes, dtype):
   """A batch of real images and its labels (random if the set has none)."""
-  batch_key, _, label_key, _ = jax.random.split(key, 4)
   seed = int(jax.random.randint(batch_key, (), 0, 2**31 - 1))
   batch, indices = _data.sample_batch(seed, image_set, batch_size)
   inputs = jnp.asarray(batch, dtype)

@@ -93,10 +93,9 @@ def run_trial(
   """
   if config is None:
     config = AttackConfig()
-  batch_key, model_key, label_key, attack_key = jax.random.split(key, 4)
-  inputs, labels = _sample(
-    batch_key, label_key, image_set, batch_size, num_classes, dtype
-  )
+  keys = jax.random.split(key, 4)  # batch, model, labels, attack
+  inputs, labels = _sample(keys, image_set, batch_size, num_classes, dtype)
+  model_key, attack_key = keys[1], keys[3]
   client = _clients.ClientConfig() if client is None else client
   if client.mode == "fedavg":
     config = dataclasses.replace(config, certificate="drift")
@@ -181,8 +180,9 @@ def _model_name(model) -> str:
   )
 
 
-def _sample(batch_key, label_key, image_set, batch_size, num_classes, dtype):
+def _sample(keys, image_set, batch_size, num_classes, dtype):
   """A batch of real images and its labels (random if the set has none)."""
+  batch_key, label_key = keys[0], keys[2]
   seed = int(jax.random.randint(batch_key, (), 0, 2**31 - 1))
   batch, indices = _data.sample_batch(seed, image_set, batch_size)
   inputs = jnp.asarray(batch, dtype)

@@ -62,15 +62,38 @@ from absl import app
 from absl import flags
 from absl import logging
 
+# The varied evaluation set (issue 12): natural photographs, four kinds of
+# near-duplicate-heavy batches (shifted frames, overlapping crops,
+# washed-out photographs, faces) and digits. Mostly-dark images are kept
+# apart (``cifar_like_dark``): most of their samples are not identifiable.
+VARIED = (
+  "cifar_like",
+  "cifar_like_shifted",
+  "cifar_like_crops",
+  "cifar_like_lowcontrast",
+  "faces",
+  "digits",
+)
+
 _MODE = flags.DEFINE_enum(
   "mode",
   "sweep",
-  ["sweep", "throughput", "cold_start", "factorization", "big_layer"],
+  [
+    "sweep",
+    "throughput",
+    "cold_start",
+    "factorization",
+    "big_layer",
+    "frontier",
+  ],
   "A resumable sweep of attacks, or SPEAR's raw "
   "proposal throughput against the numpy baseline.",
 )
 _DATASETS = flags.DEFINE_list(
-  "datasets", ["cifar_like"], "Image sets (bundled or tensorflow-datasets)."
+  "datasets",
+  ["cifar_like"],
+  "Image sets (bundled or tensorflow-datasets); 'varied' stands for the "
+  "varied evaluation set: " + ", ".join(VARIED) + ".",
 )
 _DATA_DIR = flags.DEFINE_string(
   "data_dir", None, "tensorflow-datasets data directory."
@@ -430,7 +453,12 @@ def _settings():
   for method in _METHODS.value:
     objectives = _OBJECTIVES.value if method == "spearpp" else ["none"]
     for objective in objectives:
-      for dataset in _DATASETS.value:
+      datasets = [
+        name
+        for entry in _DATASETS.value
+        for name in (VARIED if entry == "varied" else (entry,))
+      ]
+      for dataset in datasets:
         for m in map(int, _MS.value):
           for b in map(int, _BS.value):
             for client in _CLIENTS.value:
@@ -578,7 +606,7 @@ def _summarize(env):
   print(
     f"{'method':>8} {'obj':>7} {'client':>18} {'dataset':>10} {'m':>5} "
     f"{'b':>4} {'exact':>7} {'median s':>9} {'PSNR':>7} {'SSIM':>6} "
-    f"{'twins':>5}"
+    f"{'twins':>5} {'ident':>7}"
   )
   for r in rows:
     print(
@@ -586,7 +614,8 @@ def _summarize(env):
       f"{r['dataset']:>10} {r['width']:>5} {r['batch_size']:>4} "
       f"{r['exact_batches']:>3}/{r['trials']:<3} "
       f"{r['median_seconds']:>9.2f} {r['mean_psnr']:>7.1f} "
-      f"{r['mean_ssim']:>6.3f} {r['near_duplicates_095']:>5.2f}"
+      f"{r['mean_ssim']:>6.3f} {r['near_duplicates_095']:>5.2f} "
+      f"{r['identifiable_batches']:>3.0f}/{r['trials']:<3}"
     )
   written = [f"{prefix}_summary.csv"]
   try:
@@ -687,6 +716,62 @@ def _factorization(emit):
       emit(record)
 
 
+def _frontier(emit):
+  """Truth-side identifiability margin of real gradients across m and b.
+
+  No attack: for each (dataset, m, b, trial) of the sweep's gradients, the
+  zero counts of the columns of ``D`` over alive rows against the
+  ``b - 1`` that pin a column down, and how many samples the layer
+  identifies at all (``spear_jax.metrics.identifiable_samples``).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import spear_jax  # pylint: disable=g-import-not-at-top
+  from spear_jax import _experiment  # pylint: disable=g-import-not-at-top
+
+  root = jax.random.key(_SEED.value)
+  for _, _, dataset, m, b, _ in _settings():
+    image_set = spear_jax.data.load_dataset(dataset, data_dir=_DATA_DIR.value)
+    key = jax.random.fold_in(root, zlib.crc32(dataset.encode()))
+    key = jax.random.fold_in(jax.random.fold_in(key, m), b)
+    for trial in range(_TRIALS.value):
+      keys = jax.random.split(jax.random.fold_in(key, trial), 4)
+      inputs, labels = _experiment._sample(  # pylint: disable=protected-access
+        keys, image_set, b, 10, jnp.float64
+      )
+      update, _ = _experiment._simulate(  # pylint: disable=protected-access
+        "mlp",
+        keys[1],
+        image_set,
+        inputs,
+        labels,
+        (m, _DEPTH.value, 0, 10),
+        None,
+      )
+      d = np.asarray(update.grad_z)
+      alive = np.any(d != 0, axis=1)
+      zeros = np.sum((d == 0) & alive[:, None], axis=0)
+      identifiable = spear_jax.metrics.identifiable_samples(d)
+      emit(
+        {
+          "mode": "frontier",
+          "dataset": dataset,
+          "width": m,
+          "batch_size": b,
+          "trial": trial,
+          "alive_rows": int(alive.sum()),
+          "min_zeros": int(zeros.min()),
+          "median_zeros": float(np.median(zeros)),
+          "needed_zeros": b - 1,
+          "margin": float(np.median(zeros)) / max(b - 1, 1),
+          "identifiable_samples": int(identifiable.sum()),
+          **spear_jax.metrics.near_duplicates(np.asarray(update.inputs)),
+        }
+      )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -702,7 +787,13 @@ def main(argv):
     time_budget_s=_TIME_BUDGET_S.value,
     log_every_s=30.0,
   )
-  if _MODE.value in ("throughput", "cold_start", "factorization", "big_layer"):
+  if _MODE.value in (
+    "throughput",
+    "cold_start",
+    "factorization",
+    "big_layer",
+    "frontier",
+  ):
 
     def emit(record):
       record = {**env, "dtype": "float64", **record}
@@ -716,6 +807,8 @@ def main(argv):
       _factorization(emit)
     elif _MODE.value == "big_layer":
       _big_layer(emit)
+    elif _MODE.value == "frontier":
+      _frontier(emit)
     else:
       _cold_start(emit)
     return

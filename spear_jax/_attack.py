@@ -29,6 +29,7 @@ from spear_jax._proposals import spear_sampler
 from spear_jax._selection import Selection
 from spear_jax._selection import complete_basis
 from spear_jax._selection import empty_selection
+from spear_jax._selection import identified_samples
 from spear_jax._selection import reconstruct
 from spear_jax._selection import select
 from spear_jax._spearpp import spearpp_learner
@@ -93,11 +94,14 @@ class SearchState(NamedTuple):
   stop_reason: str | None = None
 
 
-def _update(problem, strategy, config, state, directions):
+def _update(problem, strategy, config, state, directions, pinned=None):
   """Absorbs raw directions and, when the pool grew, selects again."""
   pool, num_new = absorb(
     problem, state.pool, directions, config, split=strategy.split_mixtures
   )
+  if pinned is not None and pinned.shape[0]:
+    pool, num_pinned = absorb(problem, pool, pinned, config, mixture_test=False)
+    num_new += num_pinned
   state = state._replace(pool=pool)
   if not num_new:
     return state
@@ -150,7 +154,9 @@ def _search(key, problem, strategy, config, initial, checkpoint_fn, start):
         proposals=state.proposals + out.proposals,
         blocks=state.blocks + out.blocks,
       )
-      state = _update(problem, strategy, config, state, out.directions)
+      state = _update(
+        problem, strategy, config, state, out.directions, out.pinned
+      )
       now = time.perf_counter()
       stop = (
         state.stop_reason
@@ -206,7 +212,17 @@ def _finalize(
     # (found by the property test), so nothing of an incomplete selection
     # is verified.
     result = result._replace(verified=jnp.zeros_like(result.verified))
-  verified = np.asarray(result.verified)
+  identifiable = (
+    identified_samples(problem, result)
+    if recovered
+    else np.ones((problem.b,), bool)
+  )
+  verified = np.asarray(result.verified) & identifiable
+  result = result._replace(verified=jnp.asarray(verified))
+  stop_reason = str(state.stop_reason)
+  if recovered and not verified.all() and np.all(verified | ~identifiable):
+    # Everything the gradient determines is certified; the rest cannot be.
+    stop_reason = "not_identifiable"
   success = bool(recovered and (not problem.certifiable or verified.all()))
   # On the host: eager jnp ops here would compile eight tiny programs.
   grad_z = np.asarray(result.grad_z)
@@ -223,7 +239,7 @@ def _finalize(
     alive_rows=problem.num_alive,
     threshold=int(selection.threshold),
     tau=selection.threshold / problem.num_alive,
-    stop_reason=str(state.stop_reason),
+    stop_reason=stop_reason,
     check=problem.check,
   )
   return InversionResult(
@@ -235,6 +251,7 @@ def _finalize(
     sparsity=sparsity,
     candidates=pool.directions,
     stats=stats,
+    identifiable=identifiable,
   )
 
 

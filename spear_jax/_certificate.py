@@ -17,7 +17,7 @@ from spear_jax._types import Int
 
 _HI = jax.lax.Precision.HIGHEST
 
-__all__ = ["drift_certificate", "relu_certificate"]
+__all__ = ["drift_certificate", "identifiable_inputs", "relu_certificate"]
 
 
 @jax.jit
@@ -36,9 +36,15 @@ def relu_certificate(
   sample ``i`` is verified iff for every neuron ``j``
 
   .. math:: |D_{ji}| > \text{zero\_tol}\, \|D_{:,i}\|_2
-     \;\Rightarrow\; Z_{ji} > -\text{slack}\, S_{ji}
+     \;\Leftrightarrow\; Z_{ji} > \pm\text{slack}\, S_{ji}
 
-  and column ``i`` of ``D`` is not identically zero.
+  (a nonzero of ``D`` on a neuron that is not clearly inactive, and a zero
+  on one that is not clearly active) and column ``i`` of ``D`` is not
+  identically zero. The second direction matters for near-twins: a
+  direction of the twins' span that vanishes on one extra row ``rho`` has
+  as many zeros as the true twin, and its sample can sit on the active side
+  of ``rho``; ``D_{ji} = 0`` on an active neuron needs an exactly zero
+  upstream gradient, which a real network does not produce.
 
   Args:
     inputs_bxn: recovered ``X^T``.
@@ -59,7 +65,10 @@ def relu_certificate(
   column_norm_b = jnp.linalg.norm(grad_z_mxb, axis=0)
   nonzero_mxb = jnp.abs(grad_z_mxb) > zero_tol * column_norm_b[None, :]
   inactive_mxb = z_mxb <= -slack * scale_mxb
-  violated_b = jnp.any(nonzero_mxb & inactive_mxb, axis=0)
+  active_mxb = z_mxb > slack * scale_mxb
+  violated_b = jnp.any(nonzero_mxb & inactive_mxb, axis=0) | jnp.any(
+    ~nonzero_mxb & active_mxb, axis=0
+  )
   finite_b = jnp.all(jnp.isfinite(inputs_bxn), axis=1)
   return (~violated_b) & (column_norm_b > 0) & finite_b
 
@@ -161,3 +170,106 @@ def drift_certificate(
     & (column_norm_b > 0)
     & finite_b
   )
+
+
+@jax.jit
+def identifiable_inputs(
+  grad_z_mxb: Float[Array, "m b"],
+  q_bxb: Float[Array, "b b"],
+  l_mxb: Float[Array, "m b"],
+  alive_m: Bool[Array, " m"],
+  zero_tol: Float[Array, ""],
+  degenerate_tol: Float[Array, ""],
+  leverage_tol: Float[Array, ""],
+) -> Bool[Array, " b"]:
+  r"""Per sample: does the layer's gradient pin its input down?
+
+  Two ways near-twins leave inputs undetermined, both read off the recovered
+  batch (every alternative shares what is tested):
+
+  1. *A sliding input.* Column ``a``'s zero set ``Z_a`` has a kernel of
+     dimension two or more in ``L``: another combination ``D u`` of the other
+     columns vanishes on it too (a twin whose zero set contains ``Z_a``).
+     Then ``Q' = Q M`` with ``M = I + c u e_a^T - c diag(u)`` (``M 1 = 1``)
+     explains the weight and bias gradients exactly for every small ``c``,
+     keeps every zero set and passes the ReLU certificate; the inputs
+     ``x_j`` with ``u_j != 0`` slide along ``x_a``.
+  2. *Competing twins.* A column is pinned by its zero set when the kernel
+     there is one-dimensional and no row has leverage one
+     (:func:`spear_jax.attack.polish_direction`). A column with a row of
+     leverage one lies in a span ``V`` of twins that its zero set, without
+     that row, annihilates (:func:`spear_jax.attack.twin_span`); every row
+     outside the twins' shared zeros picks another direction of ``V`` with
+     the same zero count, and with two such columns the twins can be traded
+     for another pair of samples that explains everything. With one
+     unpinned column its input is fixed by the others and the bias
+     (``x = r R / (r . L^T dbeta)``, ``r`` orthogonal to the others) and the
+     two-sided certificate pins the column; with two or more, every sample
+     whose column lies in one of their spans is reported.
+
+  Args:
+    grad_z_mxb: the recovered ``D``.
+    q_bxb: the recovered ``Q`` (``D = L Q``).
+    l_mxb: the left factor ``L``.
+    alive_m: mask of alive rows.
+    zero_tol: relative tolerance for a zero of ``D``.
+    degenerate_tol: a Gram eigenvalue at most this times the largest counts
+      as a kernel direction.
+    leverage_tol: a row of leverage at least ``1 - leverage_tol`` pins.
+
+  Returns:
+    A boolean per sample: ``False`` where the input is not determined.
+  """
+  b = q_bxb.shape[0]
+  dtype = l_mxb.dtype
+  column_norm_b = jnp.linalg.norm(grad_z_mxb, axis=0)
+  zero_mxb = (jnp.abs(grad_z_mxb) <= zero_tol * column_norm_b[None, :]) & (
+    alive_m[:, None]
+  )
+  unit_q_bxb = (
+    q_bxb / jnp.maximum(jnp.linalg.norm(q_bxb, axis=0), 1e-300)[None, :]
+  )
+
+  def kernel(rows_m):
+    masked = l_mxb * rows_m[:, None].astype(dtype)
+    eigvals, eigvecs = jnp.linalg.eigh(jnp.dot(masked.T, masked, precision=_HI))
+    return eigvals, eigvecs, eigvals <= degenerate_tol * eigvals[-1]
+
+  def assess(args):
+    a, zero_m = args
+    eigvals, eigvecs, null_b = kernel(zero_m)
+    extra_b = null_b & (jnp.arange(b) > 0)
+    # 1. The extra kernel directions in the samples' coordinates (Q^-1 n).
+    coeffs_bxb = jnp.linalg.solve(
+      q_bxb, jnp.where(extra_b[None, :], eigvecs, 0)
+    )
+    size_b = jnp.max(jnp.abs(coeffs_bxb), axis=0, keepdims=True)
+    moves_bxb = jnp.abs(coeffs_bxb) > 1e-6 * jnp.maximum(size_b, 1e-300)
+    slides_b = jnp.any(moves_bxb & extra_b[None, :], axis=1) & (
+      jnp.arange(b) != a
+    )
+    # 2. Pinned, or the twin span of the zero set without its pinning rows.
+    tiny = jnp.finfo(dtype).tiny
+    coords = jnp.dot(l_mxb, eigvecs, precision=_HI)[:, 1:]
+    leverage_m = jnp.sum(
+      coords**2 / jnp.maximum(eigvals[1:], tiny)[None, :], axis=1
+    )
+    pinned = ~jnp.any(extra_b) & ~jnp.any(
+      zero_m & (leverage_m >= 1.0 - leverage_tol)
+    )
+    _, span_bxb, span_b = kernel(
+      zero_m & (jnp.any(extra_b) | (leverage_m <= 0.5))
+    )
+    basis_bxb = jnp.where(span_b[None, :], span_bxb, 0)
+    outside_b = unit_q_bxb - jnp.dot(
+      basis_bxb, jnp.dot(basis_bxb.T, unit_q_bxb, precision=_HI), precision=_HI
+    )
+    in_span_b = jnp.linalg.norm(outside_b, axis=0) <= 1e-6
+    return slides_b, pinned, in_span_b
+
+  slides_bxb, pinned_b, in_span_bxb = jax.lax.map(
+    assess, (jnp.arange(b), zero_mxb.T), batch_size=8
+  )
+  competing = jnp.sum(~pinned_b) >= 2
+  traded_b = competing & jnp.any(in_span_bxb & ~pinned_b[:, None], axis=0)
+  return ~(jnp.any(slides_bxb, axis=0) | traded_b)

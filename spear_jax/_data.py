@@ -115,7 +115,12 @@ _TFDS_SPECS = {
 }
 TFDS_NAMES = tuple(_TFDS_SPECS)
 # Hard cases built from the bundled photographs (see ``load_near_duplicates``).
-NEAR_DUPLICATE_NAMES = ("cifar_like_dark", "cifar_like_shifted")
+NEAR_DUPLICATE_NAMES = (
+  "cifar_like_dark",
+  "cifar_like_shifted",
+  "cifar_like_crops",
+  "cifar_like_lowcontrast",
+)
 DATASET_NAMES = NAMES + NEAR_DUPLICATE_NAMES + TFDS_NAMES
 
 
@@ -319,6 +324,13 @@ def load_near_duplicates(name: str) -> ImageSet:
     to 1 pixel (edge-padded) with brightness changed by up to 5 % (256
     images: groups of near-identical frames; in a batch of 64, 53-59 % of
     the samples have a partner above cosine 0.95).
+  * ``"cifar_like_crops"``: 32 patches, each upsampled to 35 x 35 and cut
+    into 8 overlapping 32 x 32 crops at distinct random offsets (256
+    images: the random-crop augmentation or a panning camera; crops of one
+    photograph share 82-97 % of their pixels' area).
+  * ``"cifar_like_lowcontrast"``: every patch's contrast cut to 10-30 %
+    around its mean colour, brightness within 5 % (foggy, flat or washed-out
+    images: distinct photographs that all lie near a few flat colours).
 
   The construction is deterministic (seed 0).
 
@@ -339,6 +351,20 @@ def load_near_duplicates(name: str) -> ImageSet:
   if name == "cifar_like_dark":
     scale = rng.uniform(0.05, 0.25, (images.shape[0], 1, 1, 1))
     out = images * scale.astype(np.float32)
+  elif name == "cifar_like_crops":
+    weights = _resize_weights(32, 35).astype(np.float32)
+    large = np.einsum("yi,xj,nijc->nyxc", weights, weights, images[:32])
+    offsets = rng.choice(16, 8, replace=False)  # distinct: no exact copies
+    versions = [
+      large[:, o // 4 : o // 4 + 32, o % 4 : o % 4 + 32] for o in offsets
+    ]
+    out = np.clip(np.stack(versions, axis=1), 0.0, 1.0)
+    out = out.reshape(-1, *images.shape[1:])
+  elif name == "cifar_like_lowcontrast":
+    mean = images.mean(axis=(1, 2), keepdims=True)
+    contrast = rng.uniform(0.1, 0.3, (images.shape[0], 1, 1, 1))
+    gain = rng.uniform(0.95, 1.05, (images.shape[0], 1, 1, 1))
+    out = np.clip(gain * (mean + contrast * (images - mean)), 0.0, 1.0)
   else:
     padded = np.pad(images[:32], ((0, 0), (1, 1), (1, 1), (0, 0)), "edge")
     versions = []

@@ -840,3 +840,63 @@ def round_with_pattern(
       repeats=repeats,
     )
   )(approx_kxb)
+
+
+def nested_twin_columns(
+  found_bxk: np.ndarray,
+  span_bx2: np.ndarray,
+  l_mxb: np.ndarray,
+  r_bxn: np.ndarray,
+  bias_grad_m: np.ndarray,
+  weight_mxn: np.ndarray,
+  bias_m: np.ndarray,
+  alive_m: np.ndarray,
+  screen_tol: float,
+  chunk: int = 256,
+) -> np.ndarray:
+  r"""The identifiable column of a nested near-twin pair, off the ReLU pattern.
+
+  Two missing columns span ``V`` (``k = b - 2`` found) and share the zero
+  set ``S`` (the alive rows where all of ``V`` vanishes). When one twin's
+  zero set is ``S`` itself and the other's is ``S`` plus the rows ``A``, the
+  second is the direction ``u`` of ``V`` that vanishes on ``A``; for
+  ``|A| = 1`` its zero set looks like a pinned mixture and no angle cluster
+  (:func:`spear_jax.attack.split_mixture`) singles it out. Every alive row
+  ``rho`` outside ``S`` vanishes along one direction ``u_rho`` of ``V``: the
+  candidates. With ``Q = [F, u_rho, w]`` for any ``w`` in ``V`` and the
+  scales fixed by the bias gradient (``t = L^T bias_grad = Q 1``), the
+  first twin's input is ``x = (r R) / (r . t)`` with ``r`` orthogonal to
+  the found columns ``F`` and to ``u_rho``, whatever ``w``; for the right
+  candidate it is the true input, inactive exactly on ``S``. A candidate is
+  kept when ``W x + beta <= 0`` exactly on ``S`` among the alive rows.
+
+  Returns:
+    The unit directions ``u_rho`` that pass (rows; usually one, none when
+    the twins are not nested this way).
+  """
+  b = l_mxb.shape[1]
+  coords_mx2 = l_mxb @ span_bx2
+  shared = alive_m & (np.linalg.norm(coords_mx2, axis=1) <= screen_tol)
+  rows = np.flatnonzero(alive_m & ~shared)
+  u, _, _ = np.linalg.svd(found_bxk, full_matrices=True)
+  complement_bx2 = u[:, found_bxk.shape[1] :]
+  if not rows.size or not shared.any() or complement_bx2.shape[1] != 2:
+    return np.zeros((0, b), l_mxb.dtype)
+  alive_rows = np.flatnonzero(alive_m)
+  # Pre-activations and magnitudes per row of Q^-1 (W R^T, |W| |R|^T).
+  pre_axb = weight_mxn[alive_rows] @ r_bxn.T
+  target_b = l_mxb.T @ bias_grad_m
+  inactive_a = shared[alive_rows]
+  kept = []
+  for start in range(0, rows.size, chunk):
+    p_cx2 = coords_mx2[rows[start : start + chunk]]
+    # u_rho in V with L_rho u_rho = 0.
+    u_cxb = np.stack([-p_cx2[:, 1], p_cx2[:, 0]], axis=1) @ span_bx2.T
+    u_cxb /= np.linalg.norm(u_cxb, axis=1, keepdims=True)
+    # r in the complement of F, orthogonal to u_rho, scaled by the bias.
+    c_cx2 = u_cxb @ complement_bx2
+    r_cxb = np.stack([-c_cx2[:, 1], c_cx2[:, 0]], axis=1) @ complement_bx2.T
+    r_cxb /= (r_cxb @ target_b)[:, None]
+    z_cxa = r_cxb @ pre_axb.T + bias_m[alive_rows][None, :]
+    kept.append(u_cxb[np.all((z_cxa <= 0) == inactive_a[None, :], axis=1)])
+  return np.concatenate(kept)

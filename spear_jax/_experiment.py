@@ -210,6 +210,10 @@ def _score(result, update, image_set, exact_rtol):
   per_sample = {k: scores.pop(k) for k in _PER_SAMPLE if k in scores}
   per_sample["matched_row"] = matched
   per_sample["verified"] = np.asarray(result.verified)[matched]
+  if update.grad_z is not None and update.mode == "fedsgd":
+    # The cause beside the failure: near-twins no attack can pin down.
+    per_sample["identifiable"] = _metrics.identifiable_samples(update.grad_z)
+    scores["unidentifiable_samples"] = int(np.sum(~per_sample["identifiable"]))
   arrays = {"truth": truth, "recovered": recovered[matched]}
   if image_set is not None:
     for name in ("truth", "recovered"):

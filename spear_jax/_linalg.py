@@ -544,3 +544,35 @@ def split_mixture(
   directions_2xb = jnp.dot(coeffs_2x2, basis_bx2.T, precision=_HI)
   counts_2 = jnp.where(two_dim, counts_2, 0)
   return directions_2xb, counts_2
+
+
+def twin_span(
+  direction: Float[Array, " b"],
+  l_mxb: Float[Array, "m b"],
+  alive_m: Bool[Array, " m"],
+  screen_tol: Float[Array, ""],
+) -> tuple[Float[Array, "b b"], Int[Array, ""]]:
+  r"""The subspace annihilated by a mixture's shared zero set.
+
+  A direction in the span ``V`` of ``d`` near-twin columns vanishes on the
+  rows where all of them vanish, plus at most ``d - 1`` pinning rows
+  (leverage one, see :func:`polish_direction`). Without the pinning rows
+  the zero set annihilates ``V`` exactly: its kernel in ``L`` has dimension
+  ``d``. Unlike :func:`split_mixture` this needs no rows where only one
+  twin vanishes: a twin whose zero set lies inside another's has none.
+
+  Returns:
+    ``(basis, dim)``: the eigenvectors of the zero set's Gram matrix in
+    ascending order (the first ``dim`` span the kernel) and the kernel's
+    dimension (``1`` for a true column with no second kernel direction).
+  """
+  eps = jnp.finfo(l_mxb.dtype).eps
+  v_m = jnp.dot(l_mxb, direction, precision=_HI)
+  zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
+  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, zero_set)
+  leverage_m = _leverages(l_mxb, eigvals_b, eigvecs_bxb)
+  flat = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
+  kept = zero_set & (flat | (leverage_m <= 0.5))
+  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, kept)
+  dim = jnp.sum(eigvals_b <= jnp.sqrt(eps) * eigvals_b[-1])
+  return eigvecs_bxb, dim

@@ -27,12 +27,15 @@ from jaxtyping import ArrayLike
 from jaxtyping import Float
 import numpy as np
 
+from spear_jax._certificate import identifiable_inputs
+
 __all__ = [
   "EXACT_RTOL",
   "PSNR_MAX_DB",
   "aggregate_trials",
   "denormalize_images",
   "hungarian",
+  "identifiable_samples",
   "match_and_score",
   "mse",
   "near_duplicates",
@@ -417,6 +420,42 @@ def near_duplicates(
   }
   out["max_pair_cosine"] = float(np.max(partner))
   return out
+
+
+def identifiable_samples(grad_z_mxb: ArrayLike) -> np.ndarray:
+  """Which samples a batch's first-layer gradient can pin down at all.
+
+  The truth-side twin of the attack's own test
+  (:func:`spear_jax.attack.identifiable_inputs`, read there off the
+  recovered batch): from the true ``D = dL/dZ`` (exact ReLU zeros), with
+  ``L`` the left singular vectors of ``D`` and ``Q = L^T D``. A sample is
+  not identifiable when near-twins let its input slide or be traded while
+  the weight gradient, the bias gradient and every ReLU pattern stay
+  explained; no attack on this layer can then certify it. Used to report
+  the cause of a failure beside the failure.
+
+  Args:
+    grad_z_mxb: the true ``D`` (``m x b``), float64.
+
+  Returns:
+    A boolean per sample.
+  """
+  d = np.asarray(grad_z_mxb, np.float64)
+  b = d.shape[1]
+  u, _, _ = np.linalg.svd(d, full_matrices=False)
+  l_mxb = u[:, :b]
+  eps = np.finfo(np.float64).eps
+  return np.asarray(
+    identifiable_inputs(
+      jnp.asarray(d),
+      jnp.asarray(l_mxb.T @ d),
+      jnp.asarray(l_mxb),
+      jnp.asarray(np.any(d != 0, axis=1)),
+      jnp.asarray(1e-12),
+      jnp.asarray(np.sqrt(eps)),
+      jnp.asarray(eps ** (1 / 3)),
+    )
+  )
 
 
 def score_reconstruction(

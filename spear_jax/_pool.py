@@ -194,6 +194,7 @@ def absorb(
   config: AttackConfig,
   *,
   split: bool = False,
+  mixture_test: bool = True,
 ) -> tuple[CandidatePool, int]:
   """The filter stage: polish new directions and merge the sparse ones.
 
@@ -209,6 +210,12 @@ def absorb(
     raw_kxb: raw unit directions, one per row.
     config: the attack's settings (pool capacity).
     split: whether to split sparse mixtures.
+    mixture_test: whether to refuse directions with a pinning row. Off for
+      directions read off the layer's ReLU pattern: a true column whose
+      near-twin vanishes on all but one row of its zero set has exactly one
+      such row (leverage one) and is, by its zero set alone,
+      indistinguishable from a mixture of the two; the certificate judges
+      it instead.
 
   Returns:
     ``(pool, num_new)``: the new pool and how many distinct directions it
@@ -220,7 +227,7 @@ def absorb(
     return pool, 0
   polished, zeros, leverage = _polish(problem, raw_kxb)
   sparse = zeros >= problem.floor
-  keep = sparse & (leverage < 1.0 - problem.tol.leverage)
+  keep = sparse & ((leverage < 1.0 - problem.tol.leverage) | (not mixture_test))
   pool, num_new = merge_candidates(
     pool,
     polished[keep],

@@ -72,6 +72,7 @@ SUMMARY_FIELDS = _GROUP_KEY + (
   "near_duplicates_095",
   "max_relative_error",
   "label_accuracy",
+  "identifiable_batches",
 )
 
 
@@ -199,9 +200,20 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         ),
         # Mean share of correct labels (NaN where none were read).
         "label_accuracy": _mean([r.get("label_accuracy") for r in trials]),
+        # Batches in which every sample is identifiable from the layer
+        # (truth-side, FedSGD; NaN where not assessed): the most exact
+        # batches any attack on this layer can reach.
+        "identifiable_batches": _count_identifiable(trials),
       }
     )
   return rows
+
+
+def _count_identifiable(trials) -> float:
+  counts = [r.get("unidentifiable_samples") for r in trials]
+  if any(c is None for c in counts):
+    return math.nan
+  return float(sum(int(c) == 0 for c in counts))
 
 
 def write_csv(

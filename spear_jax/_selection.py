@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spear_jax._certificate import drift_certificate
+from spear_jax._certificate import identifiable_inputs
 from spear_jax._certificate import relu_certificate
 from spear_jax._config import AttackConfig
 from spear_jax._pool import CandidatePool
@@ -344,7 +345,29 @@ def select(
     selection = selection._replace(chosen=chosen, result=result, tried=tried)
   if _num_verified(result) == problem.b:
     return selection, "certified"
+  if problem.check == "relu":
+    identified = identified_samples(problem, result)
+    if np.all(np.asarray(result.verified) | ~identified):
+      return selection, "not_identifiable"
   return selection, None
+
+
+def identified_samples(problem: Problem, result: Reconstruction) -> np.ndarray:
+  """Which inputs of a full reconstruction the gradient determines.
+
+  See :func:`spear_jax.attack.identifiable_inputs` (near-twins).
+  """
+  return np.asarray(
+    identifiable_inputs(
+      result.grad_z,
+      result.q,
+      problem.l_mxb,
+      problem.alive,
+      problem.scalar(problem.tol.zero),
+      problem.scalar(float(np.sqrt(np.finfo(problem.dtype).eps))),
+      problem.scalar(problem.tol.leverage),
+    )
+  )
 
 
 def complete_basis(directions_sxb: np.ndarray, b: int) -> np.ndarray:

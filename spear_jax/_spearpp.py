@@ -35,8 +35,10 @@ from spear_jax._dictionary import complete_last_column
 from spear_jax._dictionary import estimate_found_rows
 from spear_jax._dictionary import learn_directions
 from spear_jax._dictionary import learn_directions_constrained
+from spear_jax._dictionary import nested_twin_columns
 from spear_jax._dictionary import round_direction
 from spear_jax._dictionary import round_with_pattern
+from spear_jax._linalg import twin_span
 from spear_jax._pool import CandidatePool
 from spear_jax._problem import Problem
 from spear_jax._selection import Selection
@@ -301,22 +303,112 @@ def _pattern_stage(state, problem, pool, selection, learner):
   return StepOutput(directions, state._replace(stage=_COMPLETE))
 
 
+@jax.jit
+def _twin_spans(directions_kxb, l_mxb, alive_m, screen_tol):
+  return jax.vmap(twin_span, in_axes=(0, None, None, None))(
+    directions_kxb, l_mxb, alive_m, screen_tol
+  )
+
+
+def _missing_span(problem, found_kxb, rounded_kxb, zeros_k):
+  """A twin group's span among the missing columns, when a zero set shows it.
+
+  Among this round's sparse roundings (the sparsest 64), a zero set that,
+  without its pinning rows, annihilates ``s >= 2`` dimensions independent of
+  the found columns (:func:`twin_span`) spans ``s`` missing columns. Only
+  ``s = d`` and ``s = d - 1`` (``d = b - k`` missing) are used, ``s = d``
+  first. ``None`` if there is none.
+  """
+  b, k = problem.b, found_kxb.shape[0]
+  order = np.argsort(-zeros_k, kind="stable")
+  order = order[zeros_k[order] >= problem.floor][:64]
+  if not order.size:
+    return None
+  batch = np.repeat(rounded_kxb[order[:1]], 64, axis=0)
+  batch[: order.size] = rounded_kxb[order]
+  bases, dims = _twin_spans(
+    jnp.asarray(batch),
+    problem.l_mxb,
+    problem.alive,
+    problem.scalar(problem.tol.screen),
+  )
+  bases, dims = np.asarray(bases), np.asarray(dims)[: order.size]
+  for s in (b - k, b - k - 1):
+    for i in np.flatnonzero(dims == s) if s >= 2 else ():
+      span_bxs = bases[i][:, :s]
+      smallest = np.linalg.svd(
+        np.concatenate([found_kxb.T, span_bxs], axis=1), compute_uv=False
+      )[-1]
+      if smallest > problem.tol.independence:
+        return span_bxs
+  return None
+
+
+def _complete_twins(problem, found_kxb, span_bxs):
+  """Pinned proposals from the span of ``s`` missing near-twin columns.
+
+  With ``s = d - 1`` (one other column missing): that column, by
+  :func:`complete_last_column` on the found columns plus the span (the
+  missing sample's row of ``Q^{-1}`` is orthogonal to both). With
+  ``s = d``: the span's basis itself (then ``Q^{-1}``'s rows of the found
+  samples are exact whatever the twins do) and, for each basis vector left
+  out, :func:`complete_last_column` on the found columns plus the others:
+  when a twin's zero set sits inside another's (``s = 2``) that reads off
+  the column of the twin with the larger zero set, and the other twin's
+  input is then exact too (:func:`spear_jax.attack.identifiable_inputs`).
+  The certificate and that test judge what is selected.
+  """
+  b, s = problem.b, span_bxs.shape[1]
+  if found_kxb.shape[0] + s < b:
+    direction, _ = complete_last_column(
+      jnp.asarray(np.concatenate([found_kxb.T, span_bxs], axis=1)),
+      problem.l_mxb,
+      problem.r_bxn,
+      problem.weight,
+      problem.bias,
+      problem.alive,
+    )
+    return np.asarray(direction, problem.dtype)[None]
+  proposals = [span_bxs.T]
+  if s == 2:
+    proposals.append(
+      nested_twin_columns(
+        found_kxb.T,
+        span_bxs,
+        np.asarray(problem.l_mxb),
+        np.asarray(problem.r_bxn),
+        np.asarray(problem.bias_grad),
+        np.asarray(problem.weight),
+        np.asarray(problem.bias),
+        np.asarray(problem.alive),
+        problem.tol.screen,
+      )[:8]
+    )
+  return np.concatenate(proposals).astype(problem.dtype)
+
+
 def _complete_stage(state, problem, pool, selection, learner):
   """Stage 3: one column missing, read it off the bias gradient (always)
-  and off the layer's ReLU pattern (with the weights, strict check)."""
-  del learner
-  directions = np.zeros((0, problem.b), problem.dtype)
+  and off the layer's ReLU pattern (with the weights, strict check); a few
+  missing near-twins, through the span their shared zero set annihilates
+  (:func:`_missing_span`, with the weights)."""
+  directions = pinned = np.zeros((0, problem.b), problem.dtype)
+  missing = problem.b - selection.chosen.shape[0]
+  strict = problem.certifiable and problem.check == "relu"
+  if strict and 2 <= missing <= learner.pattern_max_missing:
+    found = pool.directions[selection.chosen]
+    span = _missing_span(problem, found, state.rounded, state.zeros)
+    if span is not None:
+      pinned = _complete_twins(problem, found, span)
   if selection.chosen.shape[0] == problem.b - 1:
     found = pool.directions[selection.chosen].T
-    proposals = [
-      complete_from_bias(
-        found,
-        np.asarray(problem.l_mxb),
-        np.asarray(problem.bias_grad),
-        np.asarray(problem.alive),
-      )
-    ]
-    if problem.certifiable and problem.check == "relu":
+    directions = complete_from_bias(
+      found,
+      np.asarray(problem.l_mxb),
+      np.asarray(problem.bias_grad),
+      np.asarray(problem.alive),
+    )[None].astype(problem.dtype)
+    if strict:
       direction, _ = complete_last_column(
         jnp.asarray(found),
         problem.l_mxb,
@@ -325,9 +417,8 @@ def _complete_stage(state, problem, pool, selection, learner):
         problem.bias,
         problem.alive,
       )
-      proposals.append(np.asarray(direction))
-    directions = np.stack(proposals).astype(problem.dtype)
-  return StepOutput(directions, state._replace(stage=_SEARCH))
+      pinned = np.asarray(direction, problem.dtype)[None]
+  return StepOutput(directions, state._replace(stage=_SEARCH), pinned=pinned)
 
 
 _STAGES = (_search_stage, _pattern_stage, _complete_stage)

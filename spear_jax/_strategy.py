@@ -43,6 +43,9 @@ class StepOutput(NamedTuple):
     blocks: how many blocks or rounds it completed (bookkeeping).
     stop_reason: set when the strategy has nothing more to offer (for
       example ``"stalled"`` or ``"max_rounds"``).
+    pinned: directions read off the layer's ReLU pattern, absorbed without
+      the mixture test (see :func:`spear_jax._pool.absorb`): the
+      certificate judges them.
   """
 
   directions: np.ndarray
@@ -50,6 +53,7 @@ class StepOutput(NamedTuple):
   proposals: int = 0
   blocks: int = 0
   stop_reason: str | None = None
+  pinned: np.ndarray | None = None
 
 
 class Strategy(NamedTuple):

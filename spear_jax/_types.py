@@ -59,9 +59,11 @@ class InversionStats(NamedTuple):
     threshold: final sparsity threshold, as a count of zeros over alive rows.
     tau: the threshold as a fraction of alive rows.
     stop_reason: ``"certified"``, ``"recovered"`` (no weight given to
-      certify), ``"max_proposals"``, ``"time_budget"``, ``"interrupted"`` or
-      ``"not_certified"`` (``b = 1`` whose only sample fails the
-      certificate).
+      certify), ``"not_identifiable"`` (every sample passed the ReLU
+      certificate, but near-twins leave some inputs undetermined: see
+      ``InversionResult.identifiable``), ``"max_proposals"``,
+      ``"time_budget"``, ``"interrupted"`` or ``"not_certified"`` (``b = 1``
+      whose only sample fails the certificate).
   """
 
   proposals: int
@@ -94,6 +96,12 @@ class InversionResult(NamedTuple):
     candidates: every distinct direction found (rows); pass them as
       ``initial_candidates`` to resume an interrupted run.
     stats: an :class:`InversionStats`.
+    identifiable: per sample, whether the layer's gradient determines its
+      input at all (:func:`spear_jax.attack.identifiable_inputs`): a
+      near-twin whose zero set contains another sample's lets an input
+      slide along a line of exact, certificate-passing solutions. Such a
+      sample is never ``verified``. ``None`` where not assessed (the
+      noise-aware attack).
   """
 
   inputs: Float[Array, "b n"]
@@ -104,3 +112,4 @@ class InversionResult(NamedTuple):
   sparsity: Int[Array, " b"]
   candidates: Float[np.ndarray, "P b"]
   stats: InversionStats
+  identifiable: np.ndarray | None = None

@@ -21,6 +21,7 @@ from spear_jax._baseline import BaselineConfig as BaselineConfig
 from spear_jax._baseline import BaselineResult as BaselineResult
 from spear_jax._baseline import gradient_matching as gradient_matching
 from spear_jax._certificate import drift_certificate as drift_certificate
+from spear_jax._certificate import identifiable_inputs as identifiable_inputs
 from spear_jax._certificate import relu_certificate as relu_certificate
 from spear_jax._config import AttackConfig as AttackConfig
 from spear_jax._config import LearnerConfig as LearnerConfig
@@ -38,6 +39,7 @@ from spear_jax._linalg import Tolerances as Tolerances
 from spear_jax._linalg import factorize as factorize
 from spear_jax._linalg import polish_direction as polish_direction
 from spear_jax._linalg import split_mixture as split_mixture
+from spear_jax._linalg import twin_span as twin_span
 from spear_jax._pool import CandidatePool as CandidatePool
 from spear_jax._pool import absorb as absorb
 from spear_jax._pool import empty_pool as empty_pool
@@ -84,6 +86,7 @@ __all__ = [
   "empty_selection",
   "factorize",
   "gradient_matching",
+  "identifiable_inputs",
   "invert",
   "label_accuracy",
   "learn_directions",
@@ -102,4 +105,5 @@ __all__ = [
   "spearpp_learner",
   "split_mixture",
   "structure_floor",
+  "twin_span",
 ]

@@ -10,6 +10,7 @@ de-normalized images). :func:`save_image_grid` and
 from spear_jax._metrics import aggregate_trials as aggregate_trials
 from spear_jax._metrics import denormalize_images as denormalize_images
 from spear_jax._metrics import hungarian as hungarian
+from spear_jax._metrics import identifiable_samples as identifiable_samples
 from spear_jax._metrics import match_and_score as match_and_score
 from spear_jax._metrics import mse as mse
 from spear_jax._metrics import near_duplicates as near_duplicates
@@ -26,6 +27,7 @@ __all__ = [
   "denormalize_images",
   "error_heatmap",
   "hungarian",
+  "identifiable_samples",
   "image_grid",
   "match_and_score",
   "mse",

@@ -80,3 +80,36 @@ def mlp_problem(seed, sizes, labels, reduction="mean", scale_inputs=1.0):
     inputs=inputs, labels=labels, features=activations[-1], logits=logits
   )
   return out
+
+
+def nested_twin_problem(seed, m, n, b):
+  """A ReLU layer whose samples 0 and 1 are near-twins with nested patterns.
+
+  ``x_1 = x_0 + t delta`` with ``t`` between the first two breakpoints of
+  ``W (x_0 + t delta) + beta`` along a random ``delta``: the two ReLU
+  patterns differ in exactly one neuron, so one zero set contains the
+  other. Returns the ``relu_layer_problem`` dict plus ``"row"``, that
+  neuron, and ``"larger"``, the sample whose zero set is the larger one.
+  """
+  rng = np.random.default_rng(seed)
+  x_nxb = rng.standard_normal((n, b))
+  w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
+  beta_m = 0.1 * rng.standard_normal(m)
+  delta = rng.standard_normal(n)
+  z0, slope = w_mxn @ x_nxb[:, 0] + beta_m, w_mxn @ delta
+  crossing = -z0 / slope
+  first, second = np.sort(crossing[crossing > 0])[:2]
+  x_nxb[:, 1] = x_nxb[:, 0] + 0.5 * (first + second) * delta
+  z_mxb = w_mxn @ x_nxb + beta_m[:, None]
+  d_mxb = (z_mxb > 0) * rng.standard_normal((m, b))
+  row = int(np.flatnonzero((z_mxb[:, 0] > 0) != (z_mxb[:, 1] > 0))[0])
+  return {
+    "weight_grad": d_mxb @ x_nxb.T,
+    "bias_grad": d_mxb.sum(axis=1),
+    "weight": w_mxn,
+    "bias": beta_m,
+    "inputs": x_nxb.T,
+    "grad_z": d_mxb,
+    "row": row,
+    "larger": 0 if z_mxb[row, 0] <= 0 else 1,
+  }

@@ -464,7 +464,8 @@ class LoadDatasetTest(parameterized.TestCase):
     with self.assertRaisesRegex(
       ValueError,
       "Unknown dataset 'imagenet'; valid names: cifar_like, faces, digits,"
-      " cifar_like_dark, cifar_like_shifted, mnist, cifar10, cifar100,"
+      " cifar_like_dark, cifar_like_shifted, cifar_like_crops,"
+      " cifar_like_lowcontrast, mnist, cifar10, cifar100,"
       " imagenet2012, imagenette, ",
     ):
       _data.load_dataset("imagenet")

@@ -1,0 +1,151 @@
+"""Near-twin samples: identifiability, twin spans and pinned completions."""
+
+from absl.testing import absltest
+import helpers
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import spear_jax
+from spear_jax import attack
+
+
+def _factors(d_mxb, x_nxb):
+  """``G = L (R)`` with orthonormal ``L`` and ``Q`` with ``D = L Q``."""
+  u, _, _ = np.linalg.svd(d_mxb @ x_nxb.T, full_matrices=False)
+  l_mxb = u[:, : d_mxb.shape[1]]
+  return l_mxb, l_mxb.T @ d_mxb
+
+
+def _identifiable(d_mxb, x_nxb):
+  l_mxb, q_bxb = _factors(d_mxb, x_nxb)
+  alive = np.any(d_mxb != 0, axis=1)
+  return np.asarray(
+    attack.identifiable_inputs(
+      jnp.asarray(d_mxb),
+      jnp.asarray(q_bxb),
+      jnp.asarray(l_mxb),
+      jnp.asarray(alive),
+      jnp.asarray(1e-9),
+      jnp.asarray(1.5e-8),
+      jnp.asarray(6e-6),
+    )
+  )
+
+
+class IdentifiableInputsTest(absltest.TestCase):
+  def test_nested_twin_slides_and_nothing_else(self):
+    # Independent check of the claim: with u = e_j (j the twin with the
+    # larger zero set), D' = D M, X'^T = M^-1 X^T explain both gradients,
+    # keep every zero set, and move x_j only.
+    for seed in range(3):
+      p = helpers.nested_twin_problem(seed, m=120, n=30, b=6)
+      d, x = p["grad_z"], p["inputs"].T
+      j = p["larger"]
+      a = 1 - j
+      c = 0.3
+      m_bxb = np.eye(6)
+      m_bxb[j, a] += c
+      m_bxb[j, j] -= c
+      d2 = d @ m_bxb
+      x2_bxn = np.linalg.solve(m_bxb, x.T)
+      np.testing.assert_allclose(d2 @ x2_bxn, d @ x.T, atol=1e-10)
+      np.testing.assert_allclose(d2.sum(axis=1), d.sum(axis=1), atol=1e-10)
+      np.testing.assert_array_equal(d2 == 0, d == 0)
+      moved = np.linalg.norm(x2_bxn - x.T, axis=1) > 1e-8
+      np.testing.assert_array_equal(moved, np.arange(6) == j)
+      # The test flags the twins (neither column is pinned by its zero set:
+      # they compete) and nothing else, on the truth and on the slid
+      # solution alike.
+      twins = np.arange(6) < 2
+      np.testing.assert_array_equal(_identifiable(d, x), ~twins)
+      np.testing.assert_array_equal(_identifiable(d2, x2_bxn.T), ~twins)
+
+  def test_generic_batch_is_identifiable(self):
+    p = helpers.relu_layer_problem(7, m=150, n=30, b=8)
+    self.assertTrue(_identifiable(p["grad_z"], p["inputs"].T).all())
+
+
+class TwoSidedCertificateTest(absltest.TestCase):
+  def test_a_zero_on_an_active_neuron_fails(self):
+    p = helpers.relu_layer_problem(3, m=120, n=30, b=5)
+    d, x = p["grad_z"].copy(), p["inputs"]
+
+    def flags(d_mxb):
+      return np.asarray(
+        attack.relu_certificate(
+          jnp.asarray(x),
+          jnp.asarray(d_mxb),
+          jnp.asarray(p["weight"]),
+          jnp.asarray(p["bias"]),
+          jnp.asarray(1e-11),
+          jnp.asarray(1e-8),
+        )
+      )
+
+    self.assertTrue(flags(d).all())
+    z = p["weight"] @ x.T + p["bias"][:, None]
+    active = int(np.flatnonzero(z[:, 2] > 1e-3)[0])
+    d[active, 2] = 0.0  # an extra zero where sample 2 is clearly active
+    np.testing.assert_array_equal(flags(d), [True, True, False, True, True])
+
+
+class TwinSpanTest(absltest.TestCase):
+  def test_mixture_of_nested_twins_spans_both(self):
+    p = helpers.nested_twin_problem(1, m=200, n=40, b=8)
+    l_mxb, q_bxb = _factors(p["grad_z"], p["inputs"].T)
+    q = q_bxb / np.linalg.norm(q_bxb, axis=0)
+    alive = np.any(p["grad_z"] != 0, axis=1)
+    mix = 0.6 * q[:, 0] + 0.8 * q[:, 1]
+    basis, dim = attack.twin_span(
+      jnp.asarray(mix / np.linalg.norm(mix)),
+      jnp.asarray(l_mxb),
+      jnp.asarray(alive),
+      jnp.asarray(1e-9),
+    )
+    self.assertEqual(int(dim), 2)
+    span = np.asarray(basis)[:, :2]
+    for i in (0, 1):  # both twins lie in the span, no other column does
+      self.assertLess(np.linalg.norm(q[:, i] - span @ (span.T @ q[:, i])), 1e-9)
+    for i in range(2, 8):
+      self.assertGreater(
+        np.linalg.norm(q[:, i] - span @ (span.T @ q[:, i])), 1e-3
+      )
+
+
+class InvertNestedTwinsTest(absltest.TestCase):
+  def test_every_other_sample_exact_and_the_twin_flagged(self):
+    p = helpers.nested_twin_problem(2, m=300, n=60, b=12)
+    result = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(0),
+      method="spearpp",
+      weight=p["weight"],
+      bias=p["bias"],
+    )
+    truth = p["inputs"]
+    recovered = np.asarray(result.inputs)
+    order = helpers.match_rows(recovered, truth)
+    error = np.linalg.norm(recovered - truth[order], axis=1) / np.linalg.norm(
+      truth[order], axis=1
+    )
+    verified = np.asarray(result.verified)
+    # Sound: every verified sample is exact (float64, 1e-8 relative).
+    self.assertTrue(np.all(error[verified] < 1e-8), error[verified])
+    # Every other sample is recovered and certified; the twins are
+    # reported as not identifiable (their inputs can be traded) and never
+    # verified.
+    twins = order < 2
+    identifiable = np.asarray(result.identifiable)
+    self.assertFalse(verified[twins].any())
+    self.assertFalse(identifiable[twins].any())
+    self.assertTrue(verified[~twins].all())
+    self.assertTrue(identifiable[~twins].all())
+    self.assertEqual(result.stats.stop_reason, "not_identifiable")
+    self.assertFalse(result.success)
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_enable_x64", True)
+  absltest.main()

@@ -211,8 +211,14 @@ def _score(result, update, image_set, exact_rtol):
   per_sample["matched_row"] = matched
   per_sample["verified"] = np.asarray(result.verified)[matched]
   if update.grad_z is not None and update.mode == "fedsgd":
-    # The cause beside the failure: near-twins no attack can pin down.
-    per_sample["identifiable"] = _metrics.identifiable_samples(update.grad_z)
+    # The cause beside the failure: near-twins no attack can pin down. A
+    # verified sample is exact, so its zero sets are the truth's and the
+    # attack's own test already passed on them: only failures are assessed.
+    per_sample["identifiable"] = (
+      np.ones_like(per_sample["verified"])
+      if per_sample["verified"].all()
+      else _metrics.identifiable_samples(update.grad_z)
+    )
     scores["unidentifiable_samples"] = int(np.sum(~per_sample["identifiable"]))
   arrays = {"truth": truth, "recovered": recovered[matched]}
   if image_set is not None:

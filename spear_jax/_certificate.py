@@ -10,6 +10,9 @@ selection of directions mixes samples; the mixed ``X`` then puts nonzeros of
 import jax
 import jax.numpy as jnp
 
+from spear_jax._linalg import _leverages
+from spear_jax._linalg import pinning_rows_dropped
+from spear_jax._linalg import rows_gram_eigh
 from spear_jax._types import Array
 from spear_jax._types import Bool
 from spear_jax._types import Float
@@ -221,7 +224,6 @@ def identifiable_inputs(
     A boolean per sample: ``False`` where the input is not determined.
   """
   b = q_bxb.shape[0]
-  dtype = l_mxb.dtype
   column_norm_b = jnp.linalg.norm(grad_z_mxb, axis=0)
   zero_mxb = (jnp.abs(grad_z_mxb) <= zero_tol * column_norm_b[None, :]) & (
     alive_m[:, None]
@@ -231,8 +233,7 @@ def identifiable_inputs(
   )
 
   def kernel(rows_m):
-    masked = l_mxb * rows_m[:, None].astype(dtype)
-    eigvals, eigvecs = jnp.linalg.eigh(jnp.dot(masked.T, masked, precision=_HI))
+    eigvals, eigvecs = rows_gram_eigh(l_mxb, rows_m)
     return eigvals, eigvecs, eigvals <= degenerate_tol * eigvals[-1]
 
   def assess(args):
@@ -249,17 +250,14 @@ def identifiable_inputs(
       jnp.arange(b) != a
     )
     # 2. Pinned, or the twin span of the zero set without its pinning rows.
-    tiny = jnp.finfo(dtype).tiny
-    coords = jnp.dot(l_mxb, eigvecs, precision=_HI)[:, 1:]
-    leverage_m = jnp.sum(
-      coords**2 / jnp.maximum(eigvals[1:], tiny)[None, :], axis=1
-    )
+    leverage_m = _leverages(l_mxb, eigvals, eigvecs)
     pinned = ~jnp.any(extra_b) & ~jnp.any(
       zero_m & (leverage_m >= 1.0 - leverage_tol)
     )
-    _, span_bxb, span_b = kernel(
-      zero_m & (jnp.any(extra_b) | (leverage_m <= 0.5))
+    kept_m = pinning_rows_dropped(
+      l_mxb, zero_m, eigvals, eigvecs, jnp.any(extra_b)
     )
+    _, span_bxb, span_b = kernel(kept_m)
     basis_bxb = jnp.where(span_b[None, :], span_bxb, 0)
     outside_b = unit_q_bxb - jnp.dot(
       basis_bxb, jnp.dot(basis_bxb.T, unit_q_bxb, precision=_HI), precision=_HI

@@ -382,6 +382,24 @@ def _leverages(l_mxb, eigvals_b, eigvecs_bxb):
   )
 
 
+def pinning_rows_dropped(
+  l_mxb: Float[Array, "m b"],
+  zero_set_m: Bool[Array, " m"],
+  eigvals_b: Float[Array, " b"],
+  eigvecs_bxb: Float[Array, "b b"],
+  flat: Bool[Array, ""],
+) -> Bool[Array, " m"]:
+  """A zero set without its pinning rows (leverage above one half).
+
+  ``eigvals_b, eigvecs_bxb`` are the zero set's :func:`rows_gram_eigh`; a
+  ``flat`` zero set (already degenerate: several kernel directions) has
+  nothing pinned and is kept whole. What remains annihilates the span of
+  the columns that all vanish there (see :func:`split_mixture`).
+  """
+  leverage_m = _leverages(l_mxb, eigvals_b, eigvecs_bxb)
+  return zero_set_m & (flat | (leverage_m <= 0.5))
+
+
 def polish_direction(
   direction: Float[Array, " b"],
   l_mxb: Float[Array, "m b"],
@@ -511,10 +529,9 @@ def split_mixture(
   zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
 
   eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, zero_set)
-  leverage_m = _leverages(l_mxb, eigvals_b, eigvecs_bxb)
   flat = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
   # Drop the pinning rows, unless the zero set is already degenerate.
-  kept = zero_set & (flat | (leverage_m <= 0.5))
+  kept = pinning_rows_dropped(l_mxb, zero_set, eigvals_b, eigvecs_bxb, flat)
   eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, kept)
   small = jnp.sqrt(eps) * eigvals_b[-1]
   two_dim = (eigvals_b[1] <= small) & (eigvals_b[2] > small)
@@ -570,9 +587,8 @@ def twin_span(
   v_m = jnp.dot(l_mxb, direction, precision=_HI)
   zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
   eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, zero_set)
-  leverage_m = _leverages(l_mxb, eigvals_b, eigvecs_bxb)
   flat = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
-  kept = zero_set & (flat | (leverage_m <= 0.5))
+  kept = pinning_rows_dropped(l_mxb, zero_set, eigvals_b, eigvecs_bxb, flat)
   eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, kept)
   dim = jnp.sum(eigvals_b <= jnp.sqrt(eps) * eigvals_b[-1])
   return eigvecs_bxb, dim

@@ -17,8 +17,13 @@ def relu_layer_problem(seed, m, n, b, centred=True, bias_scale=0.1):
     x_nxb = rng.random((n, b))
   w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
   beta_m = bias_scale * rng.standard_normal(m)
+  return _layer_gradients(rng, x_nxb, w_mxn, beta_m)
+
+
+def _layer_gradients(rng, x_nxb, w_mxn, beta_m):
+  """``D = 1[W X + beta > 0] * G`` (``G`` Gaussian) and what it shares."""
   z_mxb = w_mxn @ x_nxb + beta_m[:, None]
-  d_mxb = (z_mxb > 0) * rng.standard_normal((m, b))
+  d_mxb = (z_mxb > 0) * rng.standard_normal(z_mxb.shape)
   return {
     "weight_grad": d_mxb @ x_nxb.T,
     "bias_grad": d_mxb.sum(axis=1),
@@ -101,15 +106,9 @@ def nested_twin_problem(seed, m, n, b):
   first, second = np.sort(crossing[crossing > 0])[:2]
   x_nxb[:, 1] = x_nxb[:, 0] + 0.5 * (first + second) * delta
   z_mxb = w_mxn @ x_nxb + beta_m[:, None]
-  d_mxb = (z_mxb > 0) * rng.standard_normal((m, b))
   row = int(np.flatnonzero((z_mxb[:, 0] > 0) != (z_mxb[:, 1] > 0))[0])
   return {
-    "weight_grad": d_mxb @ x_nxb.T,
-    "bias_grad": d_mxb.sum(axis=1),
-    "weight": w_mxn,
-    "bias": beta_m,
-    "inputs": x_nxb.T,
-    "grad_z": d_mxb,
+    **_layer_gradients(rng, x_nxb, w_mxn, beta_m),
     "row": row,
     "larger": 0 if z_mxb[row, 0] <= 0 else 1,
   }

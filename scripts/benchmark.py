@@ -52,6 +52,7 @@ recovery of both on the same gradients.
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -579,6 +580,8 @@ def _sweep(config, env):
           first_call_s=first_call_s,
           client_spec=setting["client_spec"],
           kind="trial",
+          # The process's peak so far (warm-up and earlier trials included).
+          peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           **env,
         )
         _report.append_record(_OUTPUT.value, record)

@@ -20,6 +20,8 @@ import numpy as np
 
 from spear_jax import _noisy
 from spear_jax._config import AttackConfig
+from spear_jax._distributed import agree
+from spear_jax._distributed import attack_devices
 from spear_jax._pool import CandidatePool
 from spear_jax._pool import absorb
 from spear_jax._pool import empty_pool
@@ -34,6 +36,7 @@ from spear_jax._selection import reconstruct
 from spear_jax._selection import select
 from spear_jax._spearpp import spearpp_learner
 from spear_jax._strategy import Strategy
+from spear_jax._timing import PhaseClock
 from spear_jax._types import ArrayLike
 from spear_jax._types import InversionResult
 from spear_jax._types import InversionStats
@@ -94,20 +97,24 @@ class SearchState(NamedTuple):
   stop_reason: str | None = None
 
 
-def _update(problem, strategy, config, state, directions, pinned=None):
+def _update(problem, strategy, config, state, clock, directions, pinned=None):
   """Absorbs raw directions and, when the pool grew, selects again."""
-  pool, num_new = absorb(
-    problem, state.pool, directions, config, split=strategy.split_mixtures
-  )
-  if pinned is not None and pinned.shape[0]:
-    pool, num_pinned = absorb(problem, pool, pinned, config, mixture_test=False)
-    num_new += num_pinned
+  with clock("absorb"):
+    pool, num_new = absorb(
+      problem, state.pool, directions, config, split=strategy.split_mixtures
+    )
+    if pinned is not None and pinned.shape[0]:
+      pool, num_pinned = absorb(
+        problem, pool, pinned, config, mixture_test=False
+      )
+      num_new += num_pinned
   state = state._replace(pool=pool)
   if not num_new:
     return state
-  selection, stop = select(
-    problem, pool, state.selection, config, search=strategy.search
-  )
+  with clock("select"):
+    selection, stop = select(
+      problem, pool, state.selection, config, search=strategy.search
+    )
   return state._replace(selection=selection, stop_reason=stop)
 
 
@@ -136,32 +143,41 @@ def _log(problem, strategy, state, elapsed):
   )
 
 
-def _search(key, problem, strategy, config, initial, checkpoint_fn, start):
+def _search(
+  key, problem, strategy, config, initial, checkpoint_fn, start, clock
+):
   """The one loop: strategy step, absorb, select, budget, log, checkpoint."""
   state = SearchState(
     empty_pool(problem.b, problem.dtype), empty_selection(problem)
   )
   max_proposals = config.max_proposals or default_max_proposals(problem.b)
+  devices = attack_devices(
+    config.num_devices, across_processes=config.across_processes
+  )
   last_log = start
   try:
     if initial is not None:
-      state = _update(problem, strategy, config, state, initial)
+      state = _update(problem, strategy, config, state, clock, initial)
     search_state = strategy.init(key, problem)
     while state.stop_reason is None:
-      out = strategy.step(search_state, problem, state.pool, state.selection)
+      with clock() as label:
+        out = strategy.step(search_state, problem, state.pool, state.selection)
+        label[0] = out.stage
       search_state = out.state
       state = state._replace(
         proposals=state.proposals + out.proposals,
         blocks=state.blocks + out.blocks,
       )
       state = _update(
-        problem, strategy, config, state, out.directions, out.pinned
+        problem, strategy, config, state, clock, out.directions, out.pinned
       )
       now = time.perf_counter()
+      # Several processes stop on process 0's clock, at the same step.
+      elapsed = agree(now - start, devices)
       stop = (
         state.stop_reason
         or out.stop_reason
-        or _budget_stop(config, state, max_proposals, now - start)
+        or _budget_stop(config, state, max_proposals, elapsed)
       )
       state = state._replace(stop_reason=stop)
       if now - last_log >= config.log_every_s:
@@ -196,7 +212,7 @@ def _single_sample(problem: Problem) -> SearchState:
 
 
 def _finalize(
-  problem: Problem, state: SearchState, seconds: float
+  problem: Problem, state: SearchState, start: float
 ) -> InversionResult:
   """The best (possibly partial) reconstruction and honest flags."""
   pool, selection = state.pool, state.selection
@@ -234,7 +250,7 @@ def _finalize(
     proposals=state.proposals,
     candidates=int(pool.zeros.shape[0]),
     blocks=state.blocks,
-    seconds=seconds,
+    seconds=time.perf_counter() - start,
     rank=problem.b,
     alive_rows=problem.num_alive,
     threshold=int(selection.threshold),
@@ -342,6 +358,7 @@ def invert(
     https://arxiv.org/abs/2403.03945
   """
   start = time.perf_counter()
+  clock = PhaseClock()
   config = AttackConfig() if config is None else config
   strategy = make_strategy(method, config)
   noisy = functools.partial(
@@ -360,14 +377,15 @@ def invert(
   if noise_std is not None and noise_std > 0:
     return noisy(noise_std=noise_std)
   try:
-    problem = prepare_problem(
-      weight_grad,
-      bias_grad,
-      batch_size=batch_size,
-      weight=weight,
-      bias=bias,
-      config=config,
-    )
+    with clock("prepare"):
+      problem = prepare_problem(
+        weight_grad,
+        bias_grad,
+        batch_size=batch_size,
+        weight=weight,
+        bias=bias,
+        config=config,
+      )
   except FullRankError:
     if strategy.name not in ("SPEAR", "SPEAR++"):
       raise
@@ -379,8 +397,20 @@ def invert(
     if initial_candidates is not None:
       initial_candidates = np.asarray(initial_candidates, problem.dtype)
     state = _search(
-      key, problem, strategy, config, initial_candidates, checkpoint_fn, start
+      key,
+      problem,
+      strategy,
+      config,
+      initial_candidates,
+      checkpoint_fn,
+      start,
+      clock,
     )
   if checkpoint_fn is not None:
     checkpoint_fn(state.pool.directions.copy(), state.proposals)
-  return _finalize(problem, state, time.perf_counter() - start)
+  with clock("finalize"):
+    result = _finalize(problem, state, start)
+  stats = result.stats._replace(
+    seconds=time.perf_counter() - start, timings=clock.summary()
+  )
+  return result._replace(stats=stats)

@@ -172,6 +172,12 @@ class AttackConfig:
       the default backend's). On a multi-core CPU host, expose the cores as
       devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
       before JAX starts (the scripts do this).
+    across_processes: with several JAX processes
+      (``jax.distributed.initialize``), split every attack's proposal
+      blocks and restarts over the devices of all of them (each process
+      its own share; all end with the same result). ``False`` keeps each
+      process's attack on its own devices, for independent attacks such as
+      a sweep that splits its trials over processes.
     certificate: which ReLU check certifies a sample when the layer's
       weight and bias are given: ``"relu"`` (the update is a gradient at
       the server's weights: FedSGD, DP-SGD without noise) or ``"drift"``
@@ -208,6 +214,7 @@ class AttackConfig:
   swap_rounds: int = 2
   log_every_s: float = 5.0
   num_devices: int | None = None
+  across_processes: bool = True
   certificate: str = "relu"
   factorization: str = "auto"
   drift_max_woken: float = 0.5

@@ -47,8 +47,10 @@ __all__ = [
   "learn_directions",
   "learn_directions_constrained",
   "make_dictionary_learner",
+  "pattern_problem",
   "round_direction",
   "round_with_pattern",
+  "round_with_pattern_rows",
 ]
 
 
@@ -521,6 +523,13 @@ def estimate_found_rows(
   return rows_bxb * valid_b[:, None].astype(rows_bxb.dtype)
 
 
+# Pattern rounding's passes: fractions of the predicted inactive rows taken
+# as zeros, Newton steps of the logistic fit, and re-labelled passes.
+_FRACTIONS = (0.0, 0.25, 0.4, 0.6, 0.8)
+_NEWTON_STEPS = 30
+_REPEATS = 2
+
+
 class _PatternProblem(NamedTuple):
   """What every column of :func:`round_with_pattern` shares (no batch axis).
 
@@ -780,9 +789,9 @@ def round_with_pattern(
   zero_tol: Float[Array, ""],
   *,
   max_missing: int,
-  fractions: tuple[float, ...] = (0.0, 0.25, 0.4, 0.6, 0.8),
-  newton_steps: int = 30,
-  repeats: int = 2,
+  fractions: tuple[float, ...] = _FRACTIONS,
+  newton_steps: int = _NEWTON_STEPS,
+  repeats: int = _REPEATS,
   temperature: float = 8.0,
   label_margin: float = 0.4,
 ) -> tuple[Float[Array, "K b"], Int[Array, " K"]]:
@@ -838,6 +847,62 @@ def round_with_pattern(
       newton_steps=newton_steps,
       fractions=fractions,
       repeats=repeats,
+    )
+  )(approx_kxb)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("max_missing", "temperature", "label_margin")
+)
+def pattern_problem(
+  found_bxb: Float[Array, "b b"],
+  valid_b: Bool[Array, " b"],
+  l_mxb: Float[Array, "m b"],
+  r_bxn: Float[Array, "b n"],
+  weight_mxn: Float[Array, "m n"],
+  bias_m: Float[Array, " m"],
+  alive_m: Bool[Array, " m"],
+  zero_tol: Float[Array, ""],
+  *,
+  max_missing: int,
+  temperature: float = 8.0,
+  label_margin: float = 0.4,
+) -> _PatternProblem:
+  """The data :func:`round_with_pattern` shares between its columns.
+
+  Only ``m x max_missing`` and ``m x b`` arrays: the weight is read once
+  here, so the per-column work (:func:`round_with_pattern_rows`) can be
+  split over devices without a copy of ``weight_mxn`` on each.
+  """
+  return _pattern_problem(
+    found_bxb,
+    valid_b,
+    l_mxb,
+    r_bxn,
+    weight_mxn,
+    bias_m,
+    alive_m,
+    zero_tol,
+    max_missing,
+    temperature,
+    label_margin,
+  )
+
+
+def round_with_pattern_rows(
+  rows: tuple[Float[Array, "K b"]], shared: tuple[_PatternProblem]
+) -> tuple[Float[Array, "K b"], Int[Array, " K"]]:
+  """:func:`round_with_pattern` of ``rows = (approx_kxb,)`` given
+  ``shared = (pattern_problem(...),)``, with the default passes (the
+  ``rows, shared`` form of :func:`spear_jax._distributed.map_rows`)."""
+  (approx_kxb,), (problem,) = rows, shared
+  return jax.vmap(
+    functools.partial(
+      _round_one_with_pattern,
+      problem,
+      newton_steps=_NEWTON_STEPS,
+      fractions=_FRACTIONS,
+      repeats=_REPEATS,
     )
   )(approx_kxb)
 

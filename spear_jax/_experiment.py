@@ -148,10 +148,20 @@ def run_trial(
     "verified_samples": int(np.sum(per_sample["verified"])),
     **label_record,
     **_jsonable(scores),
-    "stats": result.stats._asdict(),
+    "stats": _stats_record(result.stats),
     "per_sample": _jsonable(per_sample),
     "arrays": arrays,
   }
+
+
+def _stats_record(stats: InversionStats) -> dict:
+  """The attack's stats as JSON: ``timings`` by phase name."""
+  record = stats._asdict()
+  record["timings"] = {
+    t.phase: {k: v for k, v in t._asdict().items() if k != "phase"}
+    for t in stats.timings
+  }
+  return record
 
 
 def _invert_update(update, key, method, config):

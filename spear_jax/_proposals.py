@@ -16,9 +16,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from spear_jax._config import AttackConfig
+from spear_jax._distributed import attack_devices
+from spear_jax._distributed import run_sharded
+from spear_jax._distributed import to_host
 from spear_jax._linalg import null_vector
 from spear_jax._sampling import sample_rows
 from spear_jax._strategy import StepOutput
@@ -121,66 +123,73 @@ def propose_block(
 
 
 def _devices(config: AttackConfig) -> tuple[jax.Device, ...]:
-  """Devices that share a block: all local ones, unless the config says."""
-  devices = jax.local_devices()
-  if config.num_devices is not None:
-    if not 1 <= config.num_devices <= len(devices):
-      raise ValueError(
-        f"num_devices={config.num_devices} but {len(devices)} local devices."
-      )
-    devices = devices[: config.num_devices]
-  # Each device needs a whole number of chunks.
+  """Devices that share a block: all local ones (of every process, see
+  ``config.across_processes``), unless the config says fewer; as many per
+  process as give every device a whole number of chunks."""
   chunk = min(config.chunk_size, config.block_size)
-  while config.block_size % (len(devices) * chunk):
-    devices = devices[:-1]
-  return tuple(devices)
+  per_process = config.num_devices or len(jax.local_devices())
+  while True:
+    devices = attack_devices(
+      per_process, across_processes=config.across_processes
+    )
+    if not config.block_size % (len(devices) * chunk):
+      return devices
+    if per_process == 1:
+      raise ValueError(
+        f"block_size={config.block_size} is not a multiple of "
+        f"{len(devices)} processes x chunk_size={chunk}."
+      )
+    per_process -= 1
+
+
+def _screen_local(
+  rows, shared, *, num_devices, block_size, chunk_size, local_max_out
+):
+  """One device's share of a block, compacted to its passers."""
+  (keys,) = rows
+  l_mxb, alive_rows_m, alive_m, num_alive, tol, floor = shared
+  directions, zeros = propose_block(
+    keys[0],
+    l_mxb,
+    alive_rows_m,
+    alive_m,
+    num_alive,
+    tol,
+    block_size=block_size // num_devices,
+    chunk_size=chunk_size,
+  )
+  passed = zeros >= floor
+  (index,) = jnp.nonzero(passed, size=local_max_out, fill_value=0)
+  valid = jnp.arange(local_max_out) < jnp.sum(passed)
+  return directions[index], valid
 
 
 @functools.cache
 def _screen_block_fn(devices, block_size, chunk_size, max_out):
-  """Jitted block of proposals, compacted to (a random subset of) passers.
+  """Block of proposals, compacted to (a random subset of) passers.
 
-  Returns ``screen(keys, ...) -> (directions, valid)`` (one key per
+  Returns ``screen(keys, args) -> (directions, valid)`` (one key per
   device) where the rows flagged ``valid`` are the filter-passing
-  proposals. With several local devices (for example
-  ``--xla_force_host_platform_device_count`` on a multi-core CPU host) the
-  block is split evenly across them with ``shard_map``; each device samples
-  and compacts its own share, so the devices never communicate (no
-  collectives, which on CPU hosts could deadlock with several blocks in
-  flight).
+  proposals. With several devices (several GPUs, the cores of a CPU host
+  with ``--xla_force_host_platform_device_count``, or the devices of
+  several processes) the block is split evenly across them
+  (:func:`spear_jax._distributed.run_sharded`); each device samples and
+  compacts its own share, so the devices never communicate while they work.
+  The result stays on the devices until :func:`to_host` (so the next block
+  can be dispatched first).
   """
-  num_devices = len(devices)
-  local_max_out = max_out // num_devices
-
-  def local(keys, l_mxb, alive_rows_m, alive_m, num_alive, tol, floor):
-    directions, zeros = propose_block(
-      keys[0],
-      l_mxb,
-      alive_rows_m,
-      alive_m,
-      num_alive,
-      tol,
-      block_size=block_size // num_devices,
-      chunk_size=chunk_size,
-    )
-    passed = zeros >= floor
-    (index,) = jnp.nonzero(passed, size=local_max_out, fill_value=0)
-    valid = jnp.arange(local_max_out) < jnp.sum(passed)
-    return directions[index], valid
-
-  if num_devices == 1:
-    return jax.jit(local)
-  mesh = jax.sharding.Mesh(np.array(devices), ("proposals",))
-  spec = jax.sharding.PartitionSpec("proposals")
-  rep = jax.sharding.PartitionSpec()
-  return jax.jit(
-    jax.shard_map(
-      local,
-      mesh=mesh,
-      in_specs=(spec, rep, rep, rep, rep, rep, rep),
-      out_specs=(spec, spec),
-    )
+  local = functools.partial(
+    _screen_local,
+    num_devices=len(devices),
+    block_size=block_size,
+    chunk_size=chunk_size,
+    local_max_out=max_out // len(devices),
   )
+
+  def screen(keys, args):
+    return run_sharded(local, devices, (keys,), args)
+
+  return screen
 
 
 class SamplerState(NamedTuple):
@@ -223,7 +232,7 @@ def spear_sampler(config: AttackConfig | None = None) -> Strategy:
 
   def dispatch(key, args):
     key, block_key = jax.random.split(key)
-    return key, screen(jax.random.split(block_key, len(devices)), *args)
+    return key, screen(jax.random.split(block_key, len(devices)), args)
 
   def init(key, problem):
     # The block's device arguments are built once per run, not per block.
@@ -242,13 +251,15 @@ def spear_sampler(config: AttackConfig | None = None) -> Strategy:
     key, pending, args = state
     if pending is None:
       key, pending = dispatch(key, args)
-    directions, valid = pending
-    key, pending = dispatch(key, args)
+    finished = pending
+    key, pending = dispatch(key, args)  # in flight while the host works
+    directions, valid = to_host(finished)
     return StepOutput(
-      np.asarray(directions)[np.asarray(valid)],
+      directions[valid],
       SamplerState(key, pending, args),
       proposals=block_size,
       blocks=1,
+      stage="block",
     )
 
   return Strategy("SPEAR", init, step)

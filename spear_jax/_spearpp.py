@@ -36,8 +36,11 @@ from spear_jax._dictionary import estimate_found_rows
 from spear_jax._dictionary import learn_directions
 from spear_jax._dictionary import learn_directions_constrained
 from spear_jax._dictionary import nested_twin_columns
+from spear_jax._dictionary import pattern_problem
 from spear_jax._dictionary import round_direction
-from spear_jax._dictionary import round_with_pattern
+from spear_jax._dictionary import round_with_pattern_rows
+from spear_jax._distributed import attack_devices
+from spear_jax._distributed import map_rows
 from spear_jax._linalg import twin_span
 from spear_jax._pool import CandidatePool
 from spear_jax._problem import Problem
@@ -51,12 +54,27 @@ __all__ = ["LearnerRoundState", "spearpp_learner"]
 _SEARCH, _PATTERN, _COMPLETE = range(3)
 
 
-@functools.partial(jax.jit, static_argnames=("tries", "pool"))
-def _round_many(keys, approx_kxb, l_mxb, alive_m, screen_tol, *, tries, pool):
+def _round_rows(rows, shared, *, tries, pool):
+  keys, approx_kxb = rows
   return jax.vmap(
     functools.partial(round_direction, tries=tries, pool=pool),
     in_axes=(0, 0, None, None, None),
-  )(keys, approx_kxb, l_mxb, alive_m, screen_tol)
+  )(keys, approx_kxb, *shared)
+
+
+def _learn_rows(rows, shared, *, config):
+  (initial_kxb,) = rows
+  return learn_directions(initial_kxb, *shared, config=config)
+
+
+def _learn_constrained_rows(rows, shared, *, config):
+  return learn_directions_constrained(*rows, *shared, config=config)
+
+
+@functools.cache
+def _row_fn(fn, **static):
+  """One ``functools.partial`` per setting, so compilations are reused."""
+  return functools.partial(fn, **static)
 
 
 def _found_and_layer(problem, found_kxb):
@@ -163,7 +181,7 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
 
 
 def _pattern_round(
-  problem, found_kxb, approx_kxb, rounded_kxb, zeros_k, learner
+  problem, found_kxb, approx_kxb, rounded_kxb, zeros_k, learner, devices
 ):
   """Re-rounds, through the ReLU pattern, the end points rounding missed.
 
@@ -188,14 +206,16 @@ def _pattern_round(
   batch = np.zeros((size, b), approx_kxb.dtype)
   batch[: len(kept)] = kept
   batch[len(kept) :] = kept[0]
-  directions, zeros = round_with_pattern(
-    jnp.asarray(batch),
+  shared = pattern_problem(
     *_found_and_layer(problem, found_kxb),
     max_missing=learner.pattern_max_missing,
     temperature=learner.pattern_temperature,
     label_margin=learner.pattern_label_margin,
   )
-  return (np.asarray(directions)[: len(kept)], np.asarray(zeros)[: len(kept)])
+  directions, zeros = map_rows(
+    round_with_pattern_rows, devices, (jnp.asarray(batch),), (shared,)
+  )
+  return directions[: len(kept)], zeros[: len(kept)]
 
 
 class LearnerRoundState(NamedTuple):
@@ -222,7 +242,7 @@ class LearnerRoundState(NamedTuple):
   zeros: np.ndarray | None = None
 
 
-def _search_stage(state, problem, pool, selection, learner):
+def _search_stage(state, problem, pool, selection, learner, devices):
   """Stage 1: restarts of the l1 search, each end point rounded."""
   b = problem.b
   key, init_key, round_key = jax.random.split(state.key, 3)
@@ -232,39 +252,44 @@ def _search_stage(state, problem, pool, selection, learner):
     starts, pivots, in_subspace, exclude = _constrained_starts(
       init_key, problem, found, restarts, learner
     )
-    stage1, approx = learn_directions_constrained(
-      jnp.asarray(starts),
-      jnp.asarray(pivots),
-      jnp.asarray(in_subspace),
-      jnp.asarray(exclude),
-      problem.l_mxb,
-      problem.alive,
-      problem.scalar(problem.tol.screen),
-      config=learner,
+    stage1, approx = map_rows(
+      _row_fn(_learn_constrained_rows, config=learner),
+      devices,
+      (
+        jnp.asarray(starts, problem.dtype),
+        jnp.asarray(pivots, problem.dtype),
+        jnp.asarray(in_subspace),
+      ),
+      (
+        jnp.asarray(exclude, problem.dtype),
+        problem.l_mxb,
+        problem.alive,
+        problem.scalar(problem.tol.screen),
+      ),
     )
     # A stage-1 end point near a missing column may round exactly where
     # the full search from it drifts to a known one: round both.
-    approx = jnp.concatenate([approx, stage1])
+    approx = np.concatenate([approx, stage1])
   else:
     starts = _initial_directions(
       init_key, problem, pool.directions, restarts, learner.targeted_fraction
     )
-    approx, _ = learn_directions(
-      jnp.asarray(starts, problem.dtype),
-      problem.l_mxb,
-      problem.alive,
-      config=learner,
+    approx, _ = map_rows(
+      _row_fn(_learn_rows, config=learner),
+      devices,
+      (jnp.asarray(starts, problem.dtype),),
+      (problem.l_mxb, problem.alive),
     )
-  rounded, zeros = _round_many(
-    jax.random.split(round_key, approx.shape[0]),
-    approx,
-    problem.l_mxb,
-    problem.alive,
-    problem.scalar(problem.tol.screen),
-    tries=learner.rounding_tries,
-    pool=learner.rounding_pool or 2 * b,
+  rounded, zeros = map_rows(
+    _row_fn(
+      _round_rows,
+      tries=learner.rounding_tries,
+      pool=learner.rounding_pool or 2 * b,
+    ),
+    devices,
+    (jax.random.split(round_key, approx.shape[0]), jnp.asarray(approx)),
+    (problem.l_mxb, problem.alive, problem.scalar(problem.tol.screen)),
   )
-  rounded, zeros = np.asarray(rounded), np.asarray(zeros)
   state = state._replace(
     key=key,
     stage=_PATTERN,
@@ -279,10 +304,11 @@ def _search_stage(state, problem, pool, selection, learner):
     state,
     proposals=approx.shape[0] * learner.rounding_tries,
     blocks=1,
+    stage="search",
   )
 
 
-def _pattern_stage(state, problem, pool, selection, learner):
+def _pattern_stage(state, problem, pool, selection, learner, devices):
   """Stage 2: pattern rounding of the end points plain rounding missed."""
   missing = problem.b - selection.chosen.shape[0]
   directions = np.zeros((0, problem.b), problem.dtype)
@@ -298,9 +324,12 @@ def _pattern_stage(state, problem, pool, selection, learner):
       state.rounded,
       state.zeros,
       learner,
+      devices,
     )
     directions = snapped[zeros >= problem.floor]
-  return StepOutput(directions, state._replace(stage=_COMPLETE))
+  return StepOutput(
+    directions, state._replace(stage=_COMPLETE), stage="pattern"
+  )
 
 
 @jax.jit
@@ -387,11 +416,12 @@ def _complete_twins(problem, found_kxb, span_bxs):
   return np.concatenate(proposals).astype(problem.dtype)
 
 
-def _complete_stage(state, problem, pool, selection, learner):
+def _complete_stage(state, problem, pool, selection, learner, devices):
   """Stage 3: one column missing, read it off the bias gradient (always)
   and off the layer's ReLU pattern (with the weights, strict check); a few
   missing near-twins, through the span their shared zero set annihilates
   (:func:`_missing_span`, with the weights)."""
+  del devices
   directions = pinned = np.zeros((0, problem.b), problem.dtype)
   missing = problem.b - selection.chosen.shape[0]
   strict = problem.certifiable and problem.check == "relu"
@@ -418,7 +448,9 @@ def _complete_stage(state, problem, pool, selection, learner):
         problem.alive,
       )
       pinned = np.asarray(direction, problem.dtype)[None]
-  return StepOutput(directions, state._replace(stage=_SEARCH), pinned=pinned)
+  return StepOutput(
+    directions, state._replace(stage=_SEARCH), pinned=pinned, stage="complete"
+  )
 
 
 _STAGES = (_search_stage, _pattern_stage, _complete_stage)
@@ -450,6 +482,9 @@ def spearpp_learner(config: AttackConfig | None = None) -> Strategy:
   """
   config = AttackConfig() if config is None else config
   learner = config.learner
+  devices = attack_devices(
+    config.num_devices, across_processes=config.across_processes
+  )
 
   def init(key: PRNGKeyArray, problem: Problem) -> LearnerRoundState:
     del problem
@@ -467,7 +502,9 @@ def spearpp_learner(config: AttackConfig | None = None) -> Strategy:
         return StepOutput(
           np.zeros((0, problem.b), problem.dtype), state, stop_reason=stop
         )
-    return _STAGES[state.stage](state, problem, pool, selection, learner)
+    return _STAGES[state.stage](
+      state, problem, pool, selection, learner, devices
+    )
 
   return Strategy(
     "SPEAR++", init, step, split_mixtures=learner.split_mixtures, search=True

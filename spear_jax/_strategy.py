@@ -46,6 +46,9 @@ class StepOutput(NamedTuple):
     pinned: directions read off the layer's ReLU pattern, absorbed without
       the mixture test (see :func:`spear_jax._pool.absorb`): the
       certificate judges them.
+    stage: the name the step's time is booked under in
+      ``InversionStats.timings`` (SPEAR++: ``"search"``, ``"pattern"``,
+      ``"complete"``).
   """
 
   directions: np.ndarray
@@ -54,6 +57,7 @@ class StepOutput(NamedTuple):
   blocks: int = 0
   stop_reason: str | None = None
   pinned: np.ndarray | None = None
+  stage: str = "step"
 
 
 class Strategy(NamedTuple):

@@ -42,7 +42,30 @@ __all__ = [
   "InversionResult",
   "InversionStats",
   "PRNGKeyArray",
+  "PhaseTime",
 ]
+
+
+class PhaseTime(NamedTuple):
+  """Time and memory of one phase of an inversion.
+
+  Attributes:
+    phase: ``"prepare"`` (validation and factorisation), a strategy stage
+      (SPEAR's ``"block"``; SPEAR++'s ``"search"``, ``"pattern"``,
+      ``"complete"``), ``"absorb"``, ``"select"`` or ``"finalize"``.
+    seconds: wall time spent in it, compilation included.
+    compile_seconds: the part of ``seconds`` JAX spent tracing, lowering
+      and compiling (or reading the persistent compilation cache).
+    calls: how often it ran.
+    rss_rise_bytes: how much the process's peak resident memory rose
+      while it ran (0 where ``/proc`` is not available).
+  """
+
+  phase: str
+  seconds: float
+  compile_seconds: float
+  calls: int
+  rss_rise_bytes: int
 
 
 class InversionStats(NamedTuple):
@@ -64,6 +87,11 @@ class InversionStats(NamedTuple):
       ``InversionResult.identifiable``), ``"max_proposals"``,
       ``"time_budget"``, ``"interrupted"`` or ``"not_certified"`` (``b = 1``
       whose only sample fails the certificate).
+    check: how samples were verified (``"relu"``, ``"drift"``, ``"noise"``
+      or ``"none"``).
+    noise_std: the noise level the noise-aware attack assumed (0 if none).
+    timings: where the time and memory went, one :class:`PhaseTime` per
+      phase (empty for the noise-aware attack).
   """
 
   proposals: int
@@ -77,6 +105,7 @@ class InversionStats(NamedTuple):
   stop_reason: str
   check: str = "none"
   noise_std: float = 0.0
+  timings: tuple[PhaseTime, ...] = ()
 
 
 class InversionResult(NamedTuple):

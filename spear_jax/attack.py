@@ -32,6 +32,7 @@ from spear_jax._dictionary import (
 )
 from spear_jax._dictionary import round_direction as round_direction
 from spear_jax._dictionary import round_with_pattern as round_with_pattern
+from spear_jax._distributed import attack_devices as attack_devices
 from spear_jax._labels import LabelResult as LabelResult
 from spear_jax._labels import label_accuracy as label_accuracy
 from spear_jax._labels import recover_labels as recover_labels
@@ -59,6 +60,7 @@ from spear_jax._strategy import StepOutput as StepOutput
 from spear_jax._strategy import Strategy as Strategy
 from spear_jax._types import InversionResult as InversionResult
 from spear_jax._types import InversionStats as InversionStats
+from spear_jax._types import PhaseTime as PhaseTime
 
 __all__ = [
   "METHODS",
@@ -71,6 +73,7 @@ __all__ = [
   "LabelResult",
   "LearnerConfig",
   "LearnerRoundState",
+  "PhaseTime",
   "Problem",
   "Reconstruction",
   "SearchState",
@@ -79,6 +82,7 @@ __all__ = [
   "Strategy",
   "Tolerances",
   "absorb",
+  "attack_devices",
   "complete_last_column",
   "default_max_proposals",
   "drift_certificate",

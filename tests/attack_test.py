@@ -12,7 +12,6 @@ import spear_jax
 from spear_jax import _client
 from spear_jax import _data
 from spear_jax import _linalg
-from spear_jax import _pool
 from spear_jax import _proposals
 from spear_jax import _selection
 
@@ -26,7 +25,7 @@ def _max_error(result, truth_bxn):
   return np.max(np.abs(recovered - truth_bxn[order]))
 
 
-def _certified(p, key, config=None):
+def _certified(p, key, config=None, method="spear"):
   """``invert`` of a problem from ``helpers`` with its layer (certified)."""
   return spear_jax.invert(
     p["weight_grad"],
@@ -35,6 +34,7 @@ def _certified(p, key, config=None):
     weight=p["weight"],
     bias=p["bias"],
     config=config,
+    method=method,
   )
 
 
@@ -132,26 +132,26 @@ class ExactRecoveryTest(parameterized.TestCase):
 
   def test_no_recompilation_for_new_values(self):
     shapes = (70, 30, 5)
-    p = helpers.relu_layer_problem(30, *shapes)
-    kwargs = {"weight": p["weight"], "bias": p["bias"], "config": _SMALL}
-    spear_jax.invert(
-      p["weight_grad"], p["bias_grad"], key=jax.random.key(0), **kwargs
-    )
-    screen = _proposals._screen_block_fn(
-      _proposals._devices(_SMALL), 2048, 64, 256
-    )
-    jitted = (
-      screen,
-      _pool._polish_many,
-      _selection.select_independent,
-      _selection.recover_batch,
-      spear_jax.attack.relu_certificate,
-    )
-    sizes = [f._cache_size() for f in jitted]
-    q = helpers.relu_layer_problem(31, *shapes)
-    result = _certified(q, 1, _SMALL)
-    self.assertTrue(result.success)
-    self.assertEqual([f._cache_size() for f in jitted], sizes)
+    for method in ("spear", "spearpp"):
+      p = helpers.relu_layer_problem(30, *shapes)
+      result = _certified(p, 0, _SMALL, method=method)
+      self.assertTrue(result.success)
+      # A new gradient of the same shapes traces (and compiles) nothing.
+      traced = []
+
+      def listener(event, duration, traced=traced, **kwargs):
+        del duration, kwargs
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+          traced.append(event)
+
+      jax.monitoring.register_event_duration_secs_listener(listener)
+      try:
+        q = helpers.relu_layer_problem(31, *shapes)
+        result = _certified(q, 1, _SMALL, method=method)
+      finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+      self.assertTrue(result.success)
+      self.assertEqual(traced, [], msg=method)
 
 
 class ResumeTest(parameterized.TestCase):

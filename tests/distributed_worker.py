@@ -1,0 +1,57 @@
+"""One process of the multi-device and multi-process tests.
+
+``python distributed_worker.py OUT DEVICES [COORDINATOR NUM_PROCESSES ID]``
+runs SPEAR++ and SPEAR on fixed synthetic problems with ``DEVICES`` CPU
+devices per process, optionally as process ``ID`` of ``NUM_PROCESSES``
+joined through ``jax.distributed`` on ``COORDINATOR`` (JAX's gloo CPU
+collectives), and saves what it recovered to ``OUT`` (one file per
+process). The test compares the files.
+"""
+
+import os
+import sys
+
+out_path, devices = sys.argv[1], int(sys.argv[2])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+if len(sys.argv) > 3:
+  coordinator, num_processes, process_id = sys.argv[3:6]
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator, num_processes=int(num_processes), process_id=int(process_id)
+  )
+
+sys.path.insert(0, os.path.dirname(__file__))
+import helpers
+
+import spear_jax
+
+arrays = {}
+for method, (seed, m, n, b) in (
+  ("spearpp", (7, 160, 80, 14)),
+  ("spear", (8, 90, 50, 7)),
+):
+  p = helpers.relu_layer_problem(seed, m, n, b)
+  result = spear_jax.invert(
+    p["weight_grad"],
+    p["bias_grad"],
+    key=jax.random.key(3),
+    method=method,
+    weight=p["weight"],
+    bias=p["bias"],
+    config=spear_jax.AttackConfig(block_size=2048),
+  )
+  order = helpers.match_rows(np.asarray(result.inputs), p["inputs"])
+  arrays[f"{method}_inputs"] = np.asarray(result.inputs)
+  arrays[f"{method}_error"] = np.max(
+    np.abs(np.asarray(result.inputs) - p["inputs"][order])
+  )
+  arrays[f"{method}_success"] = result.success
+  arrays[f"{method}_rounds"] = result.stats.blocks
+  arrays[f"{method}_proposals"] = result.stats.proposals
+  arrays[f"{method}_devices"] = len(spear_jax.attack.attack_devices(None))
+np.savez(out_path, **arrays)

@@ -144,13 +144,16 @@ def main(argv):
   from spear_jax import audit  # pylint: disable=g-import-not-at-top
 
   out_dir = os.path.expanduser(_OUT_DIR.value)
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as err:
-    _fail(f"cannot create --out_dir {out_dir}: {err.strerror}.")
   log = os.path.join(out_dir, "trials.jsonl")
-  if not _RESUME.value and os.path.exists(log):
-    os.remove(log)
+  if _runtime.is_writer():
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+      _fail(f"cannot create --out_dir {out_dir}: {err.strerror}.")
+    if not _RESUME.value and os.path.exists(log):
+      os.remove(log)
+  # Other processes write to a scratch copy (process 0 writes the outputs).
+  out_dir = _runtime.output_dir(out_dir, ("trials.jsonl",))
   try:
     report = audit.run_audit(config, out_dir)
   except (ValueError, FileNotFoundError, ImportError) as err:
@@ -163,7 +166,7 @@ def main(argv):
   )
   if not report["complete"]:
     print("interrupted: run the same command again to resume.", file=sys.stderr)
-  sys.exit(0 if report["complete"] else 1)
+  _runtime.exit_all(0 if report["complete"] else 1)
 
 
 if __name__ == "__main__":

@@ -479,20 +479,11 @@ def client_config(spec: str):
     raise ValueError(f"--clients: {err}") from None
 
 
-def _sweep(config, env):
-  """Runs the pending trials of the sweep; returns True if interrupted."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  import spear_jax  # pylint: disable=g-import-not-at-top
-  from spear_jax import _experiment  # pylint: disable=g-import-not-at-top
+def _plan(done):
+  """The sweep's pending (setting, trial) tasks, in the sweep's order."""
   from spear_jax import _report  # pylint: disable=g-import-not-at-top
 
-  dtype = "float64"
-  done = {_report.trial_key(r) for r in _report.read_records(_OUTPUT.value)}
-  plan = []
+  tasks = []
   for method, objective, dataset, m, b, client in _settings():
     client_config(client)  # fail early on a bad spec
     setting = {
@@ -503,97 +494,137 @@ def _sweep(config, env):
       "width": m,
       "batch_size": b,
       "depth": _DEPTH.value,
-      "dtype": dtype,
+      "dtype": "float64",
       "seed": _SEED.value,
     }
-    pending = [
-      t
+    tasks += [
+      (setting, t)
       for t in range(_TRIALS.value)
       if _report.trial_key({**setting, "trial": t}) not in done
     ]
-    if pending:
-      plan.append((setting, pending))
-  total = sum(len(pending) for _, pending in plan)
-  logging.info(
-    "%d trials pending, %d already in %s", total, len(done), _OUTPUT.value
-  )
-  progress = _report.ProgressBar(total, "trials")
-  image_sets = {}
+  return tasks
+
+
+def _trial_runner(config, env):
+  """``run(setting, trial) -> record``: loads data and warms up once per
+  setting (every process for its own trials)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  import spear_jax  # pylint: disable=g-import-not-at-top
+  from spear_jax import _experiment  # pylint: disable=g-import-not-at-top
+
+  image_sets, first_call = {}, {}
   root = jax.random.key(_SEED.value)
-  try:
-    for setting, pending in plan:
-      name = setting["dataset"]
-      if name not in image_sets:
-        image_sets[name] = spear_jax.data.load_dataset(
-          name, data_dir=_DATA_DIR.value
-        )
-      learner = spear_jax.LearnerConfig(
-        objective=(
-          "l1" if setting["objective"] == "none" else setting["objective"]
-        )
+
+  def run(setting, trial):
+    name = setting["dataset"]
+    if name not in image_sets:
+      image_sets[name] = spear_jax.data.load_dataset(
+        name, data_dir=_DATA_DIR.value
       )
-      cfg = dataclasses.replace(config, learner=learner)
-      # Problems depend on (dataset, m, b, trial) only: every method and
-      # objective attacks the same gradients.
-      shape_key = jax.random.fold_in(root, zlib.crc32(name.encode()))
-      shape_key = jax.random.fold_in(shape_key, setting["width"])
-      shape_key = jax.random.fold_in(shape_key, setting["batch_size"])
-      kwargs = {
-        "batch_size": setting["batch_size"],
-        "width": setting["width"],
-        "depth": setting["depth"],
-        "method": setting["method"],
-        "dtype": jnp.dtype(dtype),
-        "config": cfg,
-        "client": client_config(setting["client_spec"]),
-      }
-      first_call_s = None
-      if _WARMUP.value:
-        # Compiles everything; a short budget keeps a hopeless setting
-        # from costing a full extra attack. SPEAR++ runs two rounds (the
-        # second compiles the deflated search) with no time budget.
-        if setting["method"] == "spear":
-          warm_cfg = dataclasses.replace(cfg, time_budget_s=5.0)
-        else:
-          warm_cfg = dataclasses.replace(
-            cfg,
-            time_budget_s=None,
-            learner=dataclasses.replace(learner, max_rounds=2),
-          )
-        start = time.perf_counter()
-        _experiment.run_trial(
-          jax.random.fold_in(shape_key, 1_000_000),
-          image_sets[name],
-          **{**kwargs, "config": warm_cfg},
+    objective = setting["objective"]
+    learner = spear_jax.LearnerConfig(
+      objective="l1" if objective == "none" else objective
+    )
+    cfg = dataclasses.replace(config, learner=learner)
+    # Problems depend on (dataset, m, b, trial) only: every method and
+    # objective attacks the same gradients.
+    shape_key = jax.random.fold_in(root, zlib.crc32(name.encode()))
+    shape_key = jax.random.fold_in(shape_key, setting["width"])
+    shape_key = jax.random.fold_in(shape_key, setting["batch_size"])
+    kwargs = {
+      "batch_size": setting["batch_size"],
+      "width": setting["width"],
+      "depth": setting["depth"],
+      "method": setting["method"],
+      "dtype": jnp.dtype(setting["dtype"]),
+      "config": cfg,
+      "client": client_config(setting["client_spec"]),
+    }
+    setting_id = json.dumps(setting, sort_keys=True)
+    if _WARMUP.value and setting_id not in first_call:
+      # Compiles everything; a short budget keeps a hopeless setting
+      # from costing a full extra attack. SPEAR++ runs two rounds (the
+      # second compiles the deflated search) with no time budget.
+      if setting["method"] == "spear":
+        warm_cfg = dataclasses.replace(cfg, time_budget_s=5.0)
+      else:
+        warm_cfg = dataclasses.replace(
+          cfg,
+          time_budget_s=None,
+          learner=dataclasses.replace(learner, max_rounds=2),
         )
-        first_call_s = time.perf_counter() - start
-      for trial in pending:
-        result = _experiment.run_trial(
-          jax.random.fold_in(shape_key, trial), image_sets[name], **kwargs
-        )
-        if result["stats"]["stop_reason"] == "interrupted":
-          raise KeyboardInterrupt
-        record = _experiment.trial_record(
-          result,
-          seed=setting["seed"],
-          trial=trial,
-          first_call_s=first_call_s,
-          client_spec=setting["client_spec"],
-          kind="trial",
-          # The process's peak so far (warm-up and earlier trials included).
-          peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          **env,
-        )
-        _report.append_record(_OUTPUT.value, record)
+      start = time.perf_counter()
+      _experiment.run_trial(
+        jax.random.fold_in(shape_key, 1_000_000),
+        image_sets[name],
+        **{**kwargs, "config": warm_cfg},
+      )
+      first_call[setting_id] = time.perf_counter() - start
+    result = _experiment.run_trial(
+      jax.random.fold_in(shape_key, trial), image_sets[name], **kwargs
+    )
+    if result["stats"]["stop_reason"] == "interrupted":
+      raise KeyboardInterrupt
+    return _experiment.trial_record(
+      result,
+      seed=setting["seed"],
+      trial=trial,
+      first_call_s=first_call.get(setting_id),
+      client_spec=setting["client_spec"],
+      kind="trial",
+      # The process's peak so far (warm-up and earlier trials included).
+      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      **env,
+    )
+
+  return run
+
+
+def _sweep(config, env):
+  """Runs the pending trials of the sweep; returns True if interrupted.
+
+  With several processes (``--coordinator_address``), process ``i`` of
+  ``N`` runs the pending trials ``i, i + N, ...``, each attack on its own
+  devices; after every wave of ``N`` trials the records are gathered and
+  process 0 appends them to ``--output``, so the one merged log is
+  resumable by any number of processes.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from spear_jax import _report  # pylint: disable=g-import-not-at-top
+
+  index, count = _runtime.process_share()
+  done = {
+    _report.trial_key(r)
+    for r in _report.read_records(_runtime.shared_copy(_OUTPUT.value))
+  }
+  tasks = _plan(done)
+  logging.info(
+    "%d trials pending, %d already in %s", len(tasks), len(done), _OUTPUT.value
+  )
+  run = _trial_runner(dataclasses.replace(config, across_processes=False), env)
+  progress = _report.ProgressBar(len(tasks), "trials")
+  try:
+    for wave in range(0, len(tasks), count):
+      mine = tasks[wave : wave + count][index : index + 1]
+      records = [run(*task) for task in mine]
+      if count > 1:
+        texts = _runtime.gather_strings(json.dumps(records))
+        records = [r for text in texts for r in json.loads(text)]
+      for record in records:
+        if _runtime.is_writer():
+          _report.append_record(_OUTPUT.value, record)
         progress.advance(
           1,
-          (
-            f"{setting['method']}/{setting['objective']} "
-            f"{setting['client_spec']} "
-            f"{name} m={setting['width']} b={setting['batch_size']} "
-            f"trial {trial}: {record['exact_samples']}/"
-            f"{record['batch_size']} exact, {record['seconds']:.1f} s"
-          ),
+          f"{record['method']}/{record['objective']} "
+          f"{record['client_spec']} {record['dataset']} "
+          f"m={record['width']} b={record['batch_size']} "
+          f"trial {record['trial']}: {record['exact_samples']}/"
+          f"{record['batch_size']} exact, {record['seconds']:.1f} s",
         )
   except KeyboardInterrupt:
     progress.close()
@@ -804,6 +835,8 @@ def main(argv):
     def emit(record):
       record = {**env, "dtype": "float64", **record}
       print(json.dumps(record), flush=True)
+      if not _runtime.is_writer():
+        return
       with open(_OUTPUT.value, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -823,11 +856,12 @@ def main(argv):
   except (ValueError, FileNotFoundError, ImportError) as err:
     print(f"benchmark.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
-  _summarize(env)
+  if _runtime.is_writer():
+    _summarize(env)
   if interrupted:
     print("interrupted; run the same command again to resume.", file=sys.stderr)
-    sys.exit(1)
+  _runtime.exit_all(1 if interrupted else 0)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_runtime.flags_parser("benchmark.py"))

@@ -41,7 +41,6 @@ low-rank structure even above the noise (nothing is written).
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import zipfile
 
@@ -340,7 +339,7 @@ def main(argv):
     initial, earlier_proposals = _load_checkpoint(fingerprint)
 
     def checkpoint_fn(candidates, proposals):
-      if _CHECKPOINT.value:
+      if _CHECKPOINT.value and _runtime.is_writer():
         _write_npz(
           _CHECKPOINT.value,
           candidates=candidates,
@@ -370,14 +369,15 @@ def main(argv):
   if _LABELS.value:
     labels = _labels(arrays, result, noisy=result.stats.check == "noise")
     outputs = {"labels": labels.labels, "labels_verified": labels.verified}
-  _write_npz(
-    _OUTPUT.value,
-    inputs=np.asarray(result.inputs),
-    verified=verified,
-    grad_z=np.asarray(result.grad_z),
-    success=np.asarray(result.success),
-    **outputs,
-  )
+  if _runtime.is_writer():
+    _write_npz(
+      _OUTPUT.value,
+      inputs=np.asarray(result.inputs),
+      verified=verified,
+      grad_z=np.asarray(result.grad_z),
+      success=np.asarray(result.success),
+      **outputs,
+    )
   summary = {
     "success": result.success,
     "certified": "weight" in arrays,
@@ -401,7 +401,7 @@ def main(argv):
     summary["labels_reason"] = labels.reason
     labels_ok = bool(labels.verified.all())
   print(json.dumps(summary))
-  sys.exit(0 if result.success and labels_ok else 1)
+  _runtime.exit_all(0 if result.success and labels_ok else 1)
 
 
 if __name__ == "__main__":

@@ -267,13 +267,17 @@ def main(argv):
       f"{image_set.num_images} images of {_DATASET.value!r}."
     )
   out_dir = os.path.expanduser(_OUT_DIR.value)
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as err:
-    _fail(f"cannot create --out_dir {out_dir}: {err.strerror}.")
   log_path = os.path.join(out_dir, "trials.jsonl")
-  if not _RESUME.value and os.path.exists(log_path):
-    os.remove(log_path)
+  if _runtime.is_writer():
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+      _fail(f"cannot create --out_dir {out_dir}: {err.strerror}.")
+    if not _RESUME.value and os.path.exists(log_path):
+      os.remove(log_path)
+  # Other processes write to a scratch copy (process 0 writes the outputs).
+  out_dir = _runtime.output_dir(out_dir, ("trials.jsonl",))
+  log_path = os.path.join(out_dir, "trials.jsonl")
   setting = _setting()
   finished = {
     r["trial"]: r
@@ -359,7 +363,7 @@ def main(argv):
       default=float,
     )
   picture = None
-  if trials:
+  if trials and _runtime.is_writer():
     with np.load(
       os.path.join(out_dir, f"trial_{trials[0]['trial']:03d}.npz")
     ) as arrays:
@@ -411,7 +415,7 @@ def main(argv):
       }
     )
   )
-  sys.exit(0 if exact == _NUM_TRIALS.value else 1)
+  _runtime.exit_all(0 if exact == _NUM_TRIALS.value else 1)
 
 
 if __name__ == "__main__":

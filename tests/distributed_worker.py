@@ -1,7 +1,8 @@
 """One process of the multi-device and multi-process tests.
 
-``python distributed_worker.py OUT DEVICES [COORDINATOR NUM_PROCESSES ID]``
-runs SPEAR++ and SPEAR on fixed synthetic problems with ``DEVICES`` CPU
+``python distributed_worker.py OUT DEVICES METHODS [COORDINATOR
+NUM_PROCESSES ID]`` runs the comma-separated METHODS (SPEAR++, SPEAR) on
+fixed synthetic problems with ``DEVICES`` CPU
 devices per process, optionally as process ``ID`` of ``NUM_PROCESSES``
 joined through ``jax.distributed`` on ``COORDINATOR`` (JAX's gloo CPU
 collectives), and saves what it recovered to ``OUT`` (one file per
@@ -11,15 +12,15 @@ process). The test compares the files.
 import os
 import sys
 
-out_path, devices = sys.argv[1], int(sys.argv[2])
+out_path, devices, methods = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 
 import jax
 import numpy as np
 
 jax.config.update("jax_enable_x64", True)
-if len(sys.argv) > 3:
-  coordinator, num_processes, process_id = sys.argv[3:6]
+if len(sys.argv) > 4:
+  coordinator, num_processes, process_id = sys.argv[4:7]
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
     coordinator, num_processes=int(num_processes), process_id=int(process_id)
@@ -35,6 +36,8 @@ for method, (seed, m, n, b) in (
   ("spearpp", (7, 160, 80, 14)),
   ("spear", (8, 90, 50, 7)),
 ):
+  if method not in methods.split(","):
+    continue
   p = helpers.relu_layer_problem(seed, m, n, b)
   result = spear_jax.invert(
     p["weight_grad"],

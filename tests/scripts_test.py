@@ -46,6 +46,40 @@ def _png_size(path):
 
 
 class RunAttackTest(absltest.TestCase):
+  def test_imagenette_end_to_end(self):
+    # ImageNet-size inputs (224 x 224 x 3 = 150528 features) through the
+    # tfds path of a prepared set, mocked (tfds_mock_run.py), end to end.
+    out = tempfile.mkdtemp()
+    proc = subprocess.run(
+      [
+        sys.executable,
+        os.path.join(os.path.dirname(__file__), "tfds_mock_run.py"),
+        "run_attack.py",
+        "--dataset=imagenette",
+        f"--data_dir={out}",
+        "--batch_size=3",
+        "--width=48",
+        "--num_trials=1",
+        f"--out_dir={out}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(out, "metrics.json")) as f:
+      metrics = json.load(f)
+    (trial,) = metrics["trials"]
+    self.assertEqual(trial["dataset"], "imagenette")
+    self.assertEqual(trial["exact_samples"], 3)
+    self.assertLess(trial["max_relative_error"], 1e-9)
+    with np.load(os.path.join(out, "trial_000.npz")) as arrays:
+      self.assertEqual(arrays["truth"].shape, (3, 224, 224, 3))
+      np.testing.assert_allclose(
+        arrays["recovered"], arrays["truth"], rtol=0, atol=1e-9
+      )
+
   def test_trials_metrics_picture_and_resume(self):
     out = tempfile.mkdtemp()
     seed = int(np.random.default_rng().integers(1000))

@@ -49,6 +49,7 @@ recovery of both on the same gradients.
       --trials=3 --output=docs/benchmarks/cold_start.jsonl
 """
 
+import itertools
 import json
 import os
 import platform
@@ -105,6 +106,17 @@ _WARMUP = flags.DEFINE_boolean(
   "warmup", True, "Compile with one untimed attack per shape first."
 )
 _BS = flags.DEFINE_list("bs", ["12", "16"], "Batch sizes b.")
+_DTYPES = flags.DEFINE_list(
+  "dtypes",
+  ["float64"],
+  "Dtypes of the sweep's attacks: float64, float32 (for accelerators; "
+  "exactness is judged at float32's own tolerance).",
+)
+flags.register_validator(
+  "dtypes",
+  lambda v: set(v) <= {"float64", "float32"},
+  "--dtypes takes float64 and/or float32.",
+)
 _METHODS = flags.DEFINE_list(
   "methods", ["spear"], "Attack methods to time: spear and/or spearpp."
 )
@@ -484,7 +496,9 @@ def _plan(done):
   from spear_jax import _report  # pylint: disable=g-import-not-at-top
 
   tasks = []
-  for method, objective, dataset, m, b, client in _settings():
+  for (method, objective, dataset, m, b, client), dtype in itertools.product(
+    _settings(), _DTYPES.value
+  ):
     client_config(client)  # fail early on a bad spec
     setting = {
       "client_spec": client,
@@ -494,7 +508,7 @@ def _plan(done):
       "width": m,
       "batch_size": b,
       "depth": _DEPTH.value,
-      "dtype": "float64",
+      "dtype": dtype,
       "seed": _SEED.value,
     }
     tasks += [

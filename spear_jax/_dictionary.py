@@ -525,7 +525,7 @@ def estimate_found_rows(
 
 # Pattern rounding's passes: fractions of the predicted inactive rows taken
 # as zeros, Newton steps of the logistic fit, and re-labelled passes.
-_FRACTIONS = (0.0, 0.25, 0.4, 0.6, 0.8)
+PATTERN_FRACTIONS = (0.0, 0.25, 0.4, 0.6, 0.8)
 _NEWTON_STEPS = 30
 _REPEATS = 2
 
@@ -789,7 +789,7 @@ def round_with_pattern(
   zero_tol: Float[Array, ""],
   *,
   max_missing: int,
-  fractions: tuple[float, ...] = _FRACTIONS,
+  fractions: tuple[float, ...] = PATTERN_FRACTIONS,
   newton_steps: int = _NEWTON_STEPS,
   repeats: int = _REPEATS,
   temperature: float = 8.0,
@@ -901,7 +901,7 @@ def round_with_pattern_rows(
       _round_one_with_pattern,
       problem,
       newton_steps=_NEWTON_STEPS,
-      fractions=_FRACTIONS,
+      fractions=PATTERN_FRACTIONS,
       repeats=_REPEATS,
     )
   )(approx_kxb)

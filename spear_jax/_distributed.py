@@ -169,24 +169,46 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _chunked_rows(rows, shared, *, fn, chunk):
+  """``fn`` over ``chunk`` rows at a time (``lax.map``): bounded memory."""
+  size = rows[0].shape[0]
+  split = tuple(x.reshape(size // chunk, chunk, *x.shape[1:]) for x in rows)
+  out = jax.lax.map(lambda r: fn(r, shared), split)
+  return jax.tree.map(lambda x: x.reshape(size, *x.shape[2:]), out)
+
+
+@functools.cache
+def _chunked(fn: Callable[..., Any], chunk: int):
+  return functools.partial(_chunked_rows, fn=fn, chunk=chunk)
+
+
 def map_rows(
   fn: Callable[[tuple, tuple], Any],
   devices: tuple[jax.Device, ...],
   rows: tuple[Any, ...],
   shared: tuple[Any, ...],
+  *,
+  chunk: int | None = None,
 ) -> Any:
   """:func:`run_sharded` for any row count, gathered to the host.
 
-  The rows are padded to a multiple of ``len(devices)`` by repeating the
-  last one, and the padding is dropped from the outputs, so every row's
-  result is the same on any number of devices.
+  The rows are padded by repeating the last one, and the padding is
+  dropped from the outputs, so every row's result is the same on any number
+  of devices. With ``chunk``, each device runs ``fn`` on at most ``chunk``
+  rows at a time (a ``lax.map`` over its share), which bounds the memory of
+  a batched ``fn`` whose per-row work is large.
   """
   count = rows[0].shape[0]
-  pad = -count % len(devices)
+  per_device = -(-count // len(devices))
+  chunk = per_device if chunk is None else max(1, min(chunk, per_device))
+  per_device = -(-per_device // chunk) * chunk
+  pad = per_device * len(devices) - count
   if pad:
     rows = tuple(
       jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) for x in rows
     )
+  if chunk < per_device:
+    fn = _chunked(fn, chunk)
   out = to_host(run_sharded(fn, devices, rows, shared))
   return jax.tree.map(lambda x: x[:count], out)
 

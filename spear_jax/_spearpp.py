@@ -30,6 +30,7 @@ import numpy as np
 
 from spear_jax._config import AttackConfig
 from spear_jax._config import LearnerConfig
+from spear_jax._dictionary import PATTERN_FRACTIONS
 from spear_jax._dictionary import complete_from_bias
 from spear_jax._dictionary import complete_last_column
 from spear_jax._dictionary import estimate_found_rows
@@ -69,6 +70,17 @@ def _learn_rows(rows, shared, *, config):
 
 def _learn_constrained_rows(rows, shared, *, config):
   return learn_directions_constrained(*rows, *shared, config=config)
+
+
+# Per device, a batched stage holds at most about this much at a time: its
+# rows run in chunks (lax.map) sized by an estimate of their working set.
+_CHUNK_BYTES = 1 << 28
+
+
+def _chunk(bytes_per_row: int) -> int:
+  """Rows per chunk under :data:`_CHUNK_BYTES` (a power of two)."""
+  rows = max(1, _CHUNK_BYTES // max(bytes_per_row, 1))
+  return 1 << (rows.bit_length() - 1)
 
 
 @functools.cache
@@ -212,8 +224,14 @@ def _pattern_round(
     temperature=learner.pattern_temperature,
     label_margin=learner.pattern_label_margin,
   )
+  # Each row forms a masked copy of L per fraction for its Gram matrix.
+  bytes_per_row = 2 * len(PATTERN_FRACTIONS) * problem.l_mxb.size * 8
   directions, zeros = map_rows(
-    round_with_pattern_rows, devices, (jnp.asarray(batch),), (shared,)
+    round_with_pattern_rows,
+    devices,
+    (jnp.asarray(batch),),
+    (shared,),
+    chunk=_chunk(bytes_per_row),
   )
   return directions[: len(kept)], zeros[: len(kept)]
 
@@ -289,6 +307,10 @@ def _search_stage(state, problem, pool, selection, learner, devices):
     devices,
     (jax.random.split(round_key, approx.shape[0]), jnp.asarray(approx)),
     (problem.l_mxb, problem.alive, problem.scalar(problem.tol.screen)),
+    # Each try gathers b - 1 rows of L and eliminates them; it also screens.
+    chunk=_chunk(
+      learner.rounding_tries * (4 * b * b + 2 * problem.l_mxb.shape[0]) * 8
+    ),
   )
   state = state._replace(
     key=key,
@@ -334,8 +356,11 @@ def _pattern_stage(state, problem, pool, selection, learner, devices):
 
 @jax.jit
 def _twin_spans(directions_kxb, l_mxb, alive_m, screen_tol):
-  return jax.vmap(twin_span, in_axes=(0, None, None, None))(
-    directions_kxb, l_mxb, alive_m, screen_tol
+  # Eight at a time: each forms masked copies of L (bounded memory).
+  return jax.lax.map(
+    lambda q_b: twin_span(q_b, l_mxb, alive_m, screen_tol),
+    directions_kxb,
+    batch_size=8,
   )
 
 

@@ -29,10 +29,10 @@ _COMPILE_EVENTS = (
 _compile_total = [0.0]
 
 
-def _on_duration(event: str, duration: float, **kwargs) -> None:
+def _on_duration(event: str, duration_secs: float, **kwargs: str | int) -> None:
   del kwargs
   if event in _COMPILE_EVENTS:
-    _compile_total[0] += duration
+    _compile_total[0] += duration_secs
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration)

@@ -32,6 +32,7 @@ __all__ = [
   "agree",
   "attack_devices",
   "is_distributed",
+  "lapack_safe",
   "map_rows",
   "run_sharded",
   "to_host",
@@ -74,6 +75,24 @@ def attack_devices(
   for device in sorted(jax.devices(), key=lambda d: d.id):
     by_process.setdefault(device.process_index, []).append(device)
   return tuple(d for p in sorted(by_process) for d in by_process[p][:count])
+
+
+def lapack_safe(devices: tuple[jax.Device, ...]) -> tuple[jax.Device, ...]:
+  """``devices`` for a computation that calls LAPACK (``eigh``, ``qr``).
+
+  On CPU hosts whose cores are exposed as several devices, LAPACK calls
+  running on two devices of one process at once can deadlock XLA's CPU
+  runtime (measured here: a batched ``eigh`` under ``shard_map`` on two
+  CPU devices never returns), so such stages keep one device per process
+  there; LAPACK's own threads still use the cores. Accelerators are
+  returned unchanged.
+  """
+  if devices[0].platform != "cpu":
+    return devices
+  first: dict[int, jax.Device] = {}
+  for device in devices:
+    first.setdefault(device.process_index, device)
+  return tuple(first.values())
 
 
 def _is_key(x: Any) -> bool:

@@ -41,7 +41,9 @@ from spear_jax._dictionary import pattern_problem
 from spear_jax._dictionary import round_direction
 from spear_jax._dictionary import round_with_pattern_rows
 from spear_jax._distributed import attack_devices
+from spear_jax._distributed import lapack_safe
 from spear_jax._distributed import map_rows
+from spear_jax._linalg import BLOCKED_QR_FROM
 from spear_jax._linalg import twin_span
 from spear_jax._pool import CandidatePool
 from spear_jax._problem import Problem
@@ -228,7 +230,7 @@ def _pattern_round(
   bytes_per_row = 2 * len(PATTERN_FRACTIONS) * problem.l_mxb.size * 8
   directions, zeros = map_rows(
     round_with_pattern_rows,
-    devices,
+    lapack_safe(devices),  # eigh
     (jnp.asarray(batch),),
     (shared,),
     chunk=_chunk(bytes_per_row),
@@ -304,7 +306,8 @@ def _search_stage(state, problem, pool, selection, learner, devices):
       tries=learner.rounding_tries,
       pool=learner.rounding_pool or 2 * b,
     ),
-    devices,
+    # From b = 33 on, the null vectors are LAPACK QRs.
+    lapack_safe(devices) if b >= BLOCKED_QR_FROM else devices,
     (jax.random.split(round_key, approx.shape[0]), jnp.asarray(approx)),
     (problem.l_mxb, problem.alive, problem.scalar(problem.tol.screen)),
     # Each try gathers b - 1 rows of L and eliminates them; it also screens.

@@ -687,52 +687,64 @@ def _big_layer(emit):
 
   n = _N.value
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "invert.py")
-  for m in (int(v) for v in _MS.value):
-    for b in (int(v) for v in _BS.value):
-      with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(_SEED.value)
-        x_nxb = (rng.random((n, b)) - 0.5) / 0.25  # standardized pixels
-        weight = rng.standard_normal((m, n)) / np.sqrt(n)
-        bias = 0.1 * rng.standard_normal(m)
-        d = ((weight @ x_nxb + bias[:, None]) > 0) * rng.standard_normal((m, b))
-        path, out = os.path.join(tmp, "layer.npz"), os.path.join(tmp, "out.npz")
-        np.savez(
-          path,
-          weight_grad=d @ x_nxb.T,
-          bias_grad=d.sum(1),
-          weight=weight,
-          bias=bias,
-        )
-        del weight, d
-        seconds, peak_mb, code, _ = _run_process(
-          [sys.executable, script, f"--gradients={path}", f"--output={out}"]
-        )
-        error = float("nan")
-        if os.path.exists(out):
-          with np.load(out) as result:
-            rec, truth = result["inputs"], x_nxb.T
-          cos = np.abs(rec @ truth.T) / np.outer(
-            np.linalg.norm(rec, axis=1), np.linalg.norm(truth, axis=1)
-          )
-          match = truth[np.argmax(cos, axis=1)]
-          error = float(
-            np.max(
-              np.linalg.norm(rec - match, axis=1)
-              / np.linalg.norm(match, axis=1)
-            )
-          )
-      emit(
-        {
-          "kind": "big_layer",
-          "m": m,
-          "n": n,
-          "b": b,
-          "seconds": seconds,
-          "peak_rss_mb": peak_mb,
-          "exit_code": code,
-          "max_relative_error": error,
-        }
+  for method, m, b in itertools.product(
+    _METHODS.value, map(int, _MS.value), map(int, _BS.value)
+  ):
+    with tempfile.TemporaryDirectory() as tmp:
+      rng = np.random.default_rng(_SEED.value)
+      x_nxb = (rng.random((n, b)) - 0.5) / 0.25  # standardized pixels
+      weight = rng.standard_normal((m, n)) / np.sqrt(n)
+      bias = 0.1 * rng.standard_normal(m)
+      d = ((weight @ x_nxb + bias[:, None]) > 0) * rng.standard_normal((m, b))
+      path, out = os.path.join(tmp, "layer.npz"), os.path.join(tmp, "out.npz")
+      np.savez(
+        path,
+        weight_grad=d @ x_nxb.T,
+        bias_grad=d.sum(1),
+        weight=weight,
+        bias=bias,
       )
+      del weight, d
+      seconds, peak_mb, code, _ = _run_process(
+        [
+          sys.executable,
+          script,
+          f"--gradients={path}",
+          f"--output={out}",
+          f"--method={method}",
+        ]
+        + (
+          [f"--time_budget_s={_TIME_BUDGET_S.value}"]
+          if _TIME_BUDGET_S.value
+          else []
+        )
+      )
+      error = float("nan")
+      if os.path.exists(out):
+        with np.load(out) as result:
+          rec, truth = result["inputs"], x_nxb.T
+        cos = np.abs(rec @ truth.T) / np.outer(
+          np.linalg.norm(rec, axis=1), np.linalg.norm(truth, axis=1)
+        )
+        match = truth[np.argmax(cos, axis=1)]
+        error = float(
+          np.max(
+            np.linalg.norm(rec - match, axis=1) / np.linalg.norm(match, axis=1)
+          )
+        )
+    emit(
+      {
+        "kind": "big_layer",
+        "method": method,
+        "m": m,
+        "n": n,
+        "b": b,
+        "seconds": seconds,
+        "peak_rss_mb": peak_mb,
+        "exit_code": code,
+        "max_relative_error": error,
+      }
+    )
 
 
 def _factorization(emit):

@@ -2,7 +2,8 @@
 
 ``python distributed_worker.py OUT DEVICES METHODS [COORDINATOR
 NUM_PROCESSES ID]`` runs the comma-separated METHODS (SPEAR++, SPEAR) on
-fixed synthetic problems with ``DEVICES`` CPU
+fixed synthetic problems, once per ``AttackConfig.num_devices`` in
+1, 2, 4 that the process has, with ``DEVICES`` CPU
 devices per process, optionally as process ``ID`` of ``NUM_PROCESSES``
 joined through ``jax.distributed`` on ``COORDINATOR`` (JAX's gloo CPU
 collectives), and saves what it recovered to ``OUT`` (one file per
@@ -39,22 +40,24 @@ for method, (seed, m, n, b) in (
   if method not in methods.split(","):
     continue
   p = helpers.relu_layer_problem(seed, m, n, b)
-  result = spear_jax.invert(
-    p["weight_grad"],
-    p["bias_grad"],
-    key=jax.random.key(3),
-    method=method,
-    weight=p["weight"],
-    bias=p["bias"],
-    config=spear_jax.AttackConfig(block_size=2048),
-  )
-  order = helpers.match_rows(np.asarray(result.inputs), p["inputs"])
-  arrays[f"{method}_inputs"] = np.asarray(result.inputs)
-  arrays[f"{method}_error"] = np.max(
-    np.abs(np.asarray(result.inputs) - p["inputs"][order])
-  )
-  arrays[f"{method}_success"] = result.success
-  arrays[f"{method}_rounds"] = result.stats.blocks
-  arrays[f"{method}_proposals"] = result.stats.proposals
-  arrays[f"{method}_devices"] = len(spear_jax.attack.attack_devices(None))
+  for count in (c for c in (1, 2, 4) if c <= devices):
+    config = spear_jax.AttackConfig(block_size=2048, num_devices=count)
+    result = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(3),
+      method=method,
+      weight=p["weight"],
+      bias=p["bias"],
+      config=config,
+    )
+    inputs = np.asarray(result.inputs)
+    order = helpers.match_rows(inputs, p["inputs"])
+    name = f"{method}_{count}"
+    arrays[f"{name}_inputs"] = inputs
+    arrays[f"{name}_error"] = np.max(np.abs(inputs - p["inputs"][order]))
+    arrays[f"{name}_success"] = result.success
+    arrays[f"{name}_rounds"] = result.stats.blocks
+    arrays[f"{name}_proposals"] = result.stats.proposals
+    arrays[f"{name}_devices"] = len(spear_jax.attack.attack_devices(count))
 np.savez(out_path, **arrays)

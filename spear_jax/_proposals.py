@@ -19,8 +19,10 @@ import jax.numpy as jnp
 
 from spear_jax._config import AttackConfig
 from spear_jax._distributed import attack_devices
+from spear_jax._distributed import lapack_safe
 from spear_jax._distributed import run_sharded
 from spear_jax._distributed import to_host
+from spear_jax._linalg import BLOCKED_QR_FROM
 from spear_jax._linalg import null_vector
 from spear_jax._sampling import sample_rows
 from spear_jax._strategy import StepOutput
@@ -223,16 +225,20 @@ def spear_sampler(config: AttackConfig | None = None) -> Strategy:
   config = AttackConfig() if config is None else config
   devices = _devices(config)
   block_size = config.block_size
-  screen = _screen_block_fn(
-    devices,
-    block_size,
-    min(config.chunk_size, block_size),
-    max(1, min(config.max_candidates_per_block, block_size)),
-  )
 
   def dispatch(key, args):
+    # From b = 33 on the null vectors are LAPACK QRs: one CPU device per
+    # process (see spear_jax._distributed.lapack_safe).
+    b = args[0].shape[1]
+    devs = lapack_safe(devices) if b >= BLOCKED_QR_FROM else devices
+    screen = _screen_block_fn(
+      devs,
+      block_size,
+      min(config.chunk_size, block_size),
+      max(1, min(config.max_candidates_per_block, block_size)),
+    )
     key, block_key = jax.random.split(key)
-    return key, screen(jax.random.split(block_key, len(devices)), args)
+    return key, screen(jax.random.split(block_key, len(devs)), args)
 
   def init(key, problem):
     # The block's device arguments are built once per run, not per block.

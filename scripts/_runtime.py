@@ -193,6 +193,25 @@ def output_dir(out_dir: str, shared: tuple[str, ...] = ()) -> str:
   return local
 
 
+def trial_dir(out_dir: str, *, resume: bool, log: str = "trials.jsonl") -> str:
+  """The folder a trial-logging script writes to, ready for its trials.
+
+  Process 0 creates ``out_dir`` (a one-line error, exit 2, if it cannot)
+  and, without ``resume``, removes the old ``log``; then every process
+  gets its :func:`output_dir`, with process 0's ``log`` to resume from.
+  """
+  if is_writer():
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+      fail(_PROG[0], f"cannot create --out_dir {out_dir}: {err.strerror}.")
+    path = os.path.join(out_dir, log)
+    if not resume and os.path.exists(path):
+      os.remove(path)
+  # Other processes write to a scratch copy (process 0 writes the outputs).
+  return output_dir(out_dir, (log,))
+
+
 def shared_copy(path: str) -> str:
   """``path`` on process 0; elsewhere a scratch copy of process 0's file."""
   directory = output_dir(

@@ -143,17 +143,9 @@ def main(argv):
   config = _config()
   from spear_jax import audit  # pylint: disable=g-import-not-at-top
 
-  out_dir = os.path.expanduser(_OUT_DIR.value)
-  log = os.path.join(out_dir, "trials.jsonl")
-  if _runtime.is_writer():
-    try:
-      os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-      _fail(f"cannot create --out_dir {out_dir}: {err.strerror}.")
-    if not _RESUME.value and os.path.exists(log):
-      os.remove(log)
-  # Other processes write to a scratch copy (process 0 writes the outputs).
-  out_dir = _runtime.output_dir(out_dir, ("trials.jsonl",))
+  out_dir = _runtime.trial_dir(
+    os.path.expanduser(_OUT_DIR.value), resume=_RESUME.value
+  )
   try:
     report = audit.run_audit(config, out_dir)
   except (ValueError, FileNotFoundError, ImportError) as err:

@@ -266,17 +266,9 @@ def main(argv):
       f"--batch_size={_BATCH_SIZE.value} exceeds the "
       f"{image_set.num_images} images of {_DATASET.value!r}."
     )
-  out_dir = os.path.expanduser(_OUT_DIR.value)
-  log_path = os.path.join(out_dir, "trials.jsonl")
-  if _runtime.is_writer():
-    try:
-      os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-      _fail(f"cannot create --out_dir {out_dir}: {err.strerror}.")
-    if not _RESUME.value and os.path.exists(log_path):
-      os.remove(log_path)
-  # Other processes write to a scratch copy (process 0 writes the outputs).
-  out_dir = _runtime.output_dir(out_dir, ("trials.jsonl",))
+  out_dir = _runtime.trial_dir(
+    os.path.expanduser(_OUT_DIR.value), resume=_RESUME.value
+  )
   log_path = os.path.join(out_dir, "trials.jsonl")
   setting = _setting()
   finished = {

@@ -844,6 +844,15 @@ def round_with_pattern(
     temperature,
     label_margin,
   )
+  return _round_all_with_pattern(
+    problem, approx_kxb, newton_steps, fractions, repeats
+  )
+
+
+def _round_all_with_pattern(
+  problem, approx_kxb, newton_steps, fractions, repeats
+):
+  """:func:`_round_one_with_pattern` of every row of ``approx_kxb``."""
   return jax.vmap(
     functools.partial(
       _round_one_with_pattern,
@@ -900,15 +909,9 @@ def round_with_pattern_rows(
   ``shared = (pattern_problem(...),)``, with the default passes (the
   ``rows, shared`` form of :func:`spear_jax._distributed.map_rows`)."""
   (approx_kxb,), (problem,) = rows, shared
-  return jax.vmap(
-    functools.partial(
-      _round_one_with_pattern,
-      problem,
-      newton_steps=_NEWTON_STEPS,
-      fractions=PATTERN_FRACTIONS,
-      repeats=_REPEATS,
-    )
-  )(approx_kxb)
+  return _round_all_with_pattern(
+    problem, approx_kxb, _NEWTON_STEPS, PATTERN_FRACTIONS, _REPEATS
+  )
 
 
 def nested_twin_columns(

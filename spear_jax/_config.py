@@ -69,9 +69,12 @@ class LearnerConfig:
       the RMS of the bias.
     pattern_label_margin: fraction of the typical zero count labelled
       inactive in the pattern fit.
-    split_mixtures: split sparse two-column mixtures (what near-twin
-      samples' columns round to) into their columns
-      (:func:`spear_jax.split_mixture`) instead of only discarding them.
+    split_mixtures: split sparse mixtures of near-twin columns (what
+      near-twin samples' columns round to) into their columns
+      (:func:`spear_jax.attack.split_span`) instead of only discarding them.
+    split_max_dim: the largest span of near-twin columns split that way
+      (two-column mixtures split exactly; from three on the split tries
+      anchor rows, see :func:`spear_jax.attack.split_span`).
   """
 
   objective: str = "l1"
@@ -96,6 +99,7 @@ class LearnerConfig:
   pattern_temperature: float = 5.0
   pattern_label_margin: float = 0.4
   split_mixtures: bool = True
+  split_max_dim: int = 6
 
   def __post_init__(self):
     if self.objective not in ("l1", "logcosh", "l4"):
@@ -124,6 +128,8 @@ class LearnerConfig:
       )
     if not 0.0 < self.pattern_label_margin < 1.0:
       raise ValueError("pattern_label_margin must lie in (0, 1).")
+    if self.split_max_dim < 2:
+      raise ValueError("split_max_dim must be >= 2.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ __all__ = [
   "resolve_tolerances",
   "sketched_svd",
   "split_mixture",
+  "split_span",
+  "twin_span",
 ]
 
 
@@ -64,15 +66,27 @@ class Tolerances:
 
 
 def resolve_tolerances(
-  config: AttackConfig, dtype, m: int, n: int
+  config: AttackConfig, dtype, m: int, n: int, condition: float = 1.0
 ) -> Tolerances:
   """Fills the ``None`` tolerances of ``config`` from ``dtype``.
+
+  The zero tolerance also follows the factorisation's accuracy. The computed
+  ``L`` spans the column space of ``D`` only up to an angle of about
+  ``eps * condition`` (``condition = s_1 / s_b`` of the weight gradient;
+  the perturbation bound of the singular subspace), so an exact zero of
+  ``D`` reads as up to that much in ``L q``. Near-duplicate inputs make the
+  inputs nearly dependent: shifted frames of one picture gave
+  ``condition = 1.5e8`` and zeros of up to ``1.6e-10``, beyond
+  ``eps^(2/3)``, on exactly the twins' columns. So ``zero`` is
+  ``eps * condition`` when that is larger, but never above ``screen``.
 
   Args:
     config: the attack configuration.
     dtype: floating dtype of the computation.
     m: rows of the weight gradient.
     n: columns of the weight gradient.
+    condition: ``s_1 / s_b`` of the weight gradient (``1`` before it is
+      factorised).
 
   Returns:
     A :class:`Tolerances`.
@@ -82,10 +96,13 @@ def resolve_tolerances(
   def pick(value, default):
     return float(default if value is None else value)
 
+  screen = pick(config.screen_tol, eps ** (1 / 2))
   return Tolerances(
     rank_rtol=pick(config.rank_rtol, 10.0 * max(m, n) * eps),
-    screen=pick(config.screen_tol, eps ** (1 / 2)),
-    zero=pick(config.zero_tol, eps ** (2 / 3)),
+    screen=screen,
+    zero=pick(
+      config.zero_tol, min(screen, max(eps ** (2 / 3), eps * condition))
+    ),
     dedup=pick(config.dedup_tol, eps ** (2 / 3)),
     independence=pick(config.independence_tol, eps ** (1 / 3)),
     certificate=pick(config.certificate_tol, eps ** (1 / 2)),
@@ -510,6 +527,143 @@ def polish_direction(
   return polished, zeros, max_leverage
 
 
+def _zero_set_kernel(direction, l_mxb, alive_m, screen_tol):
+  """The exact kernel of a direction's zero set without its pinning rows.
+
+  The kernel is read off the singular values of the masked ``L`` (exact
+  kernel directions sit at ``O(eps)`` of the largest, where the Gram
+  matrix's eigenvalues bottom out at ``eps`` of the largest: near-twin data
+  puts spurious singular values at about ``1e-8`` that the Gram matrix
+  cannot tell from zero). A singular value at most ``eps^(2/3)`` times the
+  largest counts as zero.
+
+  Returns:
+    ``(basis_bxb, dim)``: right singular vectors in ascending order of the
+    singular values (the first ``dim`` span the kernel), and ``dim``.
+  """
+  eps = jnp.finfo(l_mxb.dtype).eps
+  v_m = jnp.dot(l_mxb, direction, precision=_HI)
+  zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
+  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, zero_set)
+  flat = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
+  kept = pinning_rows_dropped(l_mxb, zero_set, eigvals_b, eigvecs_bxb, flat)
+  masked_mxb = l_mxb * kept[:, None].astype(l_mxb.dtype)
+  _, sigma_b, vt_bxb = jnp.linalg.svd(masked_mxb, full_matrices=False)
+  dim = jnp.sum(sigma_b <= eps ** (2 / 3) * sigma_b[0])
+  return vt_bxb[::-1].T, dim
+
+
+def split_span(
+  basis_bxs: Float[Array, "b s"],
+  l_mxb: Float[Array, "m b"],
+  alive_m: Bool[Array, " m"],
+  anchors_txkxs: Float[Array, "t k s"],
+  dim: Int[Array, ""] | int,
+  angle_tol: float = 1e-8,
+) -> tuple[Float[Array, "t2 b"], Int[Array, " t2"]]:
+  r"""Columns of ``Q`` inside the span ``V`` of ``s`` near-twin columns.
+
+  Every column ``q_i`` in ``V`` vanishes on the twins' shared zero set
+  (which annihilates all of ``V``) and on its own rows ``E_i`` where some
+  other twin does not: in the coordinates ``P = L V`` those rows all lie in
+  the hyperplane orthogonal to ``q_i``'s coordinates. The directions of
+  ``V`` orthogonal to ``k = s - 2`` anchor rows form a plane; inside it
+  each other row vanishes along one angle, and when the anchors are rows of
+  ``E_i`` the remaining rows of ``E_i`` all give ``q_i``'s angle: a cluster
+  of equal angles (within ``angle_tol``), which rows in general position
+  never form. With ``s = 2`` there is no anchor (:func:`split_mixture`);
+  with ``s = 3`` any one row of ``E_i`` is a hit, beyond that a sampled
+  anchor set hits ``q_i`` with probability about ``(|E_i| / m)^(s - 2)``.
+
+  From ``s = 3`` on, a mixture of a subgroup of the twins also clusters:
+  the rows where all of the subgroup but not the other twins vanish lie in
+  a subspace of ``V``'s coordinates of lower dimension (parallel, for a
+  pair out of three), and with the anchors they pin a mixture. A column's
+  own rows instead span its ``(s - 1)``-dimensional hyperplane without the
+  anchors; a cluster whose rows span less is dropped.
+
+  The shapes are static: a span of fewer dimensions than ``basis_bxs`` has
+  columns passes zero columns for the rest and, as extra anchor rows, the
+  unit vectors of those coordinates.
+
+  Args:
+    basis_bxs: orthonormal basis of ``V`` (e.g. :func:`twin_span`'s first
+      ``dim`` columns), zero-padded.
+    l_mxb: the left factor ``L``.
+    alive_m: mask of alive rows.
+    anchors_txkxs: ``t`` sets of ``k = s - 2`` anchor rows in ``V``'s
+      coordinates (rows of ``P``, or padding unit vectors).
+    dim: the span's dimension ``s`` (the basis may be padded).
+    angle_tol: angles closer than this (radians) are equal.
+
+  Returns:
+    ``(directions, counts)``: per anchor set the directions of its two
+    largest angle clusters (``2 t`` unit rows) and the clusters' sizes, the
+    rows beyond the anchors where the direction vanishes; a size of two or
+    more is a coincidence only a column of ``Q`` produces.
+  """
+  dtype = l_mxb.dtype
+  eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
+  m, k = l_mxb.shape[0], anchors_txkxs.shape[1]
+  p_mxs = jnp.dot(l_mxb, basis_bxs, precision=_HI)
+  row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
+  unit_p_mxs = p_mxs / jnp.maximum(
+    jnp.linalg.norm(p_mxs, axis=1, keepdims=True), tiny
+  )
+
+  def one(anchor_kxs):
+    # A basis of the plane of V's coordinates orthogonal to the anchors.
+    if k:
+      q_sxs, _ = jnp.linalg.qr(anchor_kxs.T, mode="complete")
+      plane_sx2 = q_sxs[:, k:]
+    else:
+      plane_sx2 = jnp.eye(2, dtype=dtype)
+    c_mx2 = jnp.dot(p_mxs, plane_sx2, precision=_HI)
+    # Rows nearly orthogonal to the plane have ill-conditioned angles (the
+    # anchors themselves, the shared zero set).
+    usable = alive_m & (jnp.linalg.norm(c_mx2, axis=1) >= 1e-4 * row_norm_m)
+    theta_m = jnp.mod(jnp.arctan2(-c_mx2[:, 0], c_mx2[:, 1]), jnp.pi)
+    order_m = jnp.argsort(jnp.where(usable, theta_m, jnp.inf))
+    sorted_m = jnp.where(usable, theta_m, jnp.inf)[order_m]
+    new_cluster = jnp.concatenate(
+      [jnp.ones((1,), bool), (sorted_m[1:] - sorted_m[:-1]) > angle_tol]
+    )
+    cluster_m = jnp.cumsum(new_cluster) - 1
+    counts_m = jax.ops.segment_sum(
+      jnp.isfinite(sorted_m).astype(jnp.int32), cluster_m, num_segments=m
+    )
+    counts_2, top_2 = jax.lax.top_k(counts_m, 2)
+    # First angle of each of the two largest clusters.
+    first_m = jnp.where(new_cluster, jnp.arange(m), m)
+    starts_m = jax.ops.segment_min(first_m, cluster_m, num_segments=m)
+    first_2 = jnp.clip(starts_m[top_2], 0, m - 1)
+    angles_2 = sorted_m[first_2]
+    # The rank of each cluster's rows (without the anchors) in V.
+    member_mx2 = cluster_m[:, None] == top_2[None, :].astype(cluster_m.dtype)
+    rows_mxs = unit_p_mxs[order_m]
+    gram_2xsxs = jnp.einsum(
+      "mc,mi,mj->cij",
+      member_mx2.astype(dtype),
+      rows_mxs,
+      rows_mxs,
+      precision=_HI,
+    )
+    eig_2xs = jnp.linalg.eigvalsh(gram_2xsxs)
+    rank_2 = jnp.sum(eig_2xs > jnp.sqrt(eps) * eig_2xs[:, -1:], axis=1)
+    counts_2 = jnp.where(rank_2 >= dim - 1, counts_2, 0)
+    angles_2 = jnp.where(jnp.isfinite(angles_2), angles_2, 0.0)
+    coeffs_2x2 = jnp.stack([jnp.cos(angles_2), jnp.sin(angles_2)], axis=1)
+    directions_2xb = jnp.dot(
+      jnp.dot(coeffs_2x2, plane_sx2.T, precision=_HI),
+      basis_bxs.T,
+      precision=_HI,
+    )
+    return directions_2xb, counts_2
+
+  directions, counts = jax.lax.map(one, anchors_txkxs, batch_size=64)
+  return directions.reshape(-1, l_mxb.shape[1]), counts.reshape(-1)
+
+
 def split_mixture(
   direction: Float[Array, " b"],
   l_mxb: Float[Array, "m b"],
@@ -531,7 +685,7 @@ def split_mixture(
   to ``V`` are left out as their angles are ill-conditioned) are the
   columns. This splits near-twin samples, whose columns share most of their
   zero sets and whose mixtures therefore look almost as sparse as the
-  columns, without sampling.
+  columns, without sampling (:func:`split_span` with no anchor).
 
   Returns:
     ``(directions, counts)``: two unit directions and the sizes of their
@@ -539,46 +693,16 @@ def split_mixture(
     two-column mixture (its zero set annihilates one or three or more
     dimensions).
   """
-  dtype = l_mxb.dtype
-  eps = jnp.finfo(dtype).eps
-  tiny = jnp.finfo(dtype).tiny
-  m = l_mxb.shape[0]
-  v_m = jnp.dot(l_mxb, direction, precision=_HI)
-  zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
-
-  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, zero_set)
-  flat = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
-  # Drop the pinning rows, unless the zero set is already degenerate.
-  kept = pinning_rows_dropped(l_mxb, zero_set, eigvals_b, eigvecs_bxb, flat)
-  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, kept)
-  small = jnp.sqrt(eps) * eigvals_b[-1]
-  two_dim = (eigvals_b[1] <= small) & (eigvals_b[2] > small)
-  basis_bx2 = eigvecs_bxb[:, :2]
-  p_mx2 = jnp.dot(l_mxb, basis_bx2, precision=_HI)
-  row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
-  usable = (
-    alive_m & ~kept & (jnp.linalg.norm(p_mx2, axis=1) >= 1e-4 * row_norm_m)
+  basis_bxb, dim = _zero_set_kernel(direction, l_mxb, alive_m, screen_tol)
+  directions_2xb, counts_2 = split_span(
+    basis_bxb[:, :2],
+    l_mxb,
+    alive_m,
+    jnp.zeros((1, 0, 2), l_mxb.dtype),
+    2,
+    angle_tol,
   )
-  theta_m = jnp.mod(jnp.arctan2(-p_mx2[:, 0], p_mx2[:, 1]), jnp.pi)
-  theta_m = jnp.where(usable, theta_m, jnp.inf)
-  sorted_m = jnp.sort(theta_m)
-  new_cluster = jnp.concatenate(
-    [jnp.ones((1,), bool), (sorted_m[1:] - sorted_m[:-1]) > angle_tol]
-  )
-  cluster_m = jnp.cumsum(new_cluster) - 1
-  counts_m = jax.ops.segment_sum(
-    jnp.isfinite(sorted_m).astype(jnp.int32), cluster_m, num_segments=m
-  )
-  counts_2, top_2 = jax.lax.top_k(counts_m, 2)
-  # First angle of each of the two largest clusters.
-  first_m = jnp.where(new_cluster, jnp.arange(m), m)
-  starts_m = jax.ops.segment_min(first_m, cluster_m, num_segments=m)
-  angles_2 = sorted_m[jnp.clip(starts_m[top_2], 0, m - 1)]
-  angles_2 = jnp.where(jnp.isfinite(angles_2), angles_2, 0.0)
-  coeffs_2x2 = jnp.stack([jnp.cos(angles_2), jnp.sin(angles_2)], axis=1)
-  directions_2xb = jnp.dot(coeffs_2x2, basis_bx2.T, precision=_HI)
-  counts_2 = jnp.where(two_dim, counts_2, 0)
-  return directions_2xb, counts_2
+  return directions_2xb, jnp.where(dim == 2, counts_2, 0)
 
 
 def twin_span(
@@ -597,16 +721,9 @@ def twin_span(
   twin vanishes: a twin whose zero set lies inside another's has none.
 
   Returns:
-    ``(basis, dim)``: the eigenvectors of the zero set's Gram matrix in
-    ascending order (the first ``dim`` span the kernel) and the kernel's
-    dimension (``1`` for a true column with no second kernel direction).
+    ``(basis, dim)``: the zero set's right singular vectors in ascending
+    order of the singular values (the first ``dim`` span the kernel) and
+    the kernel's dimension (``1`` for a true column with no second kernel
+    direction); see :func:`_zero_set_kernel` for the tolerance.
   """
-  eps = jnp.finfo(l_mxb.dtype).eps
-  v_m = jnp.dot(l_mxb, direction, precision=_HI)
-  zero_set = (jnp.abs(v_m) <= screen_tol) & alive_m
-  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, zero_set)
-  flat = eigvals_b[1] <= jnp.sqrt(eps) * eigvals_b[-1]
-  kept = pinning_rows_dropped(l_mxb, zero_set, eigvals_b, eigvecs_bxb, flat)
-  eigvals_b, eigvecs_bxb = rows_gram_eigh(l_mxb, kept)
-  dim = jnp.sum(eigvals_b <= jnp.sqrt(eps) * eigvals_b[-1])
-  return eigvecs_bxb, dim
+  return _zero_set_kernel(direction, l_mxb, alive_m, screen_tol)

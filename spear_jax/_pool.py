@@ -11,11 +11,13 @@ immutable value: every function here returns a new one.
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from spear_jax._config import AttackConfig
 from spear_jax._linalg import polish_direction
-from spear_jax._linalg import split_mixture
+from spear_jax._linalg import split_span
+from spear_jax._linalg import twin_span
 from spear_jax._problem import Problem
 
 __all__ = ["CandidatePool", "absorb", "empty_pool", "merge_candidates"]
@@ -23,6 +25,8 @@ __all__ = ["CandidatePool", "absorb", "empty_pool", "merge_candidates"]
 # Directions are polished and split in chunks of one fixed size, so one
 # compilation serves a run.
 _CHUNK = 32
+# Anchor sets tried per twin span (:func:`split_span`), one fixed number.
+_ANCHORS = 512
 
 
 class CandidatePool(NamedTuple):
@@ -124,10 +128,13 @@ def _polish_many(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
 
 
 @jax.jit
-def _split_many(directions_kxb, l_mxb, alive_m, screen_tol):
-  return jax.vmap(split_mixture, in_axes=(0, None, None, None))(
+def _spans_many(directions_kxb, l_mxb, alive_m, screen_tol):
+  return jax.vmap(twin_span, in_axes=(0, None, None, None))(
     directions_kxb, l_mxb, alive_m, screen_tol
   )
+
+
+_split_span = jax.jit(split_span)
 
 
 def _count_known(
@@ -174,17 +181,91 @@ def _polish(
   return polished, zeros, leverage
 
 
-def _split(problem: Problem, mixtures_kxb: np.ndarray) -> np.ndarray:
-  """The columns of (at most one chunk of) sparse two-column mixtures."""
-  count, b = mixtures_kxb.shape
-  batch = np.repeat(mixtures_kxb[:1], _CHUNK, axis=0)
-  batch[:count] = mixtures_kxb
-  parts, found = _split_many(
+def _anchor_sets(rng, p_mxs, usable_m, dim, max_dim):
+  """``_ANCHORS`` sets of ``dim - 2`` rows of ``P`` plus padding unit rows.
+
+  For ``dim = 3`` the anchors are distinct rows (all of them when there are
+  few enough); beyond, random ``(dim - 2)``-subsets of the usable rows.
+  """
+  rows = np.flatnonzero(usable_m)
+  k = max_dim - 2
+  anchors = np.zeros((_ANCHORS, k, max_dim), p_mxs.dtype)
+  # Padding: the unit vectors of the coordinates beyond dim.
+  for j in range(max_dim - dim):
+    anchors[:, dim - 2 + j, dim + j] = 1.0
+  if dim > 2 and rows.size >= dim - 2:
+    if dim == 3:
+      picks = rng.permutation(rows)[:_ANCHORS]
+      picks = np.resize(picks, _ANCHORS)[:, None]
+    else:
+      picks = np.stack(
+        [rng.choice(rows, dim - 2, replace=False) for _ in range(_ANCHORS)]
+      )
+    anchors[:, : dim - 2, :] = p_mxs[picks]
+  return anchors
+
+
+def _split(
+  problem: Problem,
+  mixtures_kxb: np.ndarray,
+  known_kxb: np.ndarray,
+  max_dim: int,
+  seed: int,
+) -> np.ndarray:
+  """The columns inside the twin spans of sparse mixtures.
+
+  Mixtures with the same zero set share their span, so one per zero set is
+  kept (the first, at most one chunk). Each span of ``2..max_dim``
+  dimensions (:func:`twin_span`) that the ``known`` directions do not
+  already fill is split by :func:`split_span`.
+  """
+  b = mixtures_kxb.shape[1]
+  l_np, alive = np.asarray(problem.l_mxb), np.asarray(problem.alive)
+  zero_kxm = (np.abs(mixtures_kxb @ l_np.T) <= problem.tol.screen) & alive
+  _, first = np.unique(np.packbits(zero_kxm, axis=1), axis=0, return_index=True)
+  distinct = mixtures_kxb[np.sort(first)][:_CHUNK]
+  batch = np.repeat(distinct[:1], _CHUNK, axis=0)
+  batch[: distinct.shape[0]] = distinct
+  bases, dims = _spans_many(
     batch, problem.l_mxb, problem.alive, problem.scalar(problem.tol.screen)
   )
-  parts = np.asarray(parts)[:count].reshape(-1, b)
-  found = np.asarray(found)[:count].reshape(-1)
-  return parts[found >= 2]
+  bases, dims = np.asarray(bases), np.asarray(dims)[: distinct.shape[0]]
+  rng = np.random.default_rng(seed)
+  row_norm_m = np.linalg.norm(l_np, axis=1)
+  parts = [np.zeros((0, b), l_np.dtype)]
+  spans: list[np.ndarray] = []
+  for i in np.flatnonzero((dims >= 2) & (dims <= max_dim)):
+    dim = int(dims[i])
+    basis_bxs = np.zeros((b, max_dim), l_np.dtype)
+    basis_bxs[:, :dim] = bases[i][:, :dim]
+    inside = np.linalg.norm(known_kxb @ basis_bxs, axis=1) >= 1.0 - 1e-8
+    if inside.sum() >= dim or any(
+      s_.shape == basis_bxs.shape
+      and np.linalg.norm(s_.T @ basis_bxs) ** 2 >= dim - 1e-8
+      for s_ in spans
+    ):
+      continue  # every column of this span is known, or it was split
+    spans.append(basis_bxs)
+    p_mxs = l_np @ basis_bxs
+    usable = alive & (np.linalg.norm(p_mxs, axis=1) >= 1e-4 * row_norm_m)
+    directions, counts = _split_span(
+      jnp.asarray(basis_bxs),
+      problem.l_mxb,
+      problem.alive,
+      jnp.asarray(_anchor_sets(rng, p_mxs, usable, dim, max_dim)),
+      dim,
+    )
+    parts.append(
+      _distinct(np.asarray(directions)[np.asarray(counts) >= 2], 1e-8)
+    )
+  return np.concatenate(parts)
+
+
+def _distinct(directions_kxb: np.ndarray, tol: float) -> np.ndarray:
+  """One row per direction up to sign, the first of each (every anchor in a
+  twin's own zero set finds that twin again)."""
+  same_kxk = np.abs(directions_kxb @ directions_kxb.T) >= 1.0 - tol
+  return directions_kxb[~np.any(np.tril(same_kxk, -1), axis=1)]
 
 
 def absorb(
@@ -193,23 +274,25 @@ def absorb(
   raw_kxb: np.ndarray,
   config: AttackConfig,
   *,
-  split: bool = False,
+  split: int = 0,
   mixture_test: bool = True,
 ) -> tuple[CandidatePool, int]:
   """The filter stage: polish new directions and merge the sparse ones.
 
   Mixtures of several columns of ``Q`` are recognisable by their leverage
   (see :func:`polish_direction`) and never enter the pool. With ``split``
-  (SPEAR++) the sparsest chunk of them is split into its columns
-  (:func:`split_mixture`; a sparse two-column mixture comes from near-twin
-  samples), which are absorbed in turn.
+  (SPEAR++) the sparsest of them are split into their columns
+  (:func:`_split`: near-twin samples share most of their zero sets, so
+  mixtures of them look almost as sparse as their columns), which are
+  absorbed in turn.
 
   Args:
     problem: the problem.
     pool: the current pool.
     raw_kxb: raw unit directions, one per row.
     config: the attack's settings (pool capacity).
-    split: whether to split sparse mixtures.
+    split: the largest twin span (in dimensions) whose sparse mixtures
+      are split; ``0`` (or below 2) splits none.
     mixture_test: whether to refuse directions with a pinning row. Off for
       directions read off the layer's ReLU pattern: a true column whose
       near-twin vanishes on all but one row of its zero set has exactly one
@@ -236,10 +319,11 @@ def absorb(
     config.pool_capacity,
   )
   mixtures = np.flatnonzero(sparse & ~keep)
-  if split and mixtures.size:
-    sparsest = mixtures[np.argsort(-zeros[mixtures])][:_CHUNK]
-    pool, num_split = absorb(
-      problem, pool, _split(problem, polished[sparsest]), config
+  if split >= 2 and mixtures.size:
+    sparsest = mixtures[np.argsort(-zeros[mixtures], kind="stable")]
+    parts = _split(
+      problem, polished[sparsest], pool.directions, split, pool.zeros.size
     )
+    pool, num_split = absorb(problem, pool, parts, config)
     num_new += num_split
   return pool, num_new

@@ -133,12 +133,14 @@ def prepare_problem(
   )
   m, n = weight_grad.shape
   tol = resolve_tolerances(config, weight_grad.dtype, m, n)
-  l_mxb, r_bxn, rank, _ = factorize(
+  l_mxb, r_bxn, rank, singular = factorize(
     weight_grad, batch_size, tol.rank_rtol, config.factorization
   )
   b = _validation.check_rank(rank, batch_size, m, n)
   if batch_size is None:
     l_mxb, r_bxn = l_mxb[:, :b], r_bxn[:b]
+  top, last = np.asarray(singular)[[0, b - 1]]
+  tol = resolve_tolerances(config, weight_grad.dtype, m, n, float(top / last))
   row_scale = np.asarray(_row_max_abs(weight_grad))  # no m x n temporary
   eps = float(jnp.finfo(weight_grad.dtype).eps)
   alive = row_scale > eps * row_scale.max()

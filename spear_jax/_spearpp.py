@@ -535,5 +535,9 @@ def spearpp_learner(config: AttackConfig | None = None) -> Strategy:
     )
 
   return Strategy(
-    "SPEAR++", init, step, split_mixtures=learner.split_mixtures, search=True
+    "SPEAR++",
+    init,
+    step,
+    split_mixtures=learner.split_max_dim if learner.split_mixtures else 0,
+    search=True,
   )

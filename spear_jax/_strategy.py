@@ -67,8 +67,9 @@ class Strategy(NamedTuple):
     name: a short name for logs.
     init: ``init(key, problem) -> state``.
     step: ``step(state, problem, pool, selection) -> StepOutput``.
-    split_mixtures: whether the filter splits sparse two-column mixtures
-      into their columns instead of discarding them.
+    split_mixtures: the largest span of near-twin columns (in dimensions)
+      whose sparse mixtures the filter splits into their columns instead of
+      discarding them; ``0`` splits none.
     search: whether the candidates come from a search rather than uniform
       sampling (it caps the adaptive selection threshold; see
       :func:`spear_jax._selection.threshold`).
@@ -77,5 +78,5 @@ class Strategy(NamedTuple):
   name: str
   init: Callable[[PRNGKeyArray, Problem], Any]
   step: Callable[[Any, Problem, CandidatePool, Selection], StepOutput]
-  split_mixtures: bool = False
+  split_mixtures: int = 0
   search: bool = False

@@ -40,6 +40,7 @@ from spear_jax._linalg import Tolerances as Tolerances
 from spear_jax._linalg import factorize as factorize
 from spear_jax._linalg import polish_direction as polish_direction
 from spear_jax._linalg import split_mixture as split_mixture
+from spear_jax._linalg import split_span as split_span
 from spear_jax._linalg import twin_span as twin_span
 from spear_jax._pool import CandidatePool as CandidatePool
 from spear_jax._pool import absorb as absorb
@@ -108,6 +109,7 @@ __all__ = [
   "spear_sampler",
   "spearpp_learner",
   "split_mixture",
+  "split_span",
   "structure_floor",
   "twin_span",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 
 import spear_jax
 from spear_jax import _linalg
+from spear_jax import attack
 
 
 class NullVectorTest(chex.TestCase):
@@ -281,6 +282,89 @@ class SplitMixtureTest(chex.TestCase):
         jnp.asarray(1e-8),
       )
       np.testing.assert_array_equal(np.asarray(counts), 0)
+
+
+class SplitSpanTest(absltest.TestCase):
+  def _group(self, seed, m=300, b=12, size=3):
+    # Columns 0..size-1 share most of their zero sets; each has a few zeros
+    # of its own (near-twin samples), the rest are generic sparse columns.
+    rng = np.random.default_rng(seed)
+    d_mxb = (rng.random((m, b)) < 0.5) * rng.standard_normal((m, b))
+    shared = rng.random(m) < 0.5
+    for i in range(size):
+      own = (~shared) & (rng.random(m) < 0.04)
+      d_mxb[:, i] = np.where(shared | own, 0.0, rng.standard_normal(m))
+    l_mxb, s, vt = np.linalg.svd(d_mxb, full_matrices=False)
+    q_bxb = s[:, None] * vt  # D = L Q, independent of the code under test
+    return d_mxb, l_mxb, q_bxb / np.linalg.norm(q_bxb, axis=0)
+
+  def test_three_twins_split_from_every_anchor_row(self):
+    for seed in range(3):
+      d_mxb, l_mxb, q_bxb = self._group(seed)
+      m = d_mxb.shape[0]
+      mix = q_bxb[:, :3] @ np.random.default_rng(seed).standard_normal(3)
+      basis, dim = attack.twin_span(
+        jnp.asarray(mix / np.linalg.norm(mix)),
+        jnp.asarray(l_mxb),
+        jnp.ones(m, bool),
+        jnp.asarray(1e-9),
+      )
+      self.assertEqual(int(dim), 3)
+      basis_bx3 = np.asarray(basis)[:, :3]
+      p_mx3 = l_mxb @ basis_bx3
+      usable = np.linalg.norm(p_mx3, axis=1) >= 1e-4
+      anchors = p_mx3[usable][:, None, :]
+      directions, counts = attack.split_span(
+        jnp.asarray(basis_bx3),
+        jnp.asarray(l_mxb),
+        jnp.ones(m, bool),
+        jnp.asarray(anchors),
+        3,
+      )
+      found = np.asarray(directions)[np.asarray(counts) >= 2]
+      cos = np.abs(found @ q_bxb)
+      # Every clustered direction is a column (to 1e-12), and all three
+      # twins are among them.
+      self.assertGreater(cos.max(axis=1).min(), 1 - 1e-12)
+      hit = set(np.argmax(cos, axis=1)[cos.max(axis=1) > 1 - 1e-12].tolist())
+      self.assertEqual(hit, {0, 1, 2})
+
+  def test_padded_span_equals_the_unpadded_one(self):
+    d_mxb, l_mxb, q_bxb = self._group(7, size=2)
+    m = d_mxb.shape[0]
+    mix = q_bxb[:, 0] + 0.5 * q_bxb[:, 1]
+    basis, _ = attack.twin_span(
+      jnp.asarray(mix / np.linalg.norm(mix)),
+      jnp.asarray(l_mxb),
+      jnp.ones(m, bool),
+      jnp.asarray(1e-9),
+    )
+    basis_bx2 = np.asarray(basis)[:, :2]
+    plain, plain_counts = attack.split_span(
+      jnp.asarray(basis_bx2),
+      jnp.asarray(l_mxb),
+      jnp.ones(m, bool),
+      jnp.zeros((1, 0, 2)),
+      2,
+    )
+    # Two zero columns and their unit vectors as anchors.
+    padded_basis = np.concatenate([basis_bx2, np.zeros((12, 2))], axis=1)
+    anchors = np.zeros((1, 2, 4))
+    anchors[0, 0, 2] = anchors[0, 1, 3] = 1.0
+    padded, padded_counts = attack.split_span(
+      jnp.asarray(padded_basis),
+      jnp.asarray(l_mxb),
+      jnp.ones(m, bool),
+      jnp.asarray(anchors),
+      2,
+    )
+    np.testing.assert_array_equal(plain_counts, padded_counts)
+    self.assertGreaterEqual(int(np.min(plain_counts)), 2)
+    cos = np.abs(np.sum(np.asarray(plain) * np.asarray(padded), axis=1))
+    np.testing.assert_allclose(cos, 1.0, atol=1e-12)
+    np.testing.assert_allclose(
+      np.abs(np.asarray(plain) @ q_bxb[:, :2]).max(axis=1), 1.0, atol=1e-12
+    )
 
 
 if __name__ == "__main__":

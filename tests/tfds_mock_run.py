@@ -2,9 +2,11 @@
 
 ``python tfds_mock_run.py SCRIPT ARGS...`` runs ``scripts/SCRIPT`` as
 ``__main__`` inside ``tfds.testing.mock_data``, whose data source is
-replaced by a list of photographs of random sizes (uint8, 3 channels,
-larger than 224 on both sides) with labels: what ``tfds build`` of
-ImageNet or Imagenette would serve, without TensorFlow or a download.
+replaced by a list of random photographs with labels: of random sizes
+(uint8, 3 channels, larger than 224 on both sides) where the builder's
+image shape is open, what ``tfds build`` of ImageNet or Imagenette would
+serve; of the builder's shape where it is fixed (MNIST, CIFAR). No
+TensorFlow, no download. ``MOCK_EXAMPLES`` (default 12) sets how many.
 """
 
 import os
@@ -23,11 +25,16 @@ class _Source:
   def __init__(self, info, count=12, seed=0):
     self.dataset_info = info
     rng = np.random.default_rng(seed)
+    fixed = tuple(info.features["image"].shape)
+
+    def shape():
+      if None not in fixed:
+        return fixed
+      return (*rng.integers(230, 320, size=2), 3)
+
     self._items = [
       {
-        "image": rng.integers(
-          0, 256, (*rng.integers(230, 320, size=2), 3), dtype=np.uint8
-        ),
+        "image": rng.integers(0, 256, shape(), dtype=np.uint8),
         "label": int(rng.integers(10)),
       }
       for _ in range(count)
@@ -42,7 +49,7 @@ class _Source:
 
 def _as_data_source(builder, split, decoders=None, **kwargs):
   del split, decoders, kwargs
-  return _Source(builder.info)
+  return _Source(builder.info, int(os.environ.get("MOCK_EXAMPLES", "12")))
 
 
 if __name__ == "__main__":

@@ -128,9 +128,13 @@ def _polish_many(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
 
 
 @jax.jit
-def _spans_many(directions_kxb, l_mxb, alive_m, screen_tol):
-  return jax.vmap(twin_span, in_axes=(0, None, None, None))(
-    directions_kxb, l_mxb, alive_m, screen_tol
+def twin_spans(directions_kxb, l_mxb, alive_m, screen_tol):
+  """:func:`twin_span` of each row, eight at a time (each forms a masked
+  copy of ``L``: bounded memory)."""
+  return jax.lax.map(
+    lambda q_b: twin_span(q_b, l_mxb, alive_m, screen_tol),
+    directions_kxb,
+    batch_size=8,
   )
 
 
@@ -226,7 +230,7 @@ def _split(
   distinct = mixtures_kxb[np.sort(first)][:_CHUNK]
   batch = np.repeat(distinct[:1], _CHUNK, axis=0)
   batch[: distinct.shape[0]] = distinct
-  bases, dims = _spans_many(
+  bases, dims = twin_spans(
     batch, problem.l_mxb, problem.alive, problem.scalar(problem.tol.screen)
   )
   bases, dims = np.asarray(bases), np.asarray(dims)[: distinct.shape[0]]

@@ -44,8 +44,8 @@ from spear_jax._distributed import attack_devices
 from spear_jax._distributed import lapack_safe
 from spear_jax._distributed import map_rows
 from spear_jax._linalg import BLOCKED_QR_FROM
-from spear_jax._linalg import twin_span
 from spear_jax._pool import CandidatePool
+from spear_jax._pool import twin_spans
 from spear_jax._problem import Problem
 from spear_jax._selection import Selection
 from spear_jax._strategy import StepOutput
@@ -357,16 +357,6 @@ def _pattern_stage(state, problem, pool, selection, learner, devices):
   )
 
 
-@jax.jit
-def _twin_spans(directions_kxb, l_mxb, alive_m, screen_tol):
-  # Eight at a time: each forms masked copies of L (bounded memory).
-  return jax.lax.map(
-    lambda q_b: twin_span(q_b, l_mxb, alive_m, screen_tol),
-    directions_kxb,
-    batch_size=8,
-  )
-
-
 def _missing_span(problem, found_kxb, rounded_kxb, zeros_k):
   """A twin group's span among the missing columns, when a zero set shows it.
 
@@ -383,7 +373,7 @@ def _missing_span(problem, found_kxb, rounded_kxb, zeros_k):
     return None
   batch = np.repeat(rounded_kxb[order[:1]], 64, axis=0)
   batch[: order.size] = rounded_kxb[order]
-  bases, dims = _twin_spans(
+  bases, dims = twin_spans(
     jnp.asarray(batch),
     problem.l_mxb,
     problem.alive,

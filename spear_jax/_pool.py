@@ -18,6 +18,7 @@ from spear_jax._config import AttackConfig
 from spear_jax._linalg import polish_direction
 from spear_jax._linalg import split_span
 from spear_jax._linalg import twin_span
+from spear_jax._peel import peel_span
 from spear_jax._problem import Problem
 
 __all__ = ["CandidatePool", "absorb", "empty_pool", "merge_candidates"]
@@ -27,6 +28,8 @@ __all__ = ["CandidatePool", "absorb", "empty_pool", "merge_candidates"]
 _CHUNK = 32
 # Anchor sets tried per twin span (:func:`split_span`), one fixed number.
 _ANCHORS = 512
+# Twin spans of up to this many dimensions are peeled (:func:`peel_span`).
+_PEEL_MAX_DIM = 48
 
 
 class CandidatePool(NamedTuple):
@@ -225,6 +228,15 @@ def _split(
   """
   b = mixtures_kxb.shape[1]
   l_np, alive = np.asarray(problem.l_mxb), np.asarray(problem.alive)
+  if known_kxb.shape[0]:
+    # Mixtures of known columns only have nothing new to split.
+    u_bxk, sv, _ = np.linalg.svd(known_kxb.T, full_matrices=False)
+    u_bxk = u_bxk[:, sv > sv[0] * problem.tol.independence]
+    outside = mixtures_kxb - (mixtures_kxb @ u_bxk) @ u_bxk.T
+    new = np.linalg.norm(outside, axis=1) > problem.tol.independence
+    mixtures_kxb = mixtures_kxb[new | (u_bxk.shape[1] == b)]
+    if not mixtures_kxb.shape[0]:
+      return np.zeros((0, b), l_np.dtype)
   zero_kxm = (np.abs(mixtures_kxb @ l_np.T) <= problem.tol.screen) & alive
   _, first = np.unique(np.packbits(zero_kxm, axis=1), axis=0, return_index=True)
   distinct = mixtures_kxb[np.sort(first)][:_CHUNK]
@@ -238,11 +250,11 @@ def _split(
   row_norm_m = np.linalg.norm(l_np, axis=1)
   parts = [np.zeros((0, b), l_np.dtype)]
   spans: list[np.ndarray] = []
-  for i in np.flatnonzero((dims >= 2) & (dims <= max_dim)):
+  for i in np.flatnonzero((dims >= 2) & (dims <= _PEEL_MAX_DIM)):
     dim = int(dims[i])
-    basis_bxs = np.zeros((b, max_dim), l_np.dtype)
-    basis_bxs[:, :dim] = bases[i][:, :dim]
-    inside = np.linalg.norm(known_kxb @ basis_bxs, axis=1) >= 1.0 - 1e-8
+    basis_bxs = bases[i][:, :dim]
+    coords_kxs = known_kxb @ basis_bxs
+    inside = np.linalg.norm(coords_kxs, axis=1) >= 1.0 - 1e-8
     if inside.sum() >= dim or any(
       s_.shape == basis_bxs.shape
       and np.linalg.norm(s_.T @ basis_bxs) ** 2 >= dim - 1e-8
@@ -251,18 +263,37 @@ def _split(
       continue  # every column of this span is known, or it was split
     spans.append(basis_bxs)
     p_mxs = l_np @ basis_bxs
-    usable = alive & (np.linalg.norm(p_mxs, axis=1) >= 1e-4 * row_norm_m)
-    directions, counts = _split_span(
-      jnp.asarray(basis_bxs),
-      problem.l_mxb,
-      problem.alive,
-      jnp.asarray(_anchor_sets(rng, p_mxs, usable, dim, max_dim)),
-      dim,
+    outside = alive & (np.linalg.norm(p_mxs, axis=1) > problem.tol.zero)
+    peeled = peel_span(
+      p_mxs[outside],
+      problem.tol.zero / 10,
+      known_kxs=coords_kxs[inside],
+      seed=seed + i,
     )
-    parts.append(
-      _distinct(np.asarray(directions)[np.asarray(counts) >= 2], 1e-8)
-    )
+    parts.append(peeled[inside.sum() :] @ basis_bxs.T)
+    if dim <= max_dim:
+      parts.append(_split_small(problem, basis_bxs, p_mxs, row_norm_m, rng, max_dim))
   return np.concatenate(parts)
+
+
+def _split_small(problem, basis_bxs, p_mxs, row_norm_m, rng, max_dim):
+  """:func:`split_span` of a span of at most ``max_dim`` dimensions."""
+  b, dim = basis_bxs.shape
+  padded_bxs = np.zeros((b, max_dim), basis_bxs.dtype)
+  padded_bxs[:, :dim] = basis_bxs
+  padded_mxs = np.zeros((p_mxs.shape[0], max_dim), p_mxs.dtype)
+  padded_mxs[:, :dim] = p_mxs
+  usable = np.asarray(problem.alive) & (
+    np.linalg.norm(p_mxs, axis=1) >= 1e-4 * row_norm_m
+  )
+  directions, counts = _split_span(
+    jnp.asarray(padded_bxs),
+    problem.l_mxb,
+    problem.alive,
+    jnp.asarray(_anchor_sets(rng, padded_mxs, usable, dim, max_dim)),
+    dim,
+  )
+  return _distinct(np.asarray(directions)[np.asarray(counts) >= 2], 1e-8)
 
 
 def _distinct(directions_kxb: np.ndarray, tol: float) -> np.ndarray:

@@ -68,14 +68,15 @@ def _parallel_groups(
   adjacent = np.zeros((norm_r.size, norm_r.size), bool)
   adjacent[i[near], j[near]] = True
   adjacent |= adjacent.T
-  left = np.ones(norm_r.size, bool)
+  left = adjacent.any(axis=1)  # rows in no pair form no group
   groups = []
-  for k in range(norm_r.size):
+  for k in np.flatnonzero(left):
     if left[k]:
-      group = np.union1d([k], np.flatnonzero(adjacent[k] & left))
+      group = np.flatnonzero(adjacent[k] & left)
+      group = np.append(group[group != k], k)
       left[group] = False
       if group.size >= 2:
-        groups.append(group)
+        groups.append(np.sort(group))
   return groups, u_rxs
 
 
@@ -85,17 +86,26 @@ def _normal(w_sxk: np.ndarray) -> np.ndarray:
 
 
 def _flag_normals(
-  p_rxs: np.ndarray, delta: float, rng: np.random.Generator
-) -> list[np.ndarray]:
+  p_rxs: np.ndarray,
+  delta: float,
+  rng: np.random.Generator,
+  greedy: bool = True,
+) -> tuple[list[np.ndarray], np.ndarray, list[int]]:
   """Columns found by peeling parallel groups up to a hyperplane.
 
-  Each step adds about half of the groups found (in random order, so
-  repeated calls end on different twins); the step that completes
-  ``s - 1`` dimensions gives the normal of each hyperplane it can close.
-  Empty when the peeling stalls.
+  Each step adds the groups found (with ``greedy=False`` about half of
+  them, in random order, so that repeated calls end on different twins);
+  the step that completes ``s - 1`` dimensions gives the normal of each
+  hyperplane it can close.
+
+  Returns:
+    ``(normals, flag, starts)``: the normals (empty when the peeling
+    stalls), the flag's orthonormal basis in peeling order and the flag's
+    dimension before each step.
   """
   s = p_rxs.shape[1]
   flag_sxk = np.zeros((s, 0))
+  starts: list[int] = []
   norm_r = np.linalg.norm(p_rxs, axis=1)
   while True:
     res_rxs = p_rxs - (p_rxs @ flag_sxk) @ flag_sxk.T
@@ -107,10 +117,11 @@ def _flag_normals(
       _parallel_groups(res_rxs[live], delta) if live.size >= 2 else ([], None)
     )
     if not groups:
-      return []
+      return [], flag_sxk, starts
     k = flag_sxk.shape[1]
+    starts.append(k)
     take = min(len(groups), s - k)
-    if k + take < s - 1:
+    if not greedy and k + take < s - 1:
       take = max(1, (take + 1) // 2)
     directions, orthonormal = [], []
     for g in rng.permutation(len(groups)):
@@ -121,14 +132,45 @@ def _flag_normals(
         orthonormal.append(e / np.linalg.norm(e))
       if len(directions) == take:
         break
-    if k + len(directions) == s:
-      return [
-        _normal(np.column_stack([flag_sxk, *directions[:i], *directions[i + 1 :]]))
-        for i in range(len(directions))
-      ]
     flag_sxk = np.column_stack([flag_sxk, *orthonormal])
+    if k + len(directions) == s:
+      return (
+        [
+          _normal(
+            np.column_stack(
+              [flag_sxk[:, :k], *directions[:i], *directions[i + 1 :]]
+            )
+          )
+          for i in range(len(directions))
+        ],
+        flag_sxk,
+        starts,
+      )
     if flag_sxk.shape[1] == s - 1:
-      return [_normal(flag_sxk)]
+      normal = _normal(flag_sxk)
+      return [normal], np.column_stack([flag_sxk, normal]), starts
+
+
+def _back_substitute(
+  p_rxs, columns, flag_sxs, starts, delta, rng, budget, tries
+):
+  """More columns from a completed flag: the columns of the twins added
+  from step ``k`` on lie in ``W = V_k^perp``, where the rows' projections
+  involve only those twins; with the later twins' columns known there,
+  :func:`_complete` finds the step's own."""
+  found = list(columns)
+  for k in reversed(starts[1:]):
+    w_sxd = flag_sxs[:, k:]
+    inside = [
+      w_sxd.T @ c for c in found if np.linalg.norm(w_sxd.T @ c) > 1 - 1e-8
+    ]
+    if not inside or len(inside) >= w_sxd.shape[1] or budget[0] <= 0:
+      continue
+    for f in _complete(p_rxs @ w_sxd, inside, delta, rng, budget, tries):
+      column = w_sxd @ f
+      if _is_new(found, column):
+        found.append(column)
+  return found[len(columns) :]
 
 
 def _shared_ratio(num_r: np.ndarray, den_r: np.ndarray, delta: float):
@@ -146,38 +188,153 @@ def _shared_ratio(num_r: np.ndarray, den_r: np.ndarray, delta: float):
 
 
 def _is_new(columns: list[np.ndarray], c_s: np.ndarray) -> bool:
-  return not columns or np.max(np.abs(np.array(columns) @ c_s)) < 1.0 - 1e-8
+  return not columns or bool(
+    np.max(np.abs(np.array(columns) @ c_s)) < 1.0 - 1e-8
+  )
+
+
+def _shared_vector(y_rxd: np.ndarray, scale_r: np.ndarray, delta: float):
+  """The vector ``y_j / scale_j`` that most rows (at least two) share."""
+  if y_rxd.shape[0] < 2:
+    return None
+  cand_rxd = y_rxd / scale_r[:, None]
+  err = delta * (1.0 + np.linalg.norm(cand_rxd, axis=1)) / np.abs(scale_r)
+  gap = np.linalg.norm(cand_rxd[:, None, :] - cand_rxd[None, :, :], axis=2)
+  close = gap <= _PARALLEL_SLACK * (err[:, None] + err[None, :])
+  counts = close.sum(axis=1)
+  best = int(np.argmax(counts))
+  return None if counts[best] < 2 else np.median(cand_rxd[close[best]], axis=0)
+
+
+def _known_offsets(y_rxd, d_rxk, active_rxk, delta):
+  """The known twins' rows of ``C^-1`` in the complement (``w_u``): the
+  rows where ``u`` is the only active known twin whose ``w`` is open give
+  ``w_u`` wherever no missing twin is active (a shared value)."""
+  k = d_rxk.shape[1]
+  w_kxd = np.zeros((k, y_rxd.shape[1]))
+  solved = np.zeros(k, bool)
+  progress = True
+  while progress and not solved.all():
+    progress = False
+    for u in np.flatnonzero(~solved):
+      others = active_rxk & ~solved & (np.arange(k) != u)
+      rows = active_rxk[:, u] & ~others.any(axis=1)
+      rest = y_rxd[rows] - d_rxk[rows][:, solved] @ w_kxd[solved]
+      w = _shared_vector(rest, d_rxk[rows, u], delta)
+      if w is not None:
+        w_kxd[u], solved[u], progress = w, True, True
+  return w_kxd, solved
+
+
+def _independent(columns: list[np.ndarray]) -> np.ndarray:
+  """The columns, each dropped that the earlier ones nearly span."""
+  kept: list[np.ndarray] = []
+  basis: list[np.ndarray] = []
+  for c in columns:
+    e = c - sum((o @ c) * o for o in basis)
+    if np.linalg.norm(e) > 1e-6:
+      kept.append(c)
+      basis.append(e / np.linalg.norm(e))
+  return np.array(kept).reshape(len(kept), -1)
+
+
+def _complete(p_rxs, columns, delta, rng, budget, tries):
+  """Columns missing from ``columns`` (the known ``c_u``, ``u`` in ``F``).
+
+  Each row is ``sum_F D_ju a_u + sum_missing D_jt a_t``; ``D_ju = P_j c_u``
+  is known, and ``a_u`` is known up to ``w_u`` in the complement ``N`` of
+  the known columns (where the missing ``a_t`` lie). With the ``w_u``
+  (:func:`_known_offsets`), subtracting the known twins leaves the
+  missing twins' own problem in ``N``; its columns ``f`` extend to
+  ``N f - sum_u (f . w_u) c_u``.
+  """
+  c_kxs = _independent(columns)
+  while c_kxs.shape[0]:
+    k = c_kxs.shape[0]
+    n_sxd = np.linalg.svd(c_kxs)[2][k:].T
+    d_rxk = p_rxs @ c_kxs.T
+    active = np.abs(d_rxk) > 10 * delta
+    dual_kxs = np.linalg.solve(c_kxs @ c_kxs.T, c_kxs)
+    y_rxd = (p_rxs - d_rxk @ dual_kxs) @ n_sxd
+    w_kxd, solved = _known_offsets(y_rxd, d_rxk, active, delta)
+    if solved.all():
+      break
+    # A known twin active only beside missing ones joins them.
+    c_kxs = c_kxs[solved]
+  if not c_kxs.shape[0]:
+    return []
+  found = []
+  for f in _flags(y_rxd - d_rxk @ w_kxd, delta, rng, budget, tries):
+    column = n_sxd @ f - (w_kxd @ f) @ c_kxs
+    found.append(column / np.linalg.norm(column))
+  return found
+
+
+def _extend(p_rxs, c_s, delta, rng, budget, tries):
+  """Columns from the rows where the twin of column ``c`` is inactive (a
+  problem one dimension down), each extended by its shared ``gamma``."""
+  on = np.abs(p_rxs @ c_s) <= 10 * delta
+  perp_sxs1 = np.linalg.svd(c_s[None, :])[2][1:].T
+  off_rxs = p_rxs[~on]
+  found = []
+  for f in _flags(p_rxs[on] @ perp_sxs1, delta, rng, budget, tries):
+    v = perp_sxs1 @ f
+    gamma = _shared_ratio(-(off_rxs @ v), off_rxs @ c_s, delta)
+    if gamma is not None:
+      found.append((v + gamma * c_s) / np.linalg.norm(v + gamma * c_s))
+  return found
+
+
+def _flags(p_rxs, delta, rng, budget, tries):
+  """Distinct normals of ``tries`` random peelings (each one of
+  ``budget``); a one-dimensional problem is its own column."""
+  if p_rxs.shape[1] == 1:
+    return [np.ones(1)] if p_rxs.shape[0] else []
+  found: list[np.ndarray] = []
+  for t in range(tries):
+    if budget[0] <= 0 or p_rxs.shape[0] < p_rxs.shape[1] - 1:
+      break
+    budget[0] -= 1
+    normals, flag_sxs, starts = _flag_normals(p_rxs, delta, rng, t == 0)
+    if normals and flag_sxs.shape[1] == p_rxs.shape[1]:
+      normals += _back_substitute(
+        p_rxs, normals, flag_sxs, starts, delta, rng, budget, tries
+      )
+    found += [c for c in normals if _is_new(found, c)]
+  return found
 
 
 def _peel(p_rxs, delta, known, rng, budget, tries):
-  """:func:`peel_span` on the rows ``p_rxs``; ``budget`` (a one-element
-  list) bounds the calls of the whole recursion."""
+  """:func:`peel_span`: peelings of the whole span, then, until nothing
+  new comes, completion from all known columns (:func:`_complete`) and,
+  when that stalls, the hyperplane of one more known column
+  (:func:`_extend`)."""
   s = p_rxs.shape[1]
-  budget[0] -= 1
-  if budget[0] < 0 or p_rxs.shape[0] < s - 1:
-    return []
-  if s == 1:
-    return [np.ones(1)]
   columns = [c / np.linalg.norm(c) for c in known]
-  for _ in range(tries):
-    for c in _flag_normals(p_rxs, delta, rng):
+  columns += [
+    c for c in _flags(p_rxs, delta, rng, budget, tries) if _is_new(columns, c)
+  ]
+  extended = 0
+  while 0 < len(columns) < s and budget[0] > 0:
+    new = [
+      c
+      for c in _complete(p_rxs, columns, delta, rng, budget, tries)
+      if _is_new(columns, c)
+    ]
+    while not new and extended < len(columns) and budget[0] > 0:
+      extended += 1
+      new = [
+        c
+        for c in _extend(
+          p_rxs, columns[extended - 1], delta, rng, budget, tries
+        )
+        if _is_new(columns, c)
+      ]
+    if not new:
+      break
+    for c in new:
       if _is_new(columns, c):
         columns.append(c)
-  i = 0
-  while i < len(columns) < s and budget[0] > 0:
-    c = columns[i]
-    i += 1
-    on = np.abs(p_rxs @ c) <= 10 * delta  # the rows where this twin is off
-    perp_sxs1 = np.linalg.svd(c[None, :])[2][1:].T
-    off_rxs = p_rxs[~on]
-    sub = _peel(p_rxs[on] @ perp_sxs1, delta, (), rng, budget, tries)
-    for f in sub:
-      v = perp_sxs1 @ f
-      gamma = _shared_ratio(-(off_rxs @ v), off_rxs @ c, delta)
-      if gamma is not None:
-        column = (v + gamma * c) / np.linalg.norm(v + gamma * c)
-        if _is_new(columns, column):
-          columns.append(column)
   return columns
 
 
@@ -187,7 +344,7 @@ def peel_span(
   *,
   known_kxs: np.ndarray | None = None,
   seed: int = 0,
-  tries: int = 2,
+  tries: int = 6,
 ) -> np.ndarray:
   """Columns of a twin span, by peeling parallel rows (module docstring).
 
@@ -210,5 +367,30 @@ def peel_span(
   s = p_rxs.shape[1]
   known = [] if known_kxs is None else list(np.asarray(known_kxs))
   rng = np.random.default_rng(seed)
-  columns = _peel(p_rxs, float(delta), known, rng, [min(8 * s * s, 2048)], tries)
-  return np.array(columns, np.float64).reshape(-1, s)
+  columns = _peel(p_rxs, float(delta), known, rng, [64 + 16 * s], tries)
+  return np.array(
+    columns[: len(known)]
+    + [
+      c
+      for c in map(
+        _refit,
+        columns[len(known) :],
+        [p_rxs] * len(columns),
+        [delta] * len(columns),
+      )
+      if c is not None
+    ],
+    np.float64,
+  ).reshape(-1, s)
+
+
+def _refit(c_s, p_rxs, delta):
+  """The null vector of the rows on which ``c`` vanishes, if they have
+  rank ``s - 1`` (else ``c`` is a mixture of several twins: ``None``)."""
+  rows = np.abs(p_rxs @ c_s) <= 10 * delta
+  if rows.sum() < c_s.size - 1:
+    return None
+  _, sv, vt = np.linalg.svd(p_rxs[rows])
+  if sv.size < c_s.size or sv[-2] <= 1e-8 * sv[0]:
+    return None
+  return vt[-1]

@@ -268,11 +268,13 @@ def _split(
       p_mxs[outside],
       problem.tol.zero / 10,
       known_kxs=coords_kxs[inside],
-      seed=seed + i,
+      seed=seed + int(i),
     )
     parts.append(peeled[inside.sum() :] @ basis_bxs.T)
     if dim <= max_dim:
-      parts.append(_split_small(problem, basis_bxs, p_mxs, row_norm_m, rng, max_dim))
+      parts.append(
+        _split_small(problem, basis_bxs, p_mxs, row_norm_m, rng, max_dim)
+      )
   return np.concatenate(parts)
 
 

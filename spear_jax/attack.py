@@ -41,6 +41,7 @@ from spear_jax._linalg import factorize as factorize
 from spear_jax._linalg import polish_direction as polish_direction
 from spear_jax._linalg import split_mixture as split_mixture
 from spear_jax._linalg import split_span as split_span
+from spear_jax._peel import peel_span as peel_span
 from spear_jax._linalg import twin_span as twin_span
 from spear_jax._pool import CandidatePool as CandidatePool
 from spear_jax._pool import absorb as absorb
@@ -97,6 +98,7 @@ __all__ = [
   "learn_directions",
   "make_dictionary_learner",
   "make_strategy",
+  "peel_span",
   "polish_direction",
   "prepare_problem",
   "propose_direction",
@@ -109,6 +111,7 @@ __all__ = [
   "spear_sampler",
   "spearpp_learner",
   "split_mixture",
+  "peel_span",
   "split_span",
   "structure_floor",
   "twin_span",

@@ -41,8 +41,8 @@ from spear_jax._linalg import factorize as factorize
 from spear_jax._linalg import polish_direction as polish_direction
 from spear_jax._linalg import split_mixture as split_mixture
 from spear_jax._linalg import split_span as split_span
-from spear_jax._peel import peel_span as peel_span
 from spear_jax._linalg import twin_span as twin_span
+from spear_jax._peel import peel_span as peel_span
 from spear_jax._pool import CandidatePool as CandidatePool
 from spear_jax._pool import absorb as absorb
 from spear_jax._pool import empty_pool as empty_pool
@@ -111,7 +111,6 @@ __all__ = [
   "spear_sampler",
   "spearpp_learner",
   "split_mixture",
-  "peel_span",
   "split_span",
   "structure_floor",
   "twin_span",

@@ -70,11 +70,13 @@ class LearnerConfig:
     pattern_label_margin: fraction of the typical zero count labelled
       inactive in the pattern fit.
     split_mixtures: split sparse mixtures of near-twin columns (what
-      near-twin samples' columns round to) into their columns
-      (:func:`spear_jax.attack.split_span`) instead of only discarding them.
-    split_max_dim: the largest span of near-twin columns split that way
-      (two-column mixtures split exactly; from three on the split tries
-      anchor rows, see :func:`spear_jax.attack.split_span`).
+      near-twin samples' columns round to) into their columns instead of
+      only discarding them: spans of any dimension up to 48 by peeling
+      (:func:`spear_jax.attack.peel_span`), and those of at most
+      ``split_max_dim`` also by anchor rows.
+    split_max_dim: the largest span of near-twin columns also split by
+      anchor rows (two-column mixtures split exactly; from three on the
+      split samples anchors, see :func:`spear_jax.attack.split_span`).
   """
 
   objective: str = "l1"

@@ -14,6 +14,15 @@ inactive. So:
   ``s - 1`` dimensions it is the hyperplane spanned by the ``a_u`` of all
   twins but one, ``t``, and its normal is ``c_t``: that twin's column,
   exactly. Rows in general position (every twin active) are never parallel.
+* A finished flag gives more: the columns of the twins added from step
+  ``k`` on lie in ``V_k^perp``, where only those twins act; with the later
+  twins' columns known there, the step's own follow (back-substitution).
+* With columns ``c_u`` known (``u`` in ``F``), each row is
+  ``sum_F D_ju a_u + sum_missing D_jt a_t`` with ``D_ju = P_j c_u`` known
+  and ``a_u`` known up to an offset ``w_u`` in the complement of the
+  known columns; the rows where ``u`` is the only active known twin and
+  no missing twin acts all give the same ``w_u``. Subtracting the known
+  twins leaves the missing twins' own, smaller problem (completion).
 * With a column ``c_u`` known, the rows where twin ``u`` is inactive lie in
   the hyperplane ``c_u^perp``: the same problem for the other ``s - 1``
   twins, one dimension down. A column ``f`` of it extends to the full span
@@ -68,7 +77,7 @@ def _parallel_groups(
   adjacent = np.zeros((norm_r.size, norm_r.size), bool)
   adjacent[i[near], j[near]] = True
   adjacent |= adjacent.T
-  left = adjacent.any(axis=1)  # rows in no pair form no group
+  left: np.ndarray = np.any(adjacent, axis=1)  # rows in no pair: no group
   groups = []
   for k in np.flatnonzero(left):
     if left[k]:
@@ -113,9 +122,9 @@ def _flag_normals(
     live = np.flatnonzero(
       (res_norm > _RESIDUAL_FLOOR * norm_r) & (res_norm > 100 * delta)
     )
-    groups, u_rxs = (
-      _parallel_groups(res_rxs[live], delta) if live.size >= 2 else ([], None)
-    )
+    if live.size < 2:
+      return [], flag_sxk, starts
+    groups, u_rxs = _parallel_groups(res_rxs[live], delta)
     if not groups:
       return [], flag_sxk, starts
     k = flag_sxk.shape[1]
@@ -123,7 +132,8 @@ def _flag_normals(
     take = min(len(groups), s - k)
     if not greedy and k + take < s - 1:
       take = max(1, (take + 1) // 2)
-    directions, orthonormal = [], []
+    directions: list[np.ndarray] = []
+    orthonormal: list[np.ndarray] = []
     for g in rng.permutation(len(groups)):
       d = u_rxs[groups[g]].mean(axis=0)
       e = d - sum((o @ d) * o for o in orthonormal)

@@ -221,10 +221,13 @@ def _split(
 ) -> np.ndarray:
   """The columns inside the twin spans of sparse mixtures.
 
-  Mixtures with the same zero set share their span, so one per zero set is
-  kept (the first, at most one chunk). Each span of ``2..max_dim``
-  dimensions (:func:`twin_span`) that the ``known`` directions do not
-  already fill is split by :func:`split_span`.
+  Mixtures in the span of the ``known`` directions are dropped (nothing
+  new to split); mixtures with the same zero set share their span, so one
+  per zero set is kept (the first, at most one chunk). Each twin span
+  (:func:`twin_span`) of up to ``_PEEL_MAX_DIM`` dimensions that the known
+  directions do not already fill is peeled (:func:`peel_span`, seeded with
+  the known columns inside it); those of at most ``max_dim`` dimensions
+  are also split by anchor rows (:func:`split_span`).
   """
   b = mixtures_kxb.shape[1]
   l_np, alive = np.asarray(problem.l_mxb), np.asarray(problem.alive)

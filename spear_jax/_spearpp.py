@@ -15,8 +15,8 @@ selects between them):
 3. ``complete``: with one column missing, it is read off the ReLU pattern
    (:func:`complete_last_column`).
 
-Sparse two-column mixtures are split by the filter
-(``Strategy.split_mixtures``). A round that adds no distinct direction
+Sparse mixtures of near-twin columns are split by the filter
+(``Strategy.split_mixtures``, :func:`spear_jax.attack.peel_span`). A round that adds no distinct direction
 counts towards ``learner.patience``; the strategy stops as ``"stalled"``
 after that many, or as ``"max_rounds"``.
 """

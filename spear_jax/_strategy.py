@@ -67,9 +67,10 @@ class Strategy(NamedTuple):
     name: a short name for logs.
     init: ``init(key, problem) -> state``.
     step: ``step(state, problem, pool, selection) -> StepOutput``.
-    split_mixtures: the largest span of near-twin columns (in dimensions)
-      whose sparse mixtures the filter splits into their columns instead of
-      discarding them; ``0`` splits none.
+    split_mixtures: ``0`` splits no sparse mixture of near-twin columns;
+      otherwise the filter splits them into their columns instead of
+      discarding them (spans of up to 48 dimensions by peeling), and this
+      is the largest span also split by anchor rows.
     search: whether the candidates come from a search rather than uniform
       sampling (it caps the adaptive selection threshold; see
       :func:`spear_jax._selection.threshold`).

@@ -382,12 +382,7 @@ def peel_span(
     columns[: len(known)]
     + [
       c
-      for c in map(
-        _refit,
-        columns[len(known) :],
-        [p_rxs] * len(columns),
-        [delta] * len(columns),
-      )
+      for c in (_refit(c, p_rxs, delta) for c in columns[len(known) :])
       if c is not None
     ],
     np.float64,

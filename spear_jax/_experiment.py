@@ -230,6 +230,13 @@ def _score(result, update, image_set, exact_rtol):
       else _metrics.identifiable_samples(update.grad_z)
     )
     scores["unidentifiable_samples"] = int(np.sum(~per_sample["identifiable"]))
+    # And inputs that float64 cannot tell from the others' span.
+    per_sample["independent"] = (
+      np.ones_like(per_sample["verified"])
+      if per_sample["verified"].all()
+      else _metrics.independent_samples(truth)
+    )
+    scores["dependent_samples"] = int(np.sum(~per_sample["independent"]))
   arrays = {"truth": truth, "recovered": recovered[matched]}
   if image_set is not None:
     for name in ("truth", "recovered"):

@@ -36,6 +36,7 @@ __all__ = [
   "denormalize_images",
   "hungarian",
   "identifiable_samples",
+  "independent_samples",
   "match_and_score",
   "mse",
   "near_duplicates",
@@ -50,6 +51,9 @@ EXACT_RTOL = 1e-8
 # quantization alone gives about 59 dB, so any capped value means "no error
 # visible at any bit depth"; whether it is exact is the ``exact`` flag.
 PSNR_MAX_DB = 100.0
+# Relative distance from the other samples' span below which a sample is
+# numerically dependent (:func:`independent_samples`).
+INDEPENDENCE_RTOL = 1e-6
 
 
 def hungarian(cost: np.ndarray) -> np.ndarray:
@@ -456,6 +460,50 @@ def identifiable_samples(grad_z_mxb: ArrayLike) -> np.ndarray:
       jnp.asarray(eps ** (1 / 3)),
     )
   )
+
+
+def independent_samples(
+  inputs_bxn: ArrayLike, *, rtol: float = INDEPENDENCE_RTOL
+) -> np.ndarray:
+  """Which inputs float64 can tell apart from the other samples' span.
+
+  A sample whose input lies within relative distance ``delta`` of the
+  span of the others (``dist(x_i, span{x_j, j != i}) / |x_i| < rtol``)
+  is numerically dependent: its component the gradient carries is
+  ``delta`` of its norm, so the gradient's own rounding (``eps`` of its
+  norm) moves its recovery by about ``eps / delta``, amplified by the
+  conditioning of ``D``. Below ``rtol = 1e-6`` that is beyond the
+  ``1e-8`` of an exact sample for any attack in float64: frames of one
+  scene that differ only by a brightness gain (``x``, ``g1 x``, ``g2 x``
+  normalized with one mean are dependent up to the float32 rounding of
+  the images). The truth-side twin of :func:`identifiable_samples`, which
+  judges the zero sets; this judges the inputs.
+
+  Args:
+    inputs_bxn: the true inputs, one per row.
+    rtol: the relative distance below which a sample is dependent.
+
+  Returns:
+    A boolean per sample.
+  """
+  x = np.asarray(inputs_bxn, np.float64)
+  b, n = x.shape
+  u, s, _ = np.linalg.svd(x, full_matrices=False)
+  if b > n or not s[-1] > 0:
+    # Rank below b: row i of U S^-1 is only meaningful on the kernel
+    # complement; solve each sample against the others instead.
+    return np.asarray([_distance_to_others(x, i) for i in range(b)]) >= (
+      rtol * np.linalg.norm(x, axis=1)
+    )
+  # Row i of pinv(X^T) = U S^-1 V^T has norm 1 / dist(x_i, span others).
+  distance = 1.0 / np.linalg.norm(u / s, axis=1)
+  return distance >= rtol * np.linalg.norm(x, axis=1)
+
+
+def _distance_to_others(x_bxn: np.ndarray, i: int) -> float:
+  others = np.delete(x_bxn, i, axis=0).T
+  coef = np.linalg.lstsq(others, x_bxn[i], rcond=None)[0]
+  return float(np.linalg.norm(others @ coef - x_bxn[i]))
 
 
 def score_reconstruction(

@@ -201,8 +201,9 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         # Mean share of correct labels (NaN where none were read).
         "label_accuracy": _mean([r.get("label_accuracy") for r in trials]),
         # Batches in which every sample is identifiable from the layer
-        # (truth-side, FedSGD; NaN where not assessed): the most exact
-        # batches any attack on this layer can reach.
+        # and numerically independent of the others (truth-side, FedSGD;
+        # NaN where not assessed): the most exact batches any float64
+        # attack on this layer can reach.
         "identifiable_batches": _count_identifiable(trials),
       }
     )
@@ -213,7 +214,9 @@ def _count_identifiable(trials) -> float:
   counts = [r.get("unidentifiable_samples") for r in trials]
   if any(c is None for c in counts):
     return math.nan
-  return float(sum(int(c) == 0 for c in counts))
+  # Numerically dependent inputs (recorded from stop 21 on) count too.
+  dependent = [int(r.get("dependent_samples") or 0) for r in trials]
+  return float(sum(int(c) == 0 and d == 0 for c, d in zip(counts, dependent)))
 
 
 def write_csv(

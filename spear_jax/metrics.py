@@ -11,6 +11,7 @@ from spear_jax._metrics import aggregate_trials as aggregate_trials
 from spear_jax._metrics import denormalize_images as denormalize_images
 from spear_jax._metrics import hungarian as hungarian
 from spear_jax._metrics import identifiable_samples as identifiable_samples
+from spear_jax._metrics import independent_samples as independent_samples
 from spear_jax._metrics import match_and_score as match_and_score
 from spear_jax._metrics import mse as mse
 from spear_jax._metrics import near_duplicates as near_duplicates
@@ -29,6 +30,7 @@ __all__ = [
   "hungarian",
   "identifiable_samples",
   "image_grid",
+  "independent_samples",
   "match_and_score",
   "mse",
   "near_duplicates",

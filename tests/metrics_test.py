@@ -435,6 +435,50 @@ class NearDuplicatesTest(absltest.TestCase):
     )
 
 
+def _distance_by_qr(x_bxn, i):
+  """Distance of sample i from the others' span, by an orthonormal basis."""
+  q, _ = np.linalg.qr(np.delete(x_bxn, i, axis=0).T)
+  return np.linalg.norm(x_bxn[i] - q @ (q.T @ x_bxn[i]))
+
+
+class IndependentSamplesTest(parameterized.TestCase):
+  @parameterized.parameters(1e-3, 1e-5, 1e-8, 1e-10)
+  def test_matches_distance_to_the_others_span(self, delta):
+    # Sample 3 is a combination of samples 0-2 plus a unit-norm-relative
+    # offset of size delta orthogonal to all samples; the threshold 1e-6
+    # sits between the two middle cases.
+    rng = np.random.default_rng()
+    x = rng.standard_normal((12, 40))
+    x[3] = x[:3].T @ rng.standard_normal(3)
+    offset = rng.standard_normal(40)
+    q, _ = np.linalg.qr(x.T)
+    offset -= q @ (q.T @ offset)
+    x[3] += delta * np.linalg.norm(x[3]) * offset / np.linalg.norm(offset)
+    got = _metrics.independent_samples(x)
+    want = np.array(
+      [_distance_by_qr(x, i) >= 1e-6 * np.linalg.norm(x[i]) for i in range(12)]
+    )
+    np.testing.assert_array_equal(got, want)
+    # The dependent ones are exactly 0-3 (the combination and its parts).
+    self.assertEqual(got[:4].all(), delta > 1e-6)
+    self.assertTrue(got[4:].all())
+
+  def test_brightness_gain_frames_are_dependent(self):
+    # Three frames of one scene under gains g, normalized with one mean:
+    # dependent up to the float32 rounding of the images.
+    rng = np.random.default_rng()
+    scene = rng.uniform(0.2, 0.8, 3072).astype(np.float32)
+    frames = [scene * np.float32(g) for g in rng.uniform(0.95, 1.05, 3)]
+    others = rng.uniform(0.0, 1.0, (5, 3072)).astype(np.float32)
+    x = (np.concatenate([np.stack(frames), others]) - 0.5) / 0.25
+    got = _metrics.independent_samples(x.astype(np.float64))
+    np.testing.assert_array_equal(got, [False] * 3 + [True] * 5)
+
+  def test_more_samples_than_dimensions(self):
+    x = np.random.default_rng().standard_normal((6, 4))
+    self.assertFalse(_metrics.independent_samples(x).any())
+
+
 class AggregateTrialsTest(absltest.TestCase):
   def test_rates_and_means(self):
     rng = np.random.default_rng()

@@ -34,6 +34,7 @@ from spear_jax._selection import empty_selection
 from spear_jax._selection import identified_samples
 from spear_jax._selection import reconstruct
 from spear_jax._selection import select
+from spear_jax._spearpp import fill_missing_columns
 from spear_jax._spearpp import spearpp_learner
 from spear_jax._strategy import Strategy
 from spear_jax._timing import PhaseClock
@@ -212,18 +213,23 @@ def _single_sample(problem: Problem) -> SearchState:
 
 
 def _finalize(
-  problem: Problem, state: SearchState, start: float
+  problem: Problem, state: SearchState, start: float, config: AttackConfig
 ) -> InversionResult:
   """The best (possibly partial) reconstruction and honest flags."""
   pool, selection = state.pool, state.selection
   result = selection.result
   recovered = selection.chosen.shape[0] == problem.b
   if result is None or not recovered:
-    basis = complete_basis(pool.directions[selection.chosen], problem.b)
+    found = pool.directions[selection.chosen]
+    basis = (
+      complete_basis(found, problem.b)
+      if recovered
+      else fill_missing_columns(problem, found, config.learner)
+    )
     result = reconstruct(problem, basis)
   if not recovered:
-    # The missing columns are filled at random, and X^T = Q^-1 R then
-    # corrupts every x_i (a random column enters every row of Q^-1); at a
+    # The missing columns are only estimated, and X^T = Q^-1 R then
+    # corrupts every x_i (a filler column enters every row of Q^-1); at a
     # small width such an x_i can still pass the ReLU certificate by chance
     # (found by the property test), so nothing of an incomplete selection
     # is verified.
@@ -409,7 +415,7 @@ def invert(
   if checkpoint_fn is not None:
     checkpoint_fn(state.pool.directions.copy(), state.proposals)
   with clock("finalize"):
-    result = _finalize(problem, state, start)
+    result = _finalize(problem, state, start, config)
   stats = result.stats._replace(
     seconds=time.perf_counter() - start, timings=clock.summary()
   )

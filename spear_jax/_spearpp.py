@@ -48,11 +48,12 @@ from spear_jax._pool import CandidatePool
 from spear_jax._pool import twin_spans
 from spear_jax._problem import Problem
 from spear_jax._selection import Selection
+from spear_jax._selection import complete_basis
 from spear_jax._strategy import StepOutput
 from spear_jax._strategy import Strategy
 from spear_jax._types import PRNGKeyArray
 
-__all__ = ["LearnerRoundState", "spearpp_learner"]
+__all__ = ["LearnerRoundState", "fill_missing_columns", "spearpp_learner"]
 
 _SEARCH, _PATTERN, _COMPLETE = range(3)
 
@@ -107,6 +108,42 @@ def _found_and_layer(problem, found_kxb):
     problem.alive,
     problem.scalar(problem.tol.screen),
   )
+
+
+def fill_missing_columns(
+  problem: Problem, found_kxb: np.ndarray, learner: LearnerConfig
+) -> np.ndarray:
+  """A basis of ``Q`` (columns) from ``k < b`` found columns, for a partial
+  result.
+
+  ``X^T = Q^{-1} R`` puts every filler column into every sample's row of
+  ``Q^{-1}``, so the fill decides how wrong the found samples come out.
+  With the layer's weights, the missing columns are taken orthogonal to
+  the found samples' rows of ``Q^{-1}`` as their ReLU patterns estimate
+  them (:func:`estimate_found_rows`: the true missing columns are exactly
+  orthogonal to the true rows), which is as close to the true rows as the
+  estimate; without them, or if that basis is singular, the orthogonal
+  complement of the found columns (:func:`complete_basis`). Not exact
+  either way: nothing of an incomplete selection is verified.
+  """
+  b, k = problem.b, found_kxb.shape[0]
+  fallback = complete_basis(found_kxb, b)
+  if not (problem.certifiable and 0 < k < b):
+    return fallback
+  rows = np.asarray(
+    estimate_found_rows(
+      *_found_and_layer(problem, found_kxb),
+      steps=learner.row_estimate_steps,
+      temperature=learner.row_estimate_temperature,
+      learning_rate=learner.row_estimate_learning_rate,
+    )
+  )[:k]
+  if not np.all(np.isfinite(rows)):
+    return fallback
+  complement = np.linalg.svd(rows)[2][k:]
+  basis = np.concatenate([found_kxb, complement]).T
+  smallest = np.linalg.svd(basis, compute_uv=False)[-1]
+  return basis if smallest > problem.tol.independence else fallback
 
 
 def _host_rng(key):

@@ -293,10 +293,16 @@ class InvertCliTest(parameterized.TestCase):
     self.assertFalse(os.path.exists(out))
 
   def _mlp(self, sizes=(40, 60, 30, 4), labels=(1, 1, 0, 3, 1)):
-    seed = int(np.random.default_rng().integers(1 << 30))
-    p = helpers.mlp_problem(seed, sizes, np.asarray(labels))
-    keys = [k for k in p if k.rsplit("_", 1)[-1].isdigit()]
-    return p, {k: p[k] for k in keys}
+    rng = np.random.default_rng()
+    while True:
+      seed = int(rng.integers(1 << 30))
+      p = helpers.mlp_problem(seed, sizes, np.asarray(labels))
+      keys = [k for k in p if k.rsplit("_", 1)[-1].isdigit()]
+      # A narrow layer can be dead for the whole batch, and then so is
+      # every gradient below it: an all-zero input, refused with exit 2
+      # (tested elsewhere). Draw a network that is alive everywhere.
+      if all(np.any(p[k]) for k in keys if k.startswith("weight_grad")):
+        return p, {k: p[k] for k in keys}
 
   def test_labels_of_a_whole_mlp(self):
     p, arrays = self._mlp()

@@ -43,6 +43,14 @@ class LearnerConfig:
       only kind without ``weight`` and ``bias``).
     focus_missing: when at most this many columns are missing, every
       restart searches the missing-column subspace (if it is available).
+    pivot_twins: a pivot restart also projects out up to this many found
+      near-twins of its pivot (found columns whose zero sets overlap the
+      pivot's with Jaccard index above ``twin_jaccard``): on the pivot's
+      zero set their differences are otherwise the sparsest directions,
+      and restarts re-find them instead of missing columns. ``0``
+      projects out the pivot only.
+    twin_jaccard: the zero-set overlap above which a found column counts
+      as a near-twin of the pivot.
     row_estimate_steps: Adam steps of the row estimate (soft Chebyshev
       centre of each found sample's ReLU-pattern cell).
     row_estimate_temperature: soft-min temperature of that estimate, in
@@ -92,6 +100,8 @@ class LearnerConfig:
   constrained: bool = True
   subspace_fraction: float = 0.5
   focus_missing: int = 10
+  pivot_twins: int = 7
+  twin_jaccard: float = 0.6
   row_estimate_steps: int = 400
   row_estimate_temperature: float = 1e-3
   row_estimate_learning_rate: float = 0.1
@@ -116,6 +126,8 @@ class LearnerConfig:
       raise ValueError("targeted_fraction must lie in [0, 1].")
     if not 0.0 <= self.subspace_fraction <= 1.0:
       raise ValueError("subspace_fraction must lie in [0, 1].")
+    if self.pivot_twins < 0 or not 0.0 < self.twin_jaccard <= 1.0:
+      raise ValueError("pivot_twins must be >= 0 and twin_jaccard in (0, 1].")
     if self.focus_missing < 0 or self.row_estimate_steps < 1:
       raise ValueError(
         "focus_missing must be >= 0 and row_estimate_steps >= 1."

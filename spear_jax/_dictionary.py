@@ -186,7 +186,7 @@ def learn_directions(
 @functools.partial(jax.jit, static_argnames=("config",))
 def learn_directions_constrained(
   initial_kxb: Float[Array, "K b"],
-  pivot_kxb: Float[Array, "K b"],
+  pivot_kxb: Float[Array, "K b"] | Float[Array, "K t b"],
   in_subspace_k: Bool[Array, " K"],
   exclude_bxb: Float[Array, "b b"],
   l_mxb: Float[Array, "m b"],
@@ -213,7 +213,11 @@ def learn_directions_constrained(
     (``|L_j q_f| <= screen_tol``). On those rows the sample ``f`` is
     inactive, ``q_f`` drops out of the problem exactly, and every other
     column is relatively sparser there. A zero pivot gives the plain
-    unconstrained search.
+    unconstrained search. ``pivot_kxb`` may also be ``(K, t, b)``: per
+    restart ``t`` orthonormal rows, the pivot first (its zero set picks
+    the rows) and then further directions projected out with it (the
+    pivot's found near-twins, whose differences are otherwise the
+    sparsest directions on those rows; zero rows are padding).
 
   One shared ``exclude_bxb`` (padded to ``b`` rows so the shapes do not
   change between rounds) and a per-restart pivot and flag keep the memory
@@ -226,18 +230,20 @@ def learn_directions_constrained(
   """
   init_fn, step_fn = make_dictionary_learner(config)
 
-  def one(direction_b, pivot_b, in_subspace):
+  def one(direction_b, pivot_tb, in_subspace):
     flag = in_subspace.astype(l_mxb.dtype)
     rows_m = alive_m & (
       in_subspace
-      | (jnp.abs(jnp.dot(l_mxb, pivot_b, precision=_HI)) <= screen_tol)
+      | (jnp.abs(jnp.dot(l_mxb, pivot_tb[0], precision=_HI)) <= screen_tol)
     )
 
     def project(v_b):
       v_b = v_b - flag * jnp.dot(
         exclude_bxb.T, jnp.dot(exclude_bxb, v_b, precision=_HI), precision=_HI
       )
-      return v_b - jnp.dot(pivot_b, v_b) * pivot_b
+      return v_b - jnp.dot(
+        pivot_tb.T, jnp.dot(pivot_tb, v_b, precision=_HI), precision=_HI
+      )
 
     def body(state, _):
       return step_fn(state, l_mxb, rows_m, project)
@@ -247,8 +253,9 @@ def learn_directions_constrained(
     )
     return state.direction
 
+  pivot_ktb = pivot_kxb if pivot_kxb.ndim == 3 else pivot_kxb[:, None, :]
   with jax.numpy_dtype_promotion("standard"):
-    stage1_kxb = jax.vmap(one)(initial_kxb, pivot_kxb, in_subspace_k)
+    stage1_kxb = jax.vmap(one)(initial_kxb, pivot_ktb, in_subspace_k)
   stage2_kxb, _ = learn_directions(stage1_kxb, l_mxb, alive_m, config=config)
   return stage1_kxb, stage2_kxb
 

@@ -178,6 +178,35 @@ def _initial_directions(key, problem, found_pxb, count, targeted_fraction):
   return starts / np.linalg.norm(starts, axis=1, keepdims=True)
 
 
+def _pivot_bases(found_kxb, zero_mxk, learner):
+  """Per found column, ``(1 + pivot_twins)`` orthonormal rows: the column
+  itself, then its found near-twins (zero-set Jaccard index above
+  ``learner.twin_jaccard``, most similar first) orthogonalised against
+  it and each other; zero rows pad. See ``LearnerConfig.pivot_twins``."""
+  k, b = found_kxb.shape
+  bases = np.zeros((k, 1 + learner.pivot_twins, b), found_kxb.dtype)
+  bases[:, 0] = found_kxb
+  if not learner.pivot_twins or k < 2:
+    return bases
+  zeros = zero_mxk.astype(np.float64)
+  shared = zeros.T @ zeros
+  count = np.diag(shared)
+  jaccard = shared / np.maximum(count[:, None] + count[None] - shared, 1.0)
+  np.fill_diagonal(jaccard, 0.0)
+  for f in range(k):
+    order = np.argsort(-jaccard[f], kind="stable")[: learner.pivot_twins]
+    twins = order[jaccard[f, order] > learner.twin_jaccard]
+    if not twins.size:
+      continue
+    rest = found_kxb[twins] - np.outer(
+      found_kxb[twins] @ found_kxb[f], found_kxb[f]
+    )
+    u, s, _ = np.linalg.svd(rest.T, full_matrices=False)
+    u = u[:, s > s[0] * 1e-8] if s[0] > 0 else u[:, :0]
+    bases[f, 1 : 1 + u.shape[1]] = u.T
+  return bases
+
+
 def _constrained_starts(key, problem, found_kxb, count, learner):
   """Starts, pivots, subspace flags and the excluded block of a round.
 
@@ -219,14 +248,15 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
     basis = u[:, s > s[0] * b * np.finfo(dtype).eps].T
     exclude[: basis.shape[0]] = basis
   starts = np.empty((count, b), dtype)
-  pivots = np.zeros((count, b), dtype)
+  bases = _pivot_bases(found_kxb, zero_mxk & alive[:, None], learner)
+  pivots = np.zeros((count, *bases.shape[1:]), dtype)
   candidates = _rows_where_all_vanish(zero_mxk, alive)
   starts[:subspace] = l_np[rng.choice(candidates, subspace)]
   for r, f in zip(range(subspace, count), rng.integers(0, k, count)):
     zero_rows = np.flatnonzero(zero_mxk[:, f] & alive)
     zero_rows = zero_rows if zero_rows.size else np.flatnonzero(alive)
     starts[r] = l_np[rng.choice(zero_rows)]
-    pivots[r] = found_kxb[f]
+    pivots[r] = bases[f]
   in_subspace = np.arange(count) < subspace
   return starts, pivots, in_subspace, exclude
 

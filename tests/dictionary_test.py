@@ -10,6 +10,7 @@ import numpy as np
 
 import spear_jax
 from spear_jax import _dictionary
+from spear_jax import _spearpp
 from spear_jax._problem import prepare_problem
 from spear_jax._selection import complete_basis
 from spear_jax._selection import reconstruct
@@ -254,6 +255,70 @@ class ConstrainedSearchTest(parameterized.TestCase):
     )
     np.testing.assert_array_less(
       1 - 1e-6, np.max(np.abs(stage2 @ q_true), axis=1)
+    )
+
+
+class PivotTwinsTest(absltest.TestCase):
+  def test_bases_hold_the_pivot_then_its_found_twins(self):
+    rng = np.random.default_rng()
+    k, b, m = 6, 12, 200
+    found = rng.standard_normal((k, b))
+    found /= np.linalg.norm(found, axis=1, keepdims=True)
+    zeros = rng.random((m, k)) < 0.5
+    # Columns 1 and 2 are near-twins of column 0 (share most zeros), 3 of 4.
+    for twin, parent, flips in ((1, 0, 10), (2, 0, 30), (3, 4, 5)):
+      zeros[:, twin] = zeros[:, parent]
+      zeros[rng.choice(m, flips, replace=False), twin] ^= True
+    learner = spear_jax.LearnerConfig(pivot_twins=3, twin_jaccard=0.6)
+    bases = _spearpp._pivot_bases(found, zeros, learner)
+    chex.assert_shape(bases, (k, 4, b))
+    for f in range(k):
+      sets = [set(np.flatnonzero(zeros[:, g])) for g in range(k)]
+      twins = [
+        g
+        for g in range(k)
+        if g != f and len(sets[f] & sets[g]) / len(sets[f] | sets[g]) > 0.6
+      ]
+      np.testing.assert_allclose(bases[f, 0], found[f], atol=1e-12)
+      used = bases[f][np.linalg.norm(bases[f], axis=1) > 0]
+      self.assertLen(used, 1 + len(twins))
+      np.testing.assert_allclose(used @ used.T, np.eye(len(used)), atol=1e-12)
+      # The rows span exactly the pivot and its twins.
+      span = found[[f, *twins]]
+      np.testing.assert_allclose(span - (span @ used.T) @ used, 0.0, atol=1e-12)
+    self.assertLen(
+      _spearpp._pivot_bases(
+        found, zeros, spear_jax.LearnerConfig(pivot_twins=0)
+      )[0],
+      1,
+    )
+
+  def test_search_is_orthogonal_to_every_pivot_row(self):
+    b, restarts = 10, 4
+    p = helpers.relu_layer_problem(73, 300, 80, b)
+    l_mxb, _, q_true = _factor(p, b)
+    alive = np.any(p["grad_z"] != 0, axis=1)
+    pivots = np.zeros((restarts, 3, b))
+    for r in range(restarts):
+      basis, _ = np.linalg.qr(q_true[:, [r, r + 1, r + 2]])
+      pivots[r] = basis.T
+      pivots[r, 0] = q_true[:, r] / np.linalg.norm(q_true[:, r])
+      pivots[r, 1:] -= np.outer(pivots[r, 1:] @ pivots[r, 0], pivots[r, 0])
+      pivots[r, 1:] = np.linalg.qr(pivots[r, 1:].T)[0].T
+    stage1, _ = _dictionary.learn_directions_constrained(
+      jnp.asarray(np.random.default_rng().standard_normal((restarts, b))),
+      jnp.asarray(pivots),
+      jnp.asarray(np.zeros(restarts, bool)),
+      jnp.asarray(np.zeros((b, b))),
+      jnp.asarray(l_mxb),
+      jnp.asarray(alive),
+      jnp.asarray(1e-8),
+      config=spear_jax.LearnerConfig(steps=100),
+    )
+    stage1 = np.asarray(stage1)
+    np.testing.assert_allclose(np.linalg.norm(stage1, axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(
+      np.einsum("ktb,kb->kt", pivots, stage1), 0.0, atol=1e-12
     )
 
 

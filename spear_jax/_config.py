@@ -47,7 +47,8 @@ class LearnerConfig:
       near-twins of its pivot (found columns whose zero sets overlap the
       pivot's with Jaccard index above ``twin_jaccard``): on the pivot's
       zero set their differences are otherwise the sparsest directions,
-      and restarts re-find them instead of missing columns. ``0``
+      and restarts re-find them instead of missing columns. ``0`` (the
+      default until a sweep settles it; 7 is the measured setting)
       projects out the pivot only.
     twin_jaccard: the zero-set overlap above which a found column counts
       as a near-twin of the pivot.
@@ -100,7 +101,7 @@ class LearnerConfig:
   constrained: bool = True
   subspace_fraction: float = 0.5
   focus_missing: int = 10
-  pivot_twins: int = 7
+  pivot_twins: int = 0
   twin_jaccard: float = 0.6
   row_estimate_steps: int = 400
   row_estimate_temperature: float = 1e-3

@@ -29,7 +29,6 @@ from spear_jax._problem import Problem
 from spear_jax._problem import prepare_problem
 from spear_jax._proposals import spear_sampler
 from spear_jax._selection import Selection
-from spear_jax._selection import complete_basis
 from spear_jax._selection import empty_selection
 from spear_jax._selection import identified_samples
 from spear_jax._selection import reconstruct
@@ -220,11 +219,9 @@ def _finalize(
   result = selection.result
   recovered = selection.chosen.shape[0] == problem.b
   if result is None or not recovered:
-    found = pool.directions[selection.chosen]
-    basis = (
-      complete_basis(found, problem.b)
-      if recovered
-      else fill_missing_columns(problem, found, config.learner)
+    # A full selection is its own basis; a partial one is filled.
+    basis = fill_missing_columns(
+      problem, pool.directions[selection.chosen], config.learner
     )
     result = reconstruct(problem, basis)
   if not recovered:

@@ -110,11 +110,24 @@ def _found_and_layer(problem, found_kxb):
   )
 
 
+def _estimated_rows(problem, found_kxb, learner):
+  """The found samples' rows of ``Q^{-1}`` (:func:`estimate_found_rows`
+  with ``learner``'s settings), one per found column."""
+  return np.asarray(
+    estimate_found_rows(
+      *_found_and_layer(problem, found_kxb),
+      steps=learner.row_estimate_steps,
+      temperature=learner.row_estimate_temperature,
+      learning_rate=learner.row_estimate_learning_rate,
+    )
+  )[: found_kxb.shape[0]]
+
+
 def fill_missing_columns(
   problem: Problem, found_kxb: np.ndarray, learner: LearnerConfig
 ) -> np.ndarray:
-  """A basis of ``Q`` (columns) from ``k < b`` found columns, for a partial
-  result.
+  """A basis of ``Q`` (columns) from ``k`` found columns: the found ones
+  themselves when ``k = b``, else filled for a partial result.
 
   ``X^T = Q^{-1} R`` puts every filler column into every sample's row of
   ``Q^{-1}``, so the fill decides how wrong the found samples come out.
@@ -130,14 +143,7 @@ def fill_missing_columns(
   fallback = complete_basis(found_kxb, b)
   if not (problem.certifiable and 0 < k < b):
     return fallback
-  rows = np.asarray(
-    estimate_found_rows(
-      *_found_and_layer(problem, found_kxb),
-      steps=learner.row_estimate_steps,
-      temperature=learner.row_estimate_temperature,
-      learning_rate=learner.row_estimate_learning_rate,
-    )
-  )[:k]
+  rows = _estimated_rows(problem, found_kxb, learner)
   if not np.all(np.isfinite(rows)):
     return fallback
   complement = np.linalg.svd(rows)[2][k:]
@@ -236,14 +242,7 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
     )
     subspace = round(fraction * count)
   if subspace:
-    rows = np.asarray(
-      estimate_found_rows(
-        *_found_and_layer(problem, found_kxb),
-        steps=learner.row_estimate_steps,
-        temperature=learner.row_estimate_temperature,
-        learning_rate=learner.row_estimate_learning_rate,
-      )
-    )[:k]
+    rows = _estimated_rows(problem, found_kxb, learner)
     u, s, _ = np.linalg.svd(rows.T, full_matrices=False)
     basis = u[:, s > s[0] * b * np.finfo(dtype).eps].T
     exclude[: basis.shape[0]] = basis

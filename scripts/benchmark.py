@@ -57,6 +57,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 import zlib
 
 import _runtime  # before jax: one device per core, compilation cache
@@ -129,6 +130,13 @@ _CLIENTS = flags.DEFINE_list(
   ["fedsgd"],
   "Client modes of the sweep: fedsgd, dpsgd/SIGMA (C=1) or "
   "fedavg/E/B/LR (E local epochs of mini-batches of B at SGD rate LR).",
+)
+_LEARNER = flags.DEFINE_list(
+  "learner",
+  [],
+  "SPEAR++ settings to override, as NAME=VALUE of spear_jax.LearnerConfig "
+  "(e.g. pivot_twins=7); part of each trial's identity, so a sweep with "
+  "other overrides in the same --output runs its own trials.",
 )
 _TRIALS = flags.DEFINE_integer("trials", 3, "Gradients per (dataset, m, b).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of block timings.")
@@ -491,6 +499,44 @@ def client_config(spec: str):
     raise ValueError(f"--clients: {err}") from None
 
 
+def learner_overrides(entries: list[str]) -> dict[str, Any]:
+  """``--learner`` entries ``NAME=VALUE`` as typed ``LearnerConfig`` fields.
+
+  Raises:
+    ValueError: naming the entry (unknown field, bad value or no ``=``).
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  import spear_jax  # pylint: disable=g-import-not-at-top
+
+  defaults = spear_jax.LearnerConfig()
+  overrides = {}
+  for entry in entries:
+    name, sep, text = entry.partition("=")
+    if not sep or not hasattr(defaults, name):
+      raise ValueError(
+        f"--learner: expected NAME=VALUE of a LearnerConfig "
+        f"field, got {entry!r}."
+      )
+    default = getattr(defaults, name)
+    try:
+      if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(text)
+        value = text.lower() in ("true", "1")
+      elif text.lower() == "none":
+        value = None
+      elif isinstance(default, (int, float, str)):
+        value = type(default)(text)
+      else:  # None by default: an int count (restarts, rounding_pool)
+        value = int(text)
+    except ValueError:
+      raise ValueError(f"--learner: bad value in {entry!r}.") from None
+    overrides[name] = value
+  dataclasses.replace(defaults, **overrides)  # validates
+  return overrides
+
+
 def _plan(done):
   """The sweep's pending (setting, trial) tasks, in the sweep's order."""
   from spear_jax import _report  # pylint: disable=g-import-not-at-top
@@ -500,6 +546,7 @@ def _plan(done):
     _settings(), _DTYPES.value
   ):
     client_config(client)  # fail early on a bad spec
+    learner_overrides(_LEARNER.value)
     setting = {
       "client_spec": client,
       "method": method,
@@ -510,6 +557,7 @@ def _plan(done):
       "depth": _DEPTH.value,
       "dtype": dtype,
       "seed": _SEED.value,
+      "learner": ",".join(sorted(_LEARNER.value)),
     }
     tasks += [
       (setting, t)
@@ -541,7 +589,10 @@ def _trial_runner(config, env):
       )
     objective = setting["objective"]
     learner = spear_jax.LearnerConfig(
-      objective="l1" if objective == "none" else objective
+      objective="l1" if objective == "none" else objective,
+      **learner_overrides(
+        setting["learner"].split(",") if setting["learner"] else []
+      ),
     )
     cfg = dataclasses.replace(config, learner=learner)
     # Problems depend on (dataset, m, b, trial) only: every method and
@@ -589,6 +640,7 @@ def _trial_runner(config, env):
       trial=trial,
       first_call_s=first_call.get(setting_id),
       client_spec=setting["client_spec"],
+      learner=setting["learner"],
       kind="trial",
       # The process's peak so far (warm-up and earlier trials included).
       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

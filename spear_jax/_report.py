@@ -51,11 +51,12 @@ TRIAL_KEY = (
   "depth",
   "dtype",
   "client_spec",
+  "learner",
   "seed",
   "trial",
 )
 # Fields added later: records written before them read as the default.
-_DEFAULTS = {"client_spec": "fedsgd"}
+_DEFAULTS = {"client_spec": "fedsgd", "learner": ""}
 # The grouping of the summary: a trial key without seed and trial.
 _GROUP_KEY = TRIAL_KEY[:-2]
 

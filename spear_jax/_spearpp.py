@@ -152,6 +152,29 @@ def fill_missing_columns(
   return basis if smallest > problem.tol.independence else fallback
 
 
+def _found_columns(problem, pool, selection):
+  """The selected columns the search may build on.
+
+  A full selection that does not certify holds directions that are not
+  columns of ``Q`` (sparse mixtures of twins whose columns the pool lacks
+  outrank nothing then, and the span is full): deflating by all of them
+  leaves the search no room, and no column counts as missing. Only the
+  columns of certified samples are kept then; the others count as missing
+  (for the deflated search, the pattern rounding and the completion).
+  """
+  found = pool.directions[selection.chosen]
+  result = selection.result
+  if found.shape[0] < problem.b or result is None or not problem.certifiable:
+    return found
+  q = np.asarray(result.q)
+  cosine = np.abs(found @ (q / np.linalg.norm(q, axis=0)))
+  match = np.argmax(cosine, axis=1)
+  trusted = np.asarray(result.verified)[match] & (
+    cosine[np.arange(found.shape[0]), match] > 1.0 - 1e-9
+  )
+  return found if trusted.all() else found[trusted]
+
+
 def _host_rng(key):
   """A numpy generator seeded by a JAX key (host-side start selection)."""
   return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
@@ -333,7 +356,7 @@ def _search_stage(state, problem, pool, selection, learner, devices):
   b = problem.b
   key, init_key, round_key = jax.random.split(state.key, 3)
   restarts = learner.restarts or 2 * b
-  found = pool.directions[selection.chosen]
+  found = _found_columns(problem, pool, selection)
   if learner.constrained and found.shape[0]:
     starts, pivots, in_subspace, exclude = _constrained_starts(
       init_key, problem, found, restarts, learner
@@ -401,7 +424,8 @@ def _search_stage(state, problem, pool, selection, learner, devices):
 
 def _pattern_stage(state, problem, pool, selection, learner, devices):
   """Stage 2: pattern rounding of the end points plain rounding missed."""
-  missing = problem.b - selection.chosen.shape[0]
+  found = _found_columns(problem, pool, selection)
+  missing = problem.b - found.shape[0]
   directions = np.zeros((0, problem.b), problem.dtype)
   if (
     problem.certifiable
@@ -410,7 +434,7 @@ def _pattern_stage(state, problem, pool, selection, learner, devices):
   ):
     snapped, zeros = _pattern_round(
       problem,
-      pool.directions[selection.chosen],
+      found,
       state.approx,
       state.rounded,
       state.zeros,
@@ -507,15 +531,15 @@ def _complete_stage(state, problem, pool, selection, learner, devices):
   (:func:`_missing_span`, with the weights)."""
   del devices
   directions = pinned = np.zeros((0, problem.b), problem.dtype)
-  missing = problem.b - selection.chosen.shape[0]
+  found = _found_columns(problem, pool, selection)
+  missing = problem.b - found.shape[0]
   strict = problem.certifiable and problem.check == "relu"
   if strict and 2 <= missing <= learner.pattern_max_missing:
-    found = pool.directions[selection.chosen]
     span = _missing_span(problem, found, state.rounded, state.zeros)
     if span is not None:
       pinned = _complete_twins(problem, found, span)
-  if selection.chosen.shape[0] == problem.b - 1:
-    found = pool.directions[selection.chosen].T
+  if missing == 1:
+    found = found.T
     directions = complete_from_bias(
       found,
       np.asarray(problem.l_mxb),

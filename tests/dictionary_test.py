@@ -10,10 +10,13 @@ import numpy as np
 
 import spear_jax
 from spear_jax import _dictionary
+from spear_jax import _pool
 from spear_jax import _spearpp
 from spear_jax._problem import prepare_problem
 from spear_jax._selection import complete_basis
+from spear_jax._selection import empty_selection
 from spear_jax._selection import reconstruct
+from spear_jax._selection import select
 from spear_jax._spearpp import fill_missing_columns
 
 
@@ -360,6 +363,60 @@ class FillMissingColumnsTest(absltest.TestCase):
     basis = fill_missing_columns(problem, found, spear_jax.LearnerConfig())
     np.testing.assert_allclose(basis[:, :4], found.T)
     np.testing.assert_allclose(found @ basis[:, 4:], 0.0, atol=1e-12)
+
+
+class FoundColumnsTest(absltest.TestCase):
+  """The columns a stuck full selection lets the search build on."""
+
+  def _selected(self, seed, mixture):
+    # 19 true columns and, in place of column 1, a mixture of columns 0
+    # and 1 (the pool lacks column 1): a full span that cannot certify.
+    p = helpers.relu_layer_problem(seed, 300, 50, 20)
+    problem = prepare_problem(
+      p["weight_grad"], p["bias_grad"], weight=p["weight"], bias=p["bias"]
+    )
+    l_mxb = np.asarray(problem.l_mxb)
+    q_bxb = np.linalg.lstsq(l_mxb, p["grad_z"], rcond=None)[0]
+    q_bxb /= np.linalg.norm(q_bxb, axis=0)
+    dirs = q_bxb.T.copy()
+    if mixture:
+      dirs[1] = 0.6 * q_bxb[:, 0] + 0.4 * q_bxb[:, 1]
+      dirs[1] /= np.linalg.norm(dirs[1])
+    zeros = np.sum(np.abs(l_mxb @ dirs.T) < 1e-9, axis=0)
+    pool = _pool.CandidatePool(dirs, zeros, np.ones(20, np.int64))
+    selection, stop = select(
+      problem,
+      pool,
+      empty_selection(problem),
+      spear_jax.AttackConfig(tau_relative=0.1),  # the mixture is eligible
+    )
+    return problem, pool, selection, stop, q_bxb
+
+  def test_uncertified_directions_count_as_missing(self):
+    seed = int(np.random.default_rng().integers(2**31))
+    problem, pool, selection, stop, q_bxb = self._selected(seed, True)
+    self.assertEqual(selection.chosen.shape[0], 20)
+    self.assertIsNone(stop)
+    found = _spearpp._found_columns(problem, pool, selection)
+    # Every kept direction is a true column (independent check against
+    # the true Q), the mixture is not kept, and the samples the mixture
+    # does not touch (2..19) all are.
+    cosine = np.abs(found @ q_bxb)
+    np.testing.assert_allclose(cosine.max(axis=1), 1.0, atol=1e-9)
+    matched = set(np.argmax(cosine, axis=1).tolist())
+    self.assertNotIn(1, matched)
+    self.assertLessEqual(set(range(2, 20)), matched)
+
+  def test_certified_or_partial_selections_are_kept_whole(self):
+    problem, pool, selection, stop, _ = self._selected(1, False)
+    self.assertEqual(stop, "certified")
+    found = _spearpp._found_columns(problem, pool, selection)
+    np.testing.assert_array_equal(found, pool.directions[selection.chosen])
+    partial = selection._replace(chosen=selection.chosen[:12])
+    np.testing.assert_array_equal(
+      _spearpp._found_columns(problem, pool, partial),
+      pool.directions[selection.chosen[:12]],
+    )
 
 
 class SpearPlusPlusTest(parameterized.TestCase):

@@ -56,19 +56,56 @@ def _canonical(u_rxs: np.ndarray) -> np.ndarray:
   return u_rxs * np.sign(u_rxs[np.arange(u_rxs.shape[0]), idx])[:, None]
 
 
+def _probe(s: int) -> np.ndarray:
+  """A fixed unit vector of ``R^s``: unit rows that are close have close
+  projections on it (``|<u - v, probe>| <= ||u - v||``), so sorting the
+  projections finds every close pair among few candidates."""
+  probe = np.cos(1.618 * np.arange(1, s + 1) + 0.5)
+  return probe / np.linalg.norm(probe)
+
+
+def _candidate_pairs(
+  key_r: np.ndarray, radius_r: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+  """Every pair ``i < j`` with ``|key_i - key_j| <= radius_i + radius_j``.
+
+  One sort and a sweep: ``O(r log r + pairs)`` instead of the ``r x r``
+  comparison (these sets hold hundreds of rows and are tested thousands of
+  times per span).
+  """
+  order = np.argsort(key_r, kind="stable")
+  sorted_r, rad_r = key_r[order], radius_r[order]
+  reach = np.searchsorted(sorted_r, sorted_r + rad_r + rad_r.max(), "right")
+  count = reach - np.arange(key_r.size) - 1
+  first = np.repeat(np.arange(key_r.size), count)
+  offset = np.arange(first.size) - np.repeat(np.cumsum(count) - count, count)
+  second = first + 1 + offset
+  close = np.abs(sorted_r[second] - sorted_r[first]) <= (
+    rad_r[first] + rad_r[second]
+  )
+  i, j = order[first[close]], order[second[close]]
+  return np.minimum(i, j), np.maximum(i, j)
+
+
 def _parallel_groups(
   res_rxs: np.ndarray, delta: float
 ) -> tuple[list[np.ndarray], np.ndarray]:
   """Groups of at least two mutually parallel rows, and the unit rows.
 
-  Candidates come from the Gram matrix (``|cos| >= 1 - 1e-6``); the test
-  itself compares the unit rows directly, since ``1 - cos`` cannot resolve
-  angles below ``1e-8``.
+  Candidates are the pairs with ``|cos| >= 1 - 1e-6`` (found through
+  :func:`_candidate_pairs` on the sign-free projections); the test itself
+  compares the unit rows directly, since ``1 - cos`` cannot resolve angles
+  below ``1e-8``. Each group is a row with every row still ungrouped that
+  is parallel to it, rows taken in index order.
   """
   norm_r = np.linalg.norm(res_rxs, axis=1)
   u_rxs = _canonical(res_rxs / norm_r[:, None])
   err_r = delta / norm_r
-  i, j = np.nonzero(np.triu(np.abs(u_rxs @ u_rxs.T) >= 1.0 - 1e-6, 1))
+  # |cos| >= 1 - 1e-6 needs min(|u_i - u_j|, |u_i + u_j|) <= sqrt(2e-6).
+  key_r = np.abs(u_rxs @ _probe(u_rxs.shape[1]))
+  i, j = _candidate_pairs(key_r, np.full(key_r.size, 0.5 * 1.5e-3))
+  cosine = np.abs(np.einsum("ps,ps->p", u_rxs[i], u_rxs[j]))
+  i, j = i[cosine >= 1.0 - 1e-6], j[cosine >= 1.0 - 1e-6]
   gap = np.minimum(
     np.linalg.norm(u_rxs[i] - u_rxs[j], axis=1),
     np.linalg.norm(u_rxs[i] + u_rxs[j], axis=1),
@@ -204,16 +241,30 @@ def _is_new(columns: list[np.ndarray], c_s: np.ndarray) -> bool:
 
 
 def _shared_vector(y_rxd: np.ndarray, scale_r: np.ndarray, delta: float):
-  """The vector ``y_j / scale_j`` that most rows (at least two) share."""
+  """The vector ``y_j / scale_j`` that most rows (at least two) share.
+
+  Rows ``i`` and ``j`` share it when ``|c_i - c_j| <= slack (e_i + e_j)``
+  (``c = y / scale``, ``e`` its error); the row with the most such
+  partners (the first on ties) picks them, and their median is returned.
+  """
   if y_rxd.shape[0] < 2:
     return None
   cand_rxd = y_rxd / scale_r[:, None]
   err = delta * (1.0 + np.linalg.norm(cand_rxd, axis=1)) / np.abs(scale_r)
-  gap = np.linalg.norm(cand_rxd[:, None, :] - cand_rxd[None, :, :], axis=2)
-  close = gap <= _PARALLEL_SLACK * (err[:, None] + err[None, :])
-  counts = close.sum(axis=1)
+  radius = _PARALLEL_SLACK * err
+  i, j = _candidate_pairs(cand_rxd @ _probe(cand_rxd.shape[1]), radius)
+  close = np.linalg.norm(cand_rxd[i] - cand_rxd[j], axis=1) <= (
+    radius[i] + radius[j]
+  )
+  i, j = i[close], j[close]
+  counts = (
+    1 + np.bincount(i, minlength=err.size) + np.bincount(j, minlength=err.size)
+  )
   best = int(np.argmax(counts))
-  return None if counts[best] < 2 else np.median(cand_rxd[close[best]], axis=0)
+  if counts[best] < 2:
+    return None
+  partners = np.concatenate([[best], j[i == best], i[j == best]])
+  return np.median(cand_rxd[np.sort(partners)], axis=0)
 
 
 def _known_offsets(y_rxd, d_rxk, active_rxk, delta):

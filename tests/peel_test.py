@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 import spear_jax
+from spear_jax import _peel
 from spear_jax import attack
 
 
@@ -79,6 +80,81 @@ class PeelSpanTest(absltest.TestCase):
     known = np.eye(6)[:1]
     found = attack.peel_span(generic_rxs, 1e-13, known_kxs=known)
     np.testing.assert_allclose(found, known, atol=0)
+
+
+class CloseRowsTest(absltest.TestCase):
+  """The sorted-projection pair search against the dense comparison."""
+
+  def test_parallel_groups_match_the_dense_comparison(self):
+    rng = np.random.default_rng()
+    for _ in range(20):
+      r, s = int(rng.integers(2, 300)), int(rng.integers(2, 40))
+      rows = rng.standard_normal((r, s))
+      # Planted groups: copies of a few rows, rescaled, sign-flipped and
+      # perturbed at 1e-12 (parallel) or 1e-4 (not: beyond the slack).
+      for _ in range(int(rng.integers(0, 6))):
+        src = int(rng.integers(r))
+        dst = rng.choice(r, int(rng.integers(1, 8)), replace=False)
+        noise = rng.choice([1e-12, 1e-4])
+        rows[dst] = rng.choice([-3.0, 0.5, 2.0], dst.size)[:, None] * (
+          rows[src] + noise * rng.standard_normal((dst.size, s))
+        )
+      delta = 1e-11
+      groups, _ = _peel._parallel_groups(rows, delta)
+      self.assertEqual([g.tolist() for g in groups], _dense_groups(rows, delta))
+
+  def test_shared_vector_matches_the_dense_comparison(self):
+    rng = np.random.default_rng()
+    for _ in range(20):
+      r, d = int(rng.integers(2, 200)), int(rng.integers(1, 30))
+      y = rng.standard_normal((r, d))
+      scale = rng.uniform(0.5, 2.0, r) * rng.choice([-1, 1], r)
+      shared = rng.standard_normal(d)
+      picks = rng.choice(r, int(rng.integers(0, r)), replace=False)
+      y[picks] = scale[picks, None] * (shared + 1e-13 * rng.standard_normal(d))
+      got = _peel._shared_vector(y, scale, 1e-11)
+      want = _dense_shared_vector(y, scale, 1e-11)
+      if want is None:
+        self.assertIsNone(got)
+      else:
+        np.testing.assert_array_equal(got, want)
+
+
+def _dense_groups(rows, delta):
+  """Every pair compared (the definition in ``_parallel_groups``)."""
+  unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  idx = np.argmax(np.abs(unit), axis=1)
+  unit *= np.sign(unit[np.arange(len(unit)), idx])[:, None]
+  err = delta / np.linalg.norm(rows, axis=1)
+  r = len(unit)
+  adjacent = np.zeros((r, r), bool)
+  for a in range(r):
+    for c in range(a + 1, r):
+      if abs(unit[a] @ unit[c]) < 1 - 1e-6:
+        continue
+      gap = min(
+        np.linalg.norm(unit[a] - unit[c]), np.linalg.norm(unit[a] + unit[c])
+      )
+      adjacent[a, c] = adjacent[c, a] = gap <= 10.0 * (err[a] + err[c])
+  left = adjacent.any(axis=1)
+  groups = []
+  for k in range(r):
+    if left[k]:
+      group = sorted(set(np.flatnonzero(adjacent[k] & left)) | {k})
+      left[group] = False
+      groups.append([int(g) for g in group])
+  return groups
+
+
+def _dense_shared_vector(y, scale, delta):
+  cand = y / scale[:, None]
+  err = delta * (1.0 + np.linalg.norm(cand, axis=1)) / np.abs(scale)
+  gap = np.linalg.norm(cand[:, None] - cand[None], axis=2)
+  close = gap <= 10.0 * (err[:, None] + err[None, :])
+  best = int(np.argmax(close.sum(axis=1)))
+  if close[best].sum() < 2:
+    return None
+  return np.median(cand[close[best]], axis=0)
 
 
 class InvertTwinGroupTest(absltest.TestCase):

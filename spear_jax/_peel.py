@@ -92,37 +92,50 @@ def _parallel_groups(
 ) -> tuple[list[np.ndarray], np.ndarray]:
   """Groups of at least two mutually parallel rows, and the unit rows.
 
-  Candidates are the pairs with ``|cos| >= 1 - 1e-6`` (found through
-  :func:`_candidate_pairs` on the sign-free projections); the test itself
-  compares the unit rows directly, since ``1 - cos`` cannot resolve angles
-  below ``1e-8``. Each group is a row with every row still ungrouped that
-  is parallel to it, rows taken in index order.
+  Rows ``i`` and ``j`` are parallel when ``|cos| >= 1 - 1e-6`` and their
+  unit rows differ (up to sign) by at most ``slack (e_i + e_j)``: the test
+  compares the unit rows directly, since ``1 - cos`` cannot resolve
+  angles below ``1e-8``. Rows are taken in index order; each row still
+  ungrouped forms a group with every ungrouped row parallel to it.
+  Candidates come from :func:`_candidate_pairs` on sign-free projections,
+  and only a group's first row is compared with its candidates, so a
+  group of ``c`` rows costs ``O(c)`` comparisons, not ``O(c^2)``.
   """
+  r = res_rxs.shape[0]
   norm_r = np.linalg.norm(res_rxs, axis=1)
   u_rxs = _canonical(res_rxs / norm_r[:, None])
   err_r = delta / norm_r
-  # |cos| >= 1 - 1e-6 needs min(|u_i - u_j|, |u_i + u_j|) <= sqrt(2e-6).
   key_r = np.abs(u_rxs @ _probe(u_rxs.shape[1]))
-  i, j = _candidate_pairs(key_r, np.full(key_r.size, 0.5 * 1.5e-3))
-  cosine = np.abs(np.einsum("ps,ps->p", u_rxs[i], u_rxs[j]))
-  i, j = i[cosine >= 1.0 - 1e-6], j[cosine >= 1.0 - 1e-6]
-  gap = np.minimum(
-    np.linalg.norm(u_rxs[i] - u_rxs[j], axis=1),
-    np.linalg.norm(u_rxs[i] + u_rxs[j], axis=1),
-  )
-  near = gap <= _PARALLEL_SLACK * (err_r[i] + err_r[j])
-  adjacent = np.zeros((norm_r.size, norm_r.size), bool)
-  adjacent[i[near], j[near]] = True
-  adjacent |= adjacent.T
-  left: np.ndarray = np.any(adjacent, axis=1)  # rows in no pair: no group
-  groups = []
+  i, j = _candidate_pairs(key_r, _PARALLEL_SLACK * err_r)
+  groups: list[np.ndarray] = []
+  if not i.size:
+    return groups, u_rxs
+  first, other = np.concatenate([i, j]), np.concatenate([j, i])
+  order = np.argsort(first, kind="stable")
+  first, other = first[order], other[order]
+  bounds = np.searchsorted(first, np.arange(r + 1))
+  left = np.zeros(r, bool)
+  left[first] = True  # rows with no candidate join no group
   for k in np.flatnonzero(left):
-    if left[k]:
-      group = np.flatnonzero(adjacent[k] & left)
-      group = np.append(group[group != k], k)
-      left[group] = False
-      if group.size >= 2:
-        groups.append(np.sort(group))
+    if not left[k]:
+      continue
+    left[k] = False
+    cand = other[bounds[k] : bounds[k + 1]]
+    cand = cand[left[cand]]
+    if not cand.size:
+      continue
+    cosine = np.abs(u_rxs[cand] @ u_rxs[k])
+    gap = np.minimum(
+      np.linalg.norm(u_rxs[cand] - u_rxs[k], axis=1),
+      np.linalg.norm(u_rxs[cand] + u_rxs[k], axis=1),
+    )
+    members = cand[
+      (cosine >= 1.0 - 1e-6)
+      & (gap <= _PARALLEL_SLACK * (err_r[cand] + err_r[k]))
+    ]
+    if members.size:
+      left[members] = False
+      groups.append(np.sort(np.append(members, k)))
   return groups, u_rxs
 
 

@@ -94,7 +94,7 @@ class CloseRowsTest(absltest.TestCase):
       # perturbed at 1e-12 (parallel) or 1e-4 (not: beyond the slack).
       for _ in range(int(rng.integers(0, 6))):
         src = int(rng.integers(r))
-        dst = rng.choice(r, int(rng.integers(1, 8)), replace=False)
+        dst = rng.choice(r, min(r, int(rng.integers(1, 8))), replace=False)
         noise = rng.choice([1e-12, 1e-4])
         rows[dst] = rng.choice([-3.0, 0.5, 2.0], dst.size)[:, None] * (
           rows[src] + noise * rng.standard_normal((dst.size, s))

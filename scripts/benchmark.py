@@ -520,16 +520,14 @@ def learner_overrides(entries: list[str]) -> dict[str, Any]:
       )
     default = getattr(defaults, name)
     try:
-      if isinstance(default, bool):
+      if default is None:  # an optional count (restarts, rounding_pool)
+        value = None if text.lower() == "none" else int(text)
+      elif isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
           raise ValueError(text)
         value = text.lower() in ("true", "1")
-      elif text.lower() == "none":
-        value = None
-      elif isinstance(default, (int, float, str)):
+      else:
         value = type(default)(text)
-      else:  # None by default: an int count (restarts, rounding_pool)
-        value = int(text)
     except ValueError:
       raise ValueError(f"--learner: bad value in {entry!r}.") from None
     overrides[name] = value
@@ -541,12 +539,13 @@ def _plan(done):
   """The sweep's pending (setting, trial) tasks, in the sweep's order."""
   from spear_jax import _report  # pylint: disable=g-import-not-at-top
 
+  learner_overrides(_LEARNER.value)  # fail early on a bad entry
+  learner = ",".join(sorted(_LEARNER.value))
   tasks = []
   for (method, objective, dataset, m, b, client), dtype in itertools.product(
     _settings(), _DTYPES.value
   ):
     client_config(client)  # fail early on a bad spec
-    learner_overrides(_LEARNER.value)
     setting = {
       "client_spec": client,
       "method": method,
@@ -557,7 +556,7 @@ def _plan(done):
       "depth": _DEPTH.value,
       "dtype": dtype,
       "seed": _SEED.value,
-      "learner": ",".join(sorted(_LEARNER.value)),
+      "learner": learner,
     }
     tasks += [
       (setting, t)

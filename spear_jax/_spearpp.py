@@ -539,16 +539,16 @@ def _complete_stage(state, problem, pool, selection, learner, devices):
     if span is not None:
       pinned = _complete_twins(problem, found, span)
   if missing == 1:
-    found = found.T
+    found_bxk = found.T
     directions = complete_from_bias(
-      found,
+      found_bxk,
       np.asarray(problem.l_mxb),
       np.asarray(problem.bias_grad),
       np.asarray(problem.alive),
     )[None].astype(problem.dtype)
     if strict:
       direction, _ = complete_last_column(
-        jnp.asarray(found),
+        jnp.asarray(found_bxk),
         problem.l_mxb,
         problem.r_bxn,
         problem.weight,

@@ -381,7 +381,9 @@ def main(argv):
   summary = {
     "success": result.success,
     "certified": "weight" in arrays,
-    "batch_size": result.stats.rank,
+    "batch_size": result.inputs.shape[0],
+    "rank": result.stats.rank,
+    "dependent": result.stats.dependent,
     "verified": int(verified.sum()),
     "proposals": result.stats.proposals,
     "resumed_proposals": earlier_proposals,

@@ -274,6 +274,42 @@ def _finalize(
   )
 
 
+def _pad_dependent(result: InversionResult, dependent: int) -> InversionResult:
+  """Pads a rank-``r`` result to the requested ``r + dependent`` samples.
+
+  Inputs that are linear combinations of the others leave the gradient's
+  rank below ``b``: the gradient fixes the distinct samples but not which
+  of them repeat. The commonest cause is an exact duplicate, whose column
+  of ``D`` is the sum of its copies' columns, so each extra row repeats the
+  sample whose ``D`` column is largest per copy, and every copy gets an
+  equal share of that column (``D X^T`` and ``D 1`` stay exact). The extra
+  rows are a guess: never verified nor identifiable, and ``success`` is
+  ``False``.
+  """
+  grad_z = np.asarray(result.grad_z)
+  norms = np.linalg.norm(grad_z, axis=0)
+  copies = np.ones(norms.shape, int)
+  for _ in range(dependent):
+    copies[np.argmax(norms / copies)] += 1
+  extra = np.repeat(np.arange(norms.shape[0]), copies - 1)
+  grad_z = grad_z / copies[None, :]
+  identifiable = result.identifiable
+  if identifiable is None:
+    identifiable = np.ones(norms.shape, bool)
+  stop = result.stats.stop_reason
+  if result.success:
+    stop = "not_identifiable"
+  return result._replace(
+    inputs=jnp.concatenate([result.inputs, result.inputs[extra]]),
+    grad_z=jnp.asarray(np.concatenate([grad_z, grad_z[:, extra]], axis=1)),
+    verified=jnp.concatenate([result.verified, jnp.zeros((dependent,), bool)]),
+    success=False,
+    sparsity=jnp.concatenate([result.sparsity, result.sparsity[extra]]),
+    identifiable=np.concatenate([identifiable, np.zeros((dependent,), bool)]),
+    stats=result.stats._replace(stop_reason=stop, dependent=dependent),
+  )
+
+
 def invert(
   weight_grad: ArrayLike,
   bias_grad: ArrayLike,
@@ -314,7 +350,10 @@ def invert(
     method: ``"spear"`` (:func:`spear_sampler`), ``"spearpp"``
       (:func:`spearpp_learner`) or any :class:`Strategy`.
     batch_size: ``b``; ``None`` estimates it as the numerical rank of
-      ``weight_grad``.
+      ``weight_grad``. A ``b`` above the rank (duplicated or linearly
+      dependent inputs) recovers the rank's worth of distinct samples and
+      pads the result to ``b`` rows, the extra rows repeating the samples
+      most likely duplicated (``stats.dependent``; never verified).
     weight: the layer's weight ``W`` (``m x n``), for the certificate.
     bias: the layer's bias ``beta``, for the certificate.
     config: an :class:`AttackConfig`; ``None`` uses the defaults.
@@ -341,7 +380,7 @@ def invert(
   Raises:
     ValueError: on invalid input: wrong shapes or ndim, non-finite or
       all-zero gradients, a gradient without low-rank structure (not even
-      above its noise), or a ``batch_size`` that its rank contradicts.
+      above its noise), or a ``batch_size`` below its rank.
 
   Examples:
     >>> import jax, numpy as np, spear_jax
@@ -413,6 +452,8 @@ def invert(
     checkpoint_fn(state.pool.directions.copy(), state.proposals)
   with clock("finalize"):
     result = _finalize(problem, state, start, config)
+    if problem.dependent:
+      result = _pad_dependent(result, problem.dependent)
   stats = result.stats._replace(
     seconds=time.perf_counter() - start, timings=clock.summary()
   )

@@ -60,6 +60,9 @@ class Problem(NamedTuple):
     check: the certificate applied: ``"relu"``, ``"drift"`` (see
       ``AttackConfig.certificate``) or ``"none"`` (no weight given).
     drift: the drift certificate's ``(max_woken, min_association)``.
+    dependent: the given ``batch_size`` minus the rank: inputs that are
+      linear combinations of the others (duplicates), which the gradient
+      does not separate.
   """
 
   l_mxb: Float[Array, "m b"]
@@ -74,6 +77,7 @@ class Problem(NamedTuple):
   floor: int
   check: str = "none"
   drift: tuple[float, float] = (0.5, 0.3)
+  dependent: int = 0
 
   @property
   def b(self) -> int:
@@ -137,7 +141,7 @@ def prepare_problem(
     weight_grad, batch_size, tol.rank_rtol, config.factorization
   )
   b = _validation.check_rank(rank, batch_size, m, n)
-  if batch_size is None:
+  if l_mxb.shape[1] != b:  # no batch_size, or dependent inputs
     l_mxb, r_bxn = l_mxb[:, :b], r_bxn[:b]
   top, last = np.asarray(singular)[[0, b - 1]]
   tol = resolve_tolerances(config, weight_grad.dtype, m, n, float(top / last))
@@ -168,4 +172,5 @@ def prepare_problem(
     floor=floor,
     check=check,
     drift=(config.drift_max_woken, config.drift_min_association),
+    dependent=0 if batch_size is None else batch_size - b,
   )

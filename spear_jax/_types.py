@@ -76,8 +76,8 @@ class InversionStats(NamedTuple):
     candidates: number of distinct directions that passed the sparsity filter.
     blocks: number of sampled blocks of proposals.
     seconds: wall time of the whole inversion.
-    rank: the batch size used (given, or the numerical rank of the
-      gradient).
+    rank: the number of samples recovered: the numerical rank of the
+      gradient (the batch size, unless inputs are linearly dependent).
     alive_rows: number of neurons whose gradient row is not identically zero.
     threshold: final sparsity threshold, as a count of zeros over alive rows.
     tau: the threshold as a fraction of alive rows.
@@ -86,12 +86,17 @@ class InversionStats(NamedTuple):
       certificate, but near-twins leave some inputs undetermined: see
       ``InversionResult.identifiable``), ``"max_proposals"``,
       ``"time_budget"``, ``"interrupted"`` or ``"not_certified"`` (``b = 1``
-      whose only sample fails the certificate).
+      whose only sample fails the certificate). With ``dependent > 0`` a
+      certified run stops as ``"not_identifiable"``.
     check: how samples were verified (``"relu"``, ``"drift"``, ``"noise"``
       or ``"none"``).
     noise_std: the noise level the noise-aware attack assumed (0 if none).
     timings: where the time and memory went, one :class:`PhaseTime` per
       phase (empty for the noise-aware attack).
+    dependent: the given ``batch_size`` minus ``rank``: inputs that are
+      linear combinations of the others (exact duplicates, most often).
+      The result still has ``batch_size`` rows; the last ``dependent`` are
+      a guess (see :func:`spear_jax.invert`), never verified.
   """
 
   proposals: int
@@ -106,6 +111,7 @@ class InversionStats(NamedTuple):
   check: str = "none"
   noise_std: float = 0.0
   timings: tuple[PhaseTime, ...] = ()
+  dependent: int = 0
 
 
 class InversionResult(NamedTuple):

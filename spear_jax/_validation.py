@@ -1,5 +1,6 @@
 """Checks of user input: one clear ``ValueError`` per problem."""
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,12 +119,17 @@ def check_inputs(
 def check_rank(rank: int, batch_size: int | None, m: int, n: int) -> int:
   """Checks the numerical rank against the shape and the requested ``b``.
 
+  A ``batch_size`` above the rank is not an error: duplicated (or otherwise
+  linearly dependent) inputs give a gradient of rank below ``b``, and the
+  attack recovers the ``rank`` samples it determines (see
+  ``InversionStats.dependent``).
+
   Returns:
-    The batch size to use.
+    The number of samples to recover: the rank.
 
   Raises:
     ValueError: if the gradient has full rank (no low-rank structure) or
-      its rank contradicts ``batch_size``.
+      its rank exceeds ``batch_size``.
   """
   if rank >= min(m, n):
     raise FullRankError(
@@ -131,9 +137,19 @@ def check_rank(rank: int, batch_size: int | None, m: int, n: int) -> int:
       "structure to invert (noisy, aggregated, or a batch at least as large "
       "as the layer)."
     )
-  if batch_size is not None and batch_size != rank:
+  if batch_size is not None and batch_size < rank:
     raise ValueError(
       f"batch_size={batch_size} contradicts the numerical rank {rank} of "
-      "weight_grad."
+      f"weight_grad: a batch of {batch_size} gives a rank of at most "
+      f"{batch_size}."
+    )
+  if batch_size is not None and batch_size > rank:
+    logging.warning(
+      "weight_grad has rank %d < batch_size=%d: %d inputs are linear "
+      "combinations of the others (duplicates?); recovering %d samples.",
+      rank,
+      batch_size,
+      batch_size - rank,
+      rank,
     )
   return rank

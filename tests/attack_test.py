@@ -340,6 +340,60 @@ class NearlyDependentInputsTest(parameterized.TestCase):
     self.assertEqual(result.stats.stop_reason, "certified")
 
 
+class DuplicatedInputsTest(parameterized.TestCase):
+  """Duplicated inputs: rank below ``b``, the distinct samples exact."""
+
+  @parameterized.parameters("spear", "spearpp")
+  def test_duplicates_recovered_once_and_padded(self, method):
+    rng = np.random.default_rng()
+    m, n, b = 80, 30, 7
+    x_nxb = rng.standard_normal((n, b))
+    x_nxb[:, 5] = x_nxb[:, 1]  # two exact duplicates ...
+    x_nxb[:, 6] = x_nxb[:, 1]  # ... of sample 1
+    w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
+    beta_m = 0.1 * rng.standard_normal(m)
+    p = helpers._layer_gradients(rng, x_nxb, w_mxn, beta_m)
+    result = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(int(rng.integers(1 << 30))),
+      method=method,
+      batch_size=b,
+      weight=p["weight"],
+      bias=p["bias"],
+    )
+    inputs = np.asarray(result.inputs)
+    grad_z = np.asarray(result.grad_z)
+    self.assertEqual(inputs.shape, (b, n))
+    self.assertEqual(grad_z.shape, (m, b))
+    self.assertEqual((result.stats.rank, result.stats.dependent), (5, 2))
+    self.assertFalse(result.success)
+    self.assertEqual(result.stats.stop_reason, "not_identifiable")
+    # The 5 distinct inputs are recovered once each, exactly and verified;
+    # the 2 padded rows are never verified nor identifiable.
+    np.testing.assert_array_equal(
+      np.asarray(result.verified), [1] * 5 + [0] * 2
+    )
+    np.testing.assert_array_equal(result.identifiable, [1] * 5 + [0] * 2)
+    truth = p["inputs"][:5]
+    err = np.linalg.norm(
+      inputs[:5, None, :] - truth[None, :, :], axis=2
+    ) / np.linalg.norm(truth, axis=1)
+    np.testing.assert_array_equal(np.sort(np.argmin(err, axis=1)), range(5))
+    self.assertLess(err.min(axis=1).max(), 1e-10)
+    # The padded batch explains both gradients (float64, 1e-10 relative).
+    np.testing.assert_allclose(
+      grad_z @ inputs,
+      p["weight_grad"],
+      atol=1e-10 * np.abs(p["weight_grad"]).max(),
+    )
+    np.testing.assert_allclose(
+      grad_z.sum(axis=1),
+      p["bias_grad"],
+      atol=1e-10 * np.abs(p["bias_grad"]).max(),
+    )
+
+
 class InvalidInputTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
@@ -391,7 +445,7 @@ class InvalidInputTest(parameterized.TestCase):
         self.p["weight_grad"],
         self.p["bias_grad"],
         key=jax.random.key(0),
-        batch_size=4,
+        batch_size=2,
       )
 
   def test_weight_shape_and_pairing(self):

@@ -29,6 +29,7 @@ from spear_jax._problem import Problem
 from spear_jax._problem import prepare_problem
 from spear_jax._proposals import spear_sampler
 from spear_jax._selection import Selection
+from spear_jax._selection import balance_twin_pairs
 from spear_jax._selection import empty_selection
 from spear_jax._selection import identified_samples
 from spear_jax._selection import reconstruct
@@ -236,6 +237,8 @@ def _finalize(
     if recovered
     else np.ones((problem.b,), bool)
   )
+  if recovered and not identifiable.all():
+    result = balance_twin_pairs(problem, result, identifiable)
   verified = np.asarray(result.verified) & identifiable
   result = result._replace(verified=jnp.asarray(verified))
   stop_reason = str(state.stop_reason)

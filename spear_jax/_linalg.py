@@ -527,7 +527,7 @@ def polish_direction(
   return polished, zeros, max_leverage
 
 
-def _zero_set_kernel(direction, l_mxb, alive_m, screen_tol):
+def _zero_set_kernel(direction, l_mxb, alive_m, screen_tol, kernel_tol=None):
   """The exact kernel of a direction's zero set without its pinning rows.
 
   The kernel is read off the singular values of the masked ``L`` (exact
@@ -535,7 +535,8 @@ def _zero_set_kernel(direction, l_mxb, alive_m, screen_tol):
   matrix's eigenvalues bottom out at ``eps`` of the largest: near-twin data
   puts spurious singular values at about ``1e-8`` that the Gram matrix
   cannot tell from zero). A singular value at most ``eps^(2/3)`` times the
-  largest counts as zero.
+  largest (or ``kernel_tol``: the problem's zero tolerance, which follows
+  the factorisation's accuracy on ill-conditioned batches) counts as zero.
 
   Returns:
     ``(basis_bxb, dim)``: right singular vectors in ascending order of the
@@ -549,7 +550,9 @@ def _zero_set_kernel(direction, l_mxb, alive_m, screen_tol):
   kept = pinning_rows_dropped(l_mxb, zero_set, eigvals_b, eigvecs_bxb, flat)
   masked_mxb = l_mxb * kept[:, None].astype(l_mxb.dtype)
   _, sigma_b, vt_bxb = jnp.linalg.svd(masked_mxb, full_matrices=False)
-  dim = jnp.sum(sigma_b <= eps ** (2 / 3) * sigma_b[0])
+  if kernel_tol is None:
+    kernel_tol = eps ** (2 / 3)
+  dim = jnp.sum(sigma_b <= kernel_tol * sigma_b[0])
   return vt_bxb[::-1].T, dim
 
 
@@ -710,6 +713,7 @@ def twin_span(
   l_mxb: Float[Array, "m b"],
   alive_m: Bool[Array, " m"],
   screen_tol: Float[Array, ""],
+  kernel_tol: Float[Array, ""] | None = None,
 ) -> tuple[Float[Array, "b b"], Int[Array, ""]]:
   r"""The subspace annihilated by a mixture's shared zero set.
 
@@ -726,4 +730,4 @@ def twin_span(
     the kernel's dimension (``1`` for a true column with no second kernel
     direction); see :func:`_zero_set_kernel` for the tolerance.
   """
-  return _zero_set_kernel(direction, l_mxb, alive_m, screen_tol)
+  return _zero_set_kernel(direction, l_mxb, alive_m, screen_tol, kernel_tol)

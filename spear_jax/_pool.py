@@ -131,11 +131,11 @@ def _polish_many(directions_kxb, l_mxb, alive_m, screen_tol, zero_tol):
 
 
 @jax.jit
-def twin_spans(directions_kxb, l_mxb, alive_m, screen_tol):
+def twin_spans(directions_kxb, l_mxb, alive_m, screen_tol, kernel_tol):
   """:func:`twin_span` of each row, eight at a time (each forms a masked
   copy of ``L``: bounded memory)."""
   return jax.lax.map(
-    lambda q_b: twin_span(q_b, l_mxb, alive_m, screen_tol),
+    lambda q_b: twin_span(q_b, l_mxb, alive_m, screen_tol, kernel_tol),
     directions_kxb,
     batch_size=8,
   )
@@ -212,22 +212,15 @@ def _anchor_sets(rng, p_mxs, usable_m, dim, max_dim):
   return anchors
 
 
-def _split(
-  problem: Problem,
-  mixtures_kxb: np.ndarray,
-  known_kxb: np.ndarray,
-  max_dim: int,
-  seed: int,
-) -> np.ndarray:
-  """The columns inside the twin spans of sparse mixtures.
+def _twin_spans_of(
+  problem: Problem, mixtures_kxb: np.ndarray, known_kxb: np.ndarray
+) -> list[np.ndarray]:
+  """The twin spans (:func:`twin_span`, orthonormal ``b x dim`` bases, ``2 <=
+  dim <= _PEEL_MAX_DIM``) of sparse mixtures.
 
   Mixtures in the span of the ``known`` directions are dropped (nothing
   new to split); mixtures with the same zero set share their span, so one
-  per zero set is kept (the first, at most one chunk). Each twin span
-  (:func:`twin_span`) of up to ``_PEEL_MAX_DIM`` dimensions that the known
-  directions do not already fill is peeled (:func:`peel_span`, seeded with
-  the known columns inside it); those of at most ``max_dim`` dimensions
-  are also split by anchor rows (:func:`split_span`).
+  per zero set is kept (the first, at most one chunk).
   """
   b = mixtures_kxb.shape[1]
   l_np, alive = np.asarray(problem.l_mxb), np.asarray(problem.alive)
@@ -239,45 +232,128 @@ def _split(
     new = np.linalg.norm(outside, axis=1) > problem.tol.independence
     mixtures_kxb = mixtures_kxb[new | (u_bxk.shape[1] == b)]
     if not mixtures_kxb.shape[0]:
-      return np.zeros((0, b), l_np.dtype)
+      return []
   zero_kxm = (np.abs(mixtures_kxb @ l_np.T) <= problem.tol.screen) & alive
   _, first = np.unique(np.packbits(zero_kxm, axis=1), axis=0, return_index=True)
   distinct = mixtures_kxb[np.sort(first)][:_CHUNK]
   batch = np.repeat(distinct[:1], _CHUNK, axis=0)
   batch[: distinct.shape[0]] = distinct
   bases, dims = twin_spans(
-    batch, problem.l_mxb, problem.alive, problem.scalar(problem.tol.screen)
+    batch,
+    problem.l_mxb,
+    problem.alive,
+    problem.scalar(problem.tol.screen),
+    problem.scalar(problem.tol.zero),
   )
   bases, dims = np.asarray(bases), np.asarray(dims)[: distinct.shape[0]]
+  return [
+    bases[i][:, : dims[i]]
+    for i in np.flatnonzero((dims >= 2) & (dims <= _PEEL_MAX_DIM))
+  ]
+
+
+def _inside(known_kxb: np.ndarray, basis_bxs: np.ndarray) -> np.ndarray:
+  """Which known unit directions lie in the span of ``basis``."""
+  return np.linalg.norm(known_kxb @ basis_bxs, axis=1) >= 1.0 - 1e-8
+
+
+def _split(
+  problem: Problem,
+  spans: list[np.ndarray],
+  known_kxb: np.ndarray,
+  max_dim: int,
+  seed: int,
+) -> np.ndarray:
+  """The columns inside the twin spans of sparse mixtures.
+
+  Each twin span (:func:`_twin_spans_of`) that the known directions do not
+  already fill is peeled (:func:`peel_span`, seeded with the known columns
+  inside it); those of at most ``max_dim`` dimensions are also split by
+  anchor rows (:func:`split_span`).
+  """
+  l_np, alive = np.asarray(problem.l_mxb), np.asarray(problem.alive)
+  b = l_np.shape[1]
   rng = np.random.default_rng(seed)
   row_norm_m = np.linalg.norm(l_np, axis=1)
   parts = [np.zeros((0, b), l_np.dtype)]
-  spans: list[np.ndarray] = []
-  for i in np.flatnonzero((dims >= 2) & (dims <= _PEEL_MAX_DIM)):
-    dim = int(dims[i])
-    basis_bxs = bases[i][:, :dim]
-    coords_kxs = known_kxb @ basis_bxs
-    inside = np.linalg.norm(coords_kxs, axis=1) >= 1.0 - 1e-8
+  done: list[np.ndarray] = []
+  for i, basis_bxs in enumerate(spans):
+    dim = basis_bxs.shape[1]
+    inside = _inside(known_kxb, basis_bxs)
     if inside.sum() >= dim or any(
       s_.shape == basis_bxs.shape
       and np.linalg.norm(s_.T @ basis_bxs) ** 2 >= dim - 1e-8
-      for s_ in spans
+      for s_ in done
     ):
       continue  # every column of this span is known, or it was split
-    spans.append(basis_bxs)
+    done.append(basis_bxs)
     p_mxs = l_np @ basis_bxs
     outside = alive & (np.linalg.norm(p_mxs, axis=1) > problem.tol.zero)
     peeled = peel_span(
       p_mxs[outside],
       problem.tol.zero / 10,
-      known_kxs=coords_kxs[inside],
-      seed=seed + int(i),
+      known_kxs=(known_kxb @ basis_bxs)[inside],
+      seed=seed + i,
     )
     parts.append(peeled[inside.sum() :] @ basis_bxs.T)
     if dim <= max_dim:
       parts.append(
         _split_small(problem, basis_bxs, p_mxs, row_norm_m, rng, max_dim)
       )
+  return np.concatenate(parts)
+
+
+def _indivisible(p_rx2: np.ndarray, tol: float) -> bool:
+  """Whether no direction of a plane vanishes on two of these rows.
+
+  Such a direction exists exactly when two rows of ``P`` (the plane's
+  coordinates of ``L``'s rows) are parallel: ``|p_i x p_j| <= tol`` for the
+  unit direction orthogonal to the longer one. Parallel rows are adjacent
+  in angle (mod ``pi``), so sorting the angles suffices.
+  """
+  if p_rx2.shape[0] < 2:
+    return True
+  norm = np.linalg.norm(p_rx2, axis=1)
+  angle = np.arctan2(p_rx2[:, 1], p_rx2[:, 0]) % np.pi
+  order = np.argsort(angle)
+  gap = np.diff(np.append(angle[order], angle[order[0]] + np.pi))
+  shorter = np.minimum(norm[order], np.roll(norm[order], -1))
+  return bool(np.all(np.abs(np.sin(gap)) * shorter > tol))
+
+
+def _indivisible_pairs(
+  problem: Problem, spans: list[np.ndarray], known_kxb: np.ndarray
+) -> np.ndarray:
+  """Directions completing the twin planes no direction can split (rows).
+
+  Two samples whose zero sets agree up to at most one row each span a plane
+  ``V`` of ``Q`` in which every direction vanishes on their shared zeros
+  and none on two more rows (no two rows of ``L V`` are parallel): the
+  gradient cannot tell their columns apart (both are reported not
+  identifiable, :func:`spear_jax.attack.identifiable_inputs`), and the
+  search can never find them. Any basis of ``V`` completes a selection in
+  which every other sample is exact; the pair's own inputs are then affine
+  combinations ``a x_1 + (1 - a) x_2`` of the twins' (close estimates for
+  near-duplicates). Planes holding a known direction get the orthogonal
+  complement of it. Spans of three or more dimensions are left to peeling.
+  """
+  l_np, alive = np.asarray(problem.l_mxb), np.asarray(problem.alive)
+  parts = [np.zeros((0, l_np.shape[1]), l_np.dtype)]
+  for basis_bx2 in (s for s in spans if s.shape[1] == 2):
+    inside = _inside(known_kxb, basis_bx2)
+    known_here = known_kxb[inside] @ basis_bx2
+    if known_here.shape[0] >= 2 or any(
+      np.linalg.norm(part @ basis_bx2) >= 1.0 - 1e-8 for part in parts[1:]
+    ):
+      continue
+    p_rx2 = l_np[alive] @ basis_bx2
+    p_rx2 = p_rx2[np.linalg.norm(p_rx2, axis=1) > problem.tol.screen]
+    if not _indivisible(p_rx2, problem.tol.screen):
+      continue  # its columns have zeros of their own: the search finds them
+    plane = np.eye(2) if not known_here.shape[0] else known_here[:1]
+    if known_here.shape[0]:
+      plane = np.array([[-plane[0, 1], plane[0, 0]]])
+    parts.append(plane @ basis_bx2.T)
   return np.concatenate(parts)
 
 
@@ -359,11 +435,23 @@ def absorb(
     config.pool_capacity,
   )
   mixtures = np.flatnonzero(sparse & ~keep)
-  if split >= 2 and mixtures.size:
-    sparsest = mixtures[np.argsort(-zeros[mixtures], kind="stable")]
-    parts = _split(
-      problem, polished[sparsest], pool.directions, split, pool.zeros.size
+  if not mixtures.size:
+    return pool, num_new
+  sparsest = mixtures[np.argsort(-zeros[mixtures], kind="stable")]
+  spans = _twin_spans_of(problem, polished[sparsest], pool.directions)
+  pairs = _indivisible_pairs(problem, spans, pool.directions)
+  if pairs.shape[0]:
+    count = np.sum(
+      (np.abs(pairs @ np.asarray(problem.l_mxb).T) <= problem.tol.zero)
+      & np.asarray(problem.alive),
+      axis=1,
     )
+    pool, num_pairs = merge_candidates(
+      pool, pairs, count, problem.tol.dedup, config.pool_capacity
+    )
+    num_new += num_pairs
+  if split >= 2 and spans:
+    parts = _split(problem, spans, pool.directions, split, pool.zeros.size)
     pool, num_split = absorb(problem, pool, parts, config)
     num_new += num_split
   return pool, num_new

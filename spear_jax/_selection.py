@@ -370,6 +370,44 @@ def identified_samples(problem: Problem, result: Reconstruction) -> np.ndarray:
   )
 
 
+def balance_twin_pairs(
+  problem: Problem, result: Reconstruction, identifiable: np.ndarray
+) -> Reconstruction:
+  r"""Even estimates for pairs of samples the gradient cannot tell apart.
+
+  Two not identifiable columns with one zero set span a plane in which any
+  basis explains both gradients: with ``U + W = s`` (their sum, fixed by
+  the bias gradient) every basis gives inputs ``a x_1 + (1 - a) x_2`` of
+  the true twins', with ``a`` unbounded for a basis nearly along ``s``.
+  The basis ``s / 2 \pm t`` (``t`` orthogonal to ``s`` in the plane,
+  ``|t| = |s| / 2``) is the choice that assumes nothing about the twins;
+  it is exact for twins whose ``dL/dZ`` columns differ orthogonally to
+  their sum with equal norms, and otherwise within ``O(|x_1 - x_2|)`` of
+  them. ``D X^T`` and ``D 1`` are unchanged; nothing here is verified.
+  """
+  d_mxb = np.array(result.grad_z)
+  x_bxn = np.array(result.inputs)
+  scale = np.linalg.norm(d_mxb, axis=0)
+  alive = np.asarray(problem.alive)[:, None]
+  zero_mxb = (np.abs(d_mxb) <= problem.tol.zero * scale[None, :]) & alive
+  groups: dict[bytes, list[int]] = {}
+  for i in np.flatnonzero(~identifiable):
+    groups.setdefault(np.packbits(zero_mxb[:, i]).tobytes(), []).append(i)
+  for pair in (g for g in groups.values() if len(g) == 2):
+    old_mx2 = d_mxb[:, pair]
+    s_m = old_mx2.sum(axis=1)
+    t_m = old_mx2[:, 0] - (old_mx2[:, 0] @ s_m) / (s_m @ s_m) * s_m
+    t_m *= 0.5 * np.linalg.norm(s_m) / max(np.linalg.norm(t_m), 1e-300)
+    new_mx2 = np.stack([s_m / 2 + t_m, s_m / 2 - t_m], axis=1)
+    m_2x2 = np.linalg.lstsq(new_mx2, old_mx2, rcond=None)[0]
+    x_bxn[pair] = m_2x2 @ x_bxn[pair]
+    d_mxb[:, pair] = new_mx2
+  q_bxb = np.asarray(problem.l_mxb).T @ d_mxb
+  return result._replace(
+    inputs=jnp.asarray(x_bxn), grad_z=jnp.asarray(d_mxb), q=jnp.asarray(q_bxb)
+  )
+
+
 def complete_basis(directions_sxb: np.ndarray, b: int) -> np.ndarray:
   """Completes ``s <= b`` independent directions to a basis (columns)."""
   s = directions_sxb.shape[0]

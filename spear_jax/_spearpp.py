@@ -468,6 +468,7 @@ def _missing_span(problem, found_kxb, rounded_kxb, zeros_k):
     problem.l_mxb,
     problem.alive,
     problem.scalar(problem.tol.screen),
+    problem.scalar(problem.tol.zero),
   )
   bases, dims = np.asarray(bases), np.asarray(dims)[: order.size]
   for s in (b - k, b - k - 1):

@@ -1,6 +1,7 @@
 """Near-twin samples: identifiability, twin spans and pinned completions."""
 
 from absl.testing import absltest
+from absl.testing import parameterized
 import helpers
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,67 @@ class InvertNestedTwinsTest(absltest.TestCase):
     self.assertFalse(identifiable[twins].any())
     self.assertTrue(verified[~twins].all())
     self.assertTrue(identifiable[~twins].all())
+    self.assertEqual(result.stats.stop_reason, "not_identifiable")
+    self.assertFalse(result.success)
+
+
+class IndivisibleTwinsTest(parameterized.TestCase):
+  """Near-duplicates with one zero pattern: no method can split them."""
+
+  @parameterized.product(method=("spear", "spearpp"), gap=(1e-6, 1e-3))
+  def test_others_exact_and_the_pairs_estimated(self, method, gap):
+    rng = np.random.default_rng()
+    m, n, b = 200, 100, 8
+    x_nxb = rng.standard_normal((n, b))
+    # Two pairs of near-duplicates (relative distance about `gap`): with
+    # m = 200 the twins of a pair share their whole ReLU pattern.
+    x_nxb[:, 1] = x_nxb[:, 0] + gap * rng.standard_normal(n)
+    x_nxb[:, 3] = (1 + gap) * x_nxb[:, 2] + gap * rng.standard_normal(n)
+    w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
+    beta_m = 0.1 * rng.standard_normal(m)
+    p = helpers._layer_gradients(rng, x_nxb, w_mxn, beta_m)
+    same = [
+      np.array_equal(p["grad_z"][:, i] == 0, p["grad_z"][:, i + 1] == 0)
+      for i in (0, 2)
+    ]
+    if not all(same):
+      self.skipTest("a pair's ReLU patterns differ (rare at this gap)")
+    result = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(int(rng.integers(1 << 30))),
+      method=method,
+      batch_size=b,
+      weight=p["weight"],
+      bias=p["bias"],
+    )
+    truth = p["inputs"]
+    recovered = np.asarray(result.inputs)
+    err_bxb = np.linalg.norm(
+      recovered[:, None, :] - truth[None, :, :], axis=2
+    ) / np.linalg.norm(truth, axis=1)
+    order = np.argmin(err_bxb, axis=1)
+    error = err_bxb.min(axis=1)
+    verified = np.asarray(result.verified)
+    twins = order < 4
+    # The four other samples: each found once, exact (float64, 1e-10
+    # relative) and verified.
+    np.testing.assert_array_equal(np.sort(order[~twins]), [4, 5, 6, 7])
+    self.assertLess(error[~twins].max(), 1e-10)
+    self.assertTrue(verified[~twins].all())
+    # The twins: never verified, not identifiable, and each estimate within
+    # its pair's own distance of a twin of that pair (one per pair).
+    self.assertFalse(verified[twins].any())
+    self.assertFalse(np.asarray(result.identifiable)[twins].any())
+    pair = order[twins] // 2
+    np.testing.assert_array_equal(np.sort(pair), [0, 0, 1, 1])
+    distance = np.array(
+      [
+        np.linalg.norm(truth[i + 1] - truth[i]) / np.linalg.norm(truth[i])
+        for i in (0, 2)
+      ]
+    )
+    self.assertTrue(np.all(error[twins] < 3 * distance[pair]), error[twins])
     self.assertEqual(result.stats.stop_reason, "not_identifiable")
     self.assertFalse(result.success)
 

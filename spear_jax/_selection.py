@@ -397,7 +397,7 @@ def balance_twin_pairs(
     old_mx2 = d_mxb[:, pair]
     s_m = old_mx2.sum(axis=1)
     t_m = old_mx2[:, 0] - (old_mx2[:, 0] @ s_m) / (s_m @ s_m) * s_m
-    t_m *= 0.5 * np.linalg.norm(s_m) / max(np.linalg.norm(t_m), 1e-300)
+    t_m *= 0.5 * np.linalg.norm(s_m) / (np.linalg.norm(t_m) + 1e-300)
     new_mx2 = np.stack([s_m / 2 + t_m, s_m / 2 - t_m], axis=1)
     m_2x2 = np.linalg.lstsq(new_mx2, old_mx2, rcond=None)[0]
     x_bxn[pair] = m_2x2 @ x_bxn[pair]

@@ -392,7 +392,7 @@ def balance_twin_pairs(
   zero_mxb = (np.abs(d_mxb) <= problem.tol.zero * scale[None, :]) & alive
   groups: dict[bytes, list[int]] = {}
   for i in np.flatnonzero(~identifiable):
-    groups.setdefault(np.packbits(zero_mxb[:, i]).tobytes(), []).append(i)
+    groups.setdefault(np.packbits(zero_mxb[:, i]).tobytes(), []).append(int(i))
   for pair in (g for g in groups.values() if len(g) == 2):
     old_mx2 = d_mxb[:, pair]
     s_m = old_mx2.sum(axis=1)

@@ -89,7 +89,8 @@ def match_and_score(recovered_bxn, truth_bxn, exact_rtol: float = EXACT_RTOL):
   Args:
     recovered_bxn: reconstructions, one per row, in any order.
     truth_bxn: ground truth, one per row.
-    exact_rtol: a sample is exact if its relative L2 error is below this.
+    exact_rtol: a sample is exact if its relative L2 error is below this
+      (an all-zero sample's error is relative to the batch's mean norm).
 
   Returns:
     A dict with ``order`` (the truth row of each reconstruction),
@@ -101,8 +102,12 @@ def match_and_score(recovered_bxn, truth_bxn, exact_rtol: float = EXACT_RTOL):
   if rec.shape != true.shape:
     raise ValueError(f"shape mismatch: {rec.shape} vs {true.shape}.")
   norms = np.linalg.norm(true, axis=1)
+  # An all-zero sample (a black image in [0, 1] pixels) is measured on the
+  # scale of the batch's other samples.
+  scale = np.mean(norms[norms > 0]) if np.any(norms > 0) else 1.0
+  norms = np.where(norms > 0, norms, scale)
   diff = rec[:, None, :] - true[None, :, :]
-  rel = np.linalg.norm(diff, axis=2) / np.maximum(norms[None, :], 1e-300)
+  rel = np.linalg.norm(diff, axis=2) / norms[None, :]
   order = hungarian(np.where(np.isfinite(rel), rel, 1e300))
   relative_error = rel[np.arange(rec.shape[0]), order]
   max_abs = np.max(np.abs(rec - true[order]), axis=1)

@@ -11,6 +11,7 @@ weight and bias for the certificate). Every later stage (the strategies,
 import math
 from typing import NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +105,36 @@ def _row_max_abs(weight_grad):
   return jnp.max(jnp.abs(weight_grad), axis=1)
 
 
+def _zero_input_column(l_mxb, r_bxn, bias_grad, tol):
+  """Appends the bias gradient's part outside the span of ``L``, if any.
+
+  ``bias_grad = D 1`` lies in the span of ``D``'s columns, which ``L`` spans
+  when no input is zero. An all-zero input (a black image in ``[0, 1]``
+  pixels, zero padding) adds ``d_z 0^T = 0`` to the weight gradient but
+  ``d_z`` to the bias gradient: the rank drops by one and ``bias_grad``
+  leaves the span, and scaling the other columns by its projection would
+  make every input wrong (seen: three scaled inputs, off by 3.5e-4, passed
+  the ReLU certificate). The unit residual joins ``L`` as one more column,
+  with a zero row of ``R``: the zero input is one more sample (``X^T = Q^-1
+  R`` gives it exactly zero), and its ``d_z`` is as sparse as any column (it
+  vanishes where ``beta <= 0``).
+
+  Returns:
+    ``(l_mxb, r_bxn, zero_input)``.
+  """
+  g_m = np.asarray(bias_grad)
+  l_np = np.asarray(l_mxb)
+  resid_m = g_m - l_np @ (l_np.T @ g_m)
+  if np.linalg.norm(resid_m) <= tol.independence * np.linalg.norm(g_m):
+    return l_mxb, r_bxn, False
+  resid_m -= l_np @ (l_np.T @ resid_m)  # twice is enough
+  resid_m /= np.linalg.norm(resid_m)
+  logging.info("bias_grad leaves the span of weight_grad: an all-zero input")
+  l_mxb = jnp.concatenate([l_mxb, jnp.asarray(resid_m)[:, None]], axis=1)
+  r_bxn = jnp.concatenate([r_bxn, jnp.zeros_like(r_bxn[:1])], axis=0)
+  return l_mxb, r_bxn, True
+
+
 def prepare_problem(
   weight_grad: ArrayLike,
   bias_grad: ArrayLike,
@@ -145,6 +176,9 @@ def prepare_problem(
     l_mxb, r_bxn = l_mxb[:, :b], r_bxn[:b]
   top, last = np.asarray(singular)[[0, b - 1]]
   tol = resolve_tolerances(config, weight_grad.dtype, m, n, float(top / last))
+  l_mxb, r_bxn, zero_input = _zero_input_column(l_mxb, r_bxn, bias_grad, tol)
+  b = int(l_mxb.shape[1])
+  dependent = _validation.check_batch_size(batch_size, b, zero_input)
   row_scale = np.asarray(_row_max_abs(weight_grad))  # no m x n temporary
   eps = float(jnp.finfo(weight_grad.dtype).eps)
   alive = row_scale > eps * row_scale.max()
@@ -172,5 +206,5 @@ def prepare_problem(
     floor=floor,
     check=check,
     drift=(config.drift_max_woken, config.drift_min_association),
-    dependent=0 if batch_size is None else batch_size - b,
+    dependent=dependent,
   )

@@ -7,7 +7,12 @@ import numpy as np
 
 from spear_jax._types import ArrayLike
 
-__all__ = ["FullRankError", "check_inputs", "check_rank"]
+__all__ = [
+  "FullRankError",
+  "check_batch_size",
+  "check_inputs",
+  "check_rank",
+]
 
 
 class FullRankError(ValueError):
@@ -119,13 +124,12 @@ def check_inputs(
 def check_rank(rank: int, batch_size: int | None, m: int, n: int) -> int:
   """Checks the numerical rank against the shape and the requested ``b``.
 
-  A ``batch_size`` above the rank is not an error: duplicated (or otherwise
-  linearly dependent) inputs give a gradient of rank below ``b``, and the
-  attack recovers the ``rank`` samples it determines (see
-  ``InversionStats.dependent``).
+  A ``batch_size`` above the rank is not an error here: duplicated (or
+  otherwise linearly dependent) inputs, and all-zero ones, give a gradient
+  of rank below ``b`` (see :func:`check_batch_size`).
 
   Returns:
-    The number of samples to recover: the rank.
+    The numerical rank.
 
   Raises:
     ValueError: if the gradient has full rank (no low-rank structure) or
@@ -143,13 +147,41 @@ def check_rank(rank: int, batch_size: int | None, m: int, n: int) -> int:
       f"weight_grad: a batch of {batch_size} gives a rank of at most "
       f"{batch_size}."
     )
-  if batch_size is not None and batch_size > rank:
-    logging.warning(
-      "weight_grad has rank %d < batch_size=%d: %d inputs are linear "
-      "combinations of the others (duplicates?); recovering %d samples.",
-      rank,
-      batch_size,
-      batch_size - rank,
-      rank,
-    )
   return rank
+
+
+def check_batch_size(
+  batch_size: int | None, samples: int, zero_input: bool
+) -> int:
+  """The requested ``batch_size`` against the samples the gradient shows.
+
+  Args:
+    batch_size: the requested ``b`` (``None``: not given).
+    samples: the rank, plus one when the bias gradient shows zero inputs.
+    zero_input: whether it does.
+
+  Returns:
+    ``batch_size - samples`` (``0`` without ``batch_size``): inputs that
+    are linear combinations of the others, e.g. duplicates.
+
+  Raises:
+    ValueError: if ``batch_size`` is below ``samples``.
+  """
+  if batch_size is None:
+    return 0
+  if batch_size < samples:
+    raise ValueError(
+      f"batch_size={batch_size} contradicts the gradients: weight_grad has "
+      f"rank {samples - zero_input}, and the bias gradient shows an all-zero "
+      "input besides."
+    )
+  if batch_size > samples:
+    logging.warning(
+      "the gradients show %d samples < batch_size=%d: %d inputs are linear "
+      "combinations of the others (duplicates?); recovering %d samples.",
+      samples,
+      batch_size,
+      batch_size - samples,
+      samples,
+    )
+  return batch_size - samples

@@ -394,6 +394,63 @@ class DuplicatedInputsTest(parameterized.TestCase):
     )
 
 
+class ZeroInputTest(parameterized.TestCase):
+  """An all-zero input: rank below ``b``, the bias gradient shows it."""
+
+  @parameterized.parameters("spear", "spearpp")
+  def test_zero_input_recovered_and_certified(self, method):
+    rng = np.random.default_rng()
+    m, n, b = 200, 100, 8
+    x_nxb = rng.random((n, b))  # pixels in [0, 1]; sample 3 is black
+    x_nxb[:, 3] = 0.0
+    w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
+    beta_m = 0.1 * rng.standard_normal(m)
+    p = helpers._layer_gradients(rng, x_nxb, w_mxn, beta_m)
+    self.assertEqual(np.linalg.matrix_rank(p["weight_grad"]), b - 1)
+    for batch_size in (None, b):
+      result = spear_jax.invert(
+        p["weight_grad"],
+        p["bias_grad"],
+        key=jax.random.key(int(rng.integers(1 << 30))),
+        method=method,
+        batch_size=batch_size,
+        weight=p["weight"],
+        bias=p["bias"],
+      )
+      self.assertTrue(result.success)
+      self.assertEqual(result.stats.stop_reason, "certified")
+      inputs = np.asarray(result.inputs)
+      self.assertEqual(inputs.shape, (b, n))
+      # Each recovered row against its nearest true input, relative to the
+      # batch's mean norm (float64, 1e-10): the black one is zero.
+      truth = p["inputs"]
+      scale = np.mean(np.linalg.norm(truth[truth.any(axis=1)], axis=1))
+      dist = np.linalg.norm(inputs[:, None] - truth[None], axis=2) / scale
+      np.testing.assert_array_equal(np.sort(np.argmin(dist, axis=1)), range(b))
+      self.assertLess(dist.min(axis=1).max(), 1e-10)
+      self.assertTrue(np.asarray(result.verified).all())
+      # D reproduces both gradients.
+      d_mxb = np.asarray(result.grad_z)
+      np.testing.assert_allclose(
+        d_mxb.sum(axis=1),
+        p["bias_grad"],
+        atol=1e-10 * np.abs(p["bias_grad"]).max(),
+      )
+
+  def test_batch_size_below_the_samples_shown(self):
+    rng = np.random.default_rng()
+    x_nxb = rng.random((30, 5))
+    x_nxb[:, 0] = 0.0
+    w_mxn = rng.standard_normal((80, 30)) / np.sqrt(30)
+    p = helpers._layer_gradients(
+      rng, x_nxb, w_mxn, 0.1 * rng.standard_normal(80)
+    )
+    with self.assertRaisesRegex(ValueError, "all-zero input"):
+      spear_jax.invert(
+        p["weight_grad"], p["bias_grad"], key=jax.random.key(0), batch_size=4
+      )
+
+
 class InvalidInputTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()

@@ -396,10 +396,11 @@ _W_KEY = jax.random.key(11)
   noise=st.sampled_from([1e-6, 1e-3]),
   twins=st.integers(0, 2),
   jitter=st.sampled_from([0.0, 1e-3]),
+  given_b=st.booleans(),
   seed=st.integers(0, 2**16),
 )
 def test_no_wrong_sample_is_ever_verified(
-  b, width, client, steps, lr, noise, twins, jitter, seed
+  b, width, client, steps, lr, noise, twins, jitter, given_b, seed
 ):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(b, 24))
@@ -430,6 +431,7 @@ def test_no_wrong_sample_is_ever_verified(
       update.weight_grad,
       update.bias_grad,
       key=jax.random.key(seed),
+      batch_size=b if given_b else None,
       weight=update.weight,
       bias=update.bias,
       config=spear_jax.AttackConfig(
@@ -444,8 +446,8 @@ def test_no_wrong_sample_is_ever_verified(
     assert not np.any(result.verified)  # noise: nothing is exact
     return
   # Exact twins merge into one sample of the gradient (rank b - 1): the
-  # truth is the distinct samples.
-  truth = np.unique(x, axis=0)
+  # truth is the distinct samples, or (b given) the result is padded to b.
+  truth = x if given_b else np.unique(x, axis=0)
   if result.inputs.shape[0] != truth.shape[0]:
     assert not np.any(result.verified)
     return

@@ -83,6 +83,21 @@ class HungarianTest(parameterized.TestCase):
     self.assertTrue(scores["exact"].all())
     self.assertLess(scores["max_abs_error"].max(), 1e-11)
 
+  def test_a_zero_sample_is_scored_on_the_batch_scale(self):
+    rng = np.random.default_rng()
+    truth = rng.random((5, 20))
+    truth[2] = 0.0
+    mean_norm = np.mean(np.linalg.norm(np.delete(truth, 2, axis=0), axis=1))
+    rec = truth.copy()
+    rec[2] = 1e-14 * rng.standard_normal(20)
+    scores = _metrics.match_and_score(rec, truth)
+    self.assertTrue(scores["exact"].all())
+    self.assertAlmostEqual(
+      scores["relative_error"][2], np.linalg.norm(rec[2]) / mean_norm
+    )
+    rec[2] = 1e-3 * np.ones(20)  # not zero: not exact
+    self.assertFalse(_metrics.match_and_score(rec, truth)["exact"][2])
+
   def test_match_and_score_keeps_its_fields(self):
     rng = np.random.default_rng()
     truth = rng.standard_normal((4, 9))

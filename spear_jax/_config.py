@@ -24,7 +24,8 @@ class LearnerConfig:
       with the smallest ``|L_j q| / ||L_j||``, then random ``(b-1)``-subsets
       of the ``rounding_pool`` smallest.
     rounding_pool: size of that pool of small rows; ``None`` means ``2 b``.
-    max_rounds: rounds of (search, rounding) before giving up.
+    max_rounds: rounds of (search, rounding) before giving up (64: a
+      faces batch at b = 100 needed more than 32 after its first stall).
     patience: give up earlier after this many rounds without a new column.
     targeted_fraction: fraction of restarts initialised from rows of ``L``
       on which every column found so far vanishes (deflation towards the
@@ -47,9 +48,18 @@ class LearnerConfig:
       near-twins of its pivot (found columns whose zero sets overlap the
       pivot's with Jaccard index above ``twin_jaccard``): on the pivot's
       zero set their differences are otherwise the sparsest directions,
-      and restarts re-find them instead of missing columns. ``0``
-      projects out the pivot only (the default before stop 22: the
-      varied set at b = 150 was 3/10 exact with it, 4/10 with 7).
+      and restarts re-find them instead of missing columns, in the share
+      ``pivot_twin_fraction`` of pivot restarts. ``0`` projects out the
+      pivot only (the default before stop 22).
+    pivot_twin_fraction: the share of pivot restarts that project out the
+      pivot's near-twins; the others project out the pivot only. Each kind
+      finds columns the other misses (varied set, stop 23: twins in every
+      pivot restart stalled a faces batch at b = 100 at 83 columns that
+      the pivot alone solves in 124 s, and the pivot alone stalled a crops
+      batch at b = 150 at 44 columns that the twins solve in 107 s; half
+      of each stalled the faces batch at 20). So when the search stalls
+      (``patience``) it runs on with ``1 - pivot_twin_fraction`` before it
+      gives up.
     twin_jaccard: the zero-set overlap above which a found column counts
       as a near-twin of the pivot.
     row_estimate_steps: Adam steps of the row estimate (soft Chebyshev
@@ -95,13 +105,14 @@ class LearnerConfig:
   logcosh_mu: float = 0.1
   rounding_tries: int = 10
   rounding_pool: int | None = None
-  max_rounds: int = 32
+  max_rounds: int = 64
   patience: int = 4
   targeted_fraction: float = 0.5
   constrained: bool = True
   subspace_fraction: float = 0.5
   focus_missing: int = 10
   pivot_twins: int = 7
+  pivot_twin_fraction: float = 1.0
   twin_jaccard: float = 0.6
   row_estimate_steps: int = 400
   row_estimate_temperature: float = 1e-3
@@ -129,6 +140,8 @@ class LearnerConfig:
       raise ValueError("subspace_fraction must lie in [0, 1].")
     if self.pivot_twins < 0 or not 0.0 < self.twin_jaccard <= 1.0:
       raise ValueError("pivot_twins must be >= 0 and twin_jaccard in (0, 1].")
+    if not 0.0 <= self.pivot_twin_fraction <= 1.0:
+      raise ValueError("pivot_twin_fraction must lie in [0, 1].")
     if self.focus_missing < 0 or self.row_estimate_steps < 1:
       raise ValueError(
         "focus_missing must be >= 0 and row_estimate_steps >= 1."

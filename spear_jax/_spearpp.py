@@ -21,9 +21,11 @@ counts towards ``learner.patience``; the strategy stops as ``"stalled"``
 after that many, or as ``"max_rounds"``.
 """
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,11 +276,16 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
   pivots = np.zeros((count, *bases.shape[1:]), dtype)
   candidates = _rows_where_all_vanish(zero_mxk, alive)
   starts[:subspace] = l_np[rng.choice(candidates, subspace)]
+  fraction = learner.pivot_twin_fraction
+  twins = np.full((count,), fraction >= 1.0)
+  if 0.0 < fraction < 1.0:
+    twins = rng.random(count) < fraction
   for r, f in zip(range(subspace, count), rng.integers(0, k, count)):
     zero_rows = np.flatnonzero(zero_mxk[:, f] & alive)
     zero_rows = zero_rows if zero_rows.size else np.flatnonzero(alive)
     starts[r] = l_np[rng.choice(zero_rows)]
-    pivots[r] = bases[f]
+    rows = bases.shape[1] if twins[r] else 1  # pivot (and its twins)
+    pivots[r, :rows] = bases[f, :rows]
   in_subspace = np.arange(count) < subspace
   return starts, pivots, in_subspace, exclude
 
@@ -335,6 +342,8 @@ class LearnerRoundState(NamedTuple):
     stage: the next stage (search, pattern or complete).
     rounds: rounds started so far.
     stalled: consecutive finished rounds that added no distinct direction.
+    flipped: whether the search has stalled once and now runs with the
+      other pivot restarts (``1 - pivot_twin_fraction``).
     pool_size: pool size when the current round started.
     approx: the current round's search end points (for pattern rounding).
     rounded: their plain roundings.
@@ -349,6 +358,7 @@ class LearnerRoundState(NamedTuple):
   approx: np.ndarray | None = None
   rounded: np.ndarray | None = None
   zeros: np.ndarray | None = None
+  flipped: bool = False
 
 
 def _search_stage(state, problem, pool, selection, learner, devices):
@@ -356,6 +366,10 @@ def _search_stage(state, problem, pool, selection, learner, devices):
   b = problem.b
   key, init_key, round_key = jax.random.split(state.key, 3)
   restarts = learner.restarts or 2 * b
+  if state.flipped:
+    learner = dataclasses.replace(
+      learner, pivot_twin_fraction=1.0 - learner.pivot_twin_fraction
+    )
   found = _found_columns(problem, pool, selection)
   if learner.constrained and found.shape[0]:
     starts, pivots, in_subspace, exclude = _constrained_starts(
@@ -573,6 +587,14 @@ def _round_stop(
     return state, None
   grew = pool.zeros.shape[0] > state.pool_size
   state = state._replace(stalled=0 if grew else state.stalled + 1)
+  if (
+    state.stalled >= learner.patience
+    and not state.flipped
+    and learner.pivot_twins
+  ):
+    # A second wind: the other kind of pivot restart finds other columns.
+    logging.info("SPEAR++ stalled; flipping the pivot restarts' twins")
+    state = state._replace(stalled=0, flipped=True)
   if state.stalled >= learner.patience:
     return state, "stalled"
   if state.rounds >= learner.max_rounds:

@@ -473,6 +473,26 @@ class SpearPlusPlusTest(parameterized.TestCase):
         method=method,
       )
 
+  def test_a_stall_flips_the_pivot_restarts_once(self):
+    learner = spear_jax.LearnerConfig(patience=2)
+    pool = _pool.empty_pool(3, np.float64)
+    state = _spearpp.LearnerRoundState(jax.random.key(0), 0, 1, 0, 0)
+    reasons = []
+    for _ in range(5):  # rounds that add nothing
+      state, stop = _spearpp._round_stop(state, pool, learner)
+      reasons.append((state.flipped, stop))
+    # Two barren rounds flip the pivot restarts; two more stop the search.
+    self.assertEqual(
+      reasons,
+      [(False, None), (True, None), (True, None), (True, "stalled")]
+      + [(True, "stalled")],
+    )
+    no_twins = spear_jax.LearnerConfig(patience=2, pivot_twins=0)
+    state = _spearpp.LearnerRoundState(jax.random.key(0), 0, 1, 0, 0)
+    for _ in range(2):
+      state, stop = _spearpp._round_stop(state, pool, no_twins)
+    self.assertEqual((state.flipped, stop), (False, "stalled"))
+
   def test_learner_config_validation(self):
     with self.assertRaisesRegex(ValueError, "objective"):
       spear_jax.LearnerConfig(objective="l2")
@@ -484,6 +504,8 @@ class SpearPlusPlusTest(parameterized.TestCase):
       spear_jax.LearnerConfig(pattern_max_missing=0)
     with self.assertRaisesRegex(ValueError, "pattern_label_margin"):
       spear_jax.LearnerConfig(pattern_label_margin=1.0)
+    with self.assertRaisesRegex(ValueError, "pivot_twin_fraction"):
+      spear_jax.LearnerConfig(pivot_twin_fraction=-0.1)
 
   def test_deflated_rounds_without_the_layer(self):
     # 8 restarts cannot find 16 columns in one round: later rounds use the

@@ -77,7 +77,8 @@ class InversionStats(NamedTuple):
     blocks: number of sampled blocks of proposals.
     seconds: wall time of the whole inversion.
     rank: the number of samples recovered: the numerical rank of the
-      gradient (the batch size, unless inputs are linearly dependent).
+      gradient, plus one when the bias gradient shows an all-zero input
+      (the batch size, unless inputs are linearly dependent).
     alive_rows: number of neurons whose gradient row is not identically zero.
     threshold: final sparsity threshold, as a count of zeros over alive rows.
     tau: the threshold as a fraction of alive rows.

@@ -34,6 +34,7 @@ from spear_jax._selection import empty_selection
 from spear_jax._selection import identified_samples
 from spear_jax._selection import reconstruct
 from spear_jax._selection import select
+from spear_jax._selection import zero_mask
 from spear_jax._spearpp import fill_missing_columns
 from spear_jax._spearpp import spearpp_learner
 from spear_jax._strategy import Strategy
@@ -247,11 +248,8 @@ def _finalize(
     stop_reason = "not_identifiable"
   success = bool(recovered and (not problem.certifiable or verified.all()))
   # On the host: eager jnp ops here would compile eight tiny programs.
-  grad_z = np.asarray(result.grad_z)
-  column_norm = np.linalg.norm(grad_z, axis=0)
-  zero = np.abs(grad_z) <= problem.tol.zero * column_norm[None, :]
-  alive = np.asarray(problem.alive)[:, None]
-  sparsity = jnp.asarray(np.sum(zero & alive, axis=0).astype(np.int32))
+  zero = zero_mask(problem, np.asarray(result.grad_z))
+  sparsity = jnp.asarray(np.sum(zero, axis=0).astype(np.int32))
   stats = InversionStats(
     proposals=state.proposals,
     candidates=int(pool.zeros.shape[0]),

@@ -370,6 +370,14 @@ def identified_samples(problem: Problem, result: Reconstruction) -> np.ndarray:
   )
 
 
+def zero_mask(problem: Problem, grad_z_mxb: np.ndarray) -> np.ndarray:
+  """The exact zeros of a recovered ``D`` over alive rows (on the host):
+  ``|D_ji| <= zero_tol ||D_i||``."""
+  column_norm = np.linalg.norm(grad_z_mxb, axis=0)
+  zero = np.abs(grad_z_mxb) <= problem.tol.zero * column_norm[None, :]
+  return zero & np.asarray(problem.alive)[:, None]
+
+
 def balance_twin_pairs(
   problem: Problem, result: Reconstruction, identifiable: np.ndarray
 ) -> Reconstruction:
@@ -387,9 +395,7 @@ def balance_twin_pairs(
   """
   d_mxb = np.array(result.grad_z)
   x_bxn = np.array(result.inputs)
-  scale = np.linalg.norm(d_mxb, axis=0)
-  alive = np.asarray(problem.alive)[:, None]
-  zero_mxb = (np.abs(d_mxb) <= problem.tol.zero * scale[None, :]) & alive
+  zero_mxb = zero_mask(problem, d_mxb)
   groups: dict[bytes, list[int]] = {}
   for i in np.flatnonzero(~identifiable):
     groups.setdefault(np.packbits(zero_mxb[:, i]).tobytes(), []).append(int(i))

@@ -340,6 +340,19 @@ class NearlyDependentInputsTest(parameterized.TestCase):
     self.assertEqual(result.stats.stop_reason, "certified")
 
 
+def _invert_layer(p, rng, method, batch_size):
+  """Inverts a layer problem, certified, with a fresh key."""
+  return spear_jax.invert(
+    p["weight_grad"],
+    p["bias_grad"],
+    key=jax.random.key(int(rng.integers(1 << 30))),
+    method=method,
+    batch_size=batch_size,
+    weight=p["weight"],
+    bias=p["bias"],
+  )
+
+
 class DuplicatedInputsTest(parameterized.TestCase):
   """Duplicated inputs: rank below ``b``, the distinct samples exact."""
 
@@ -350,18 +363,8 @@ class DuplicatedInputsTest(parameterized.TestCase):
     x_nxb = rng.standard_normal((n, b))
     x_nxb[:, 5] = x_nxb[:, 1]  # two exact duplicates ...
     x_nxb[:, 6] = x_nxb[:, 1]  # ... of sample 1
-    w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
-    beta_m = 0.1 * rng.standard_normal(m)
-    p = helpers._layer_gradients(rng, x_nxb, w_mxn, beta_m)
-    result = spear_jax.invert(
-      p["weight_grad"],
-      p["bias_grad"],
-      key=jax.random.key(int(rng.integers(1 << 30))),
-      method=method,
-      batch_size=b,
-      weight=p["weight"],
-      bias=p["bias"],
-    )
+    p = helpers.layer_for_inputs(rng, x_nxb, m)
+    result = _invert_layer(p, rng, method, batch_size=b)
     inputs = np.asarray(result.inputs)
     grad_z = np.asarray(result.grad_z)
     self.assertEqual(inputs.shape, (b, n))
@@ -403,20 +406,10 @@ class ZeroInputTest(parameterized.TestCase):
     m, n, b = 200, 100, 8
     x_nxb = rng.random((n, b))  # pixels in [0, 1]; sample 3 is black
     x_nxb[:, 3] = 0.0
-    w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
-    beta_m = 0.1 * rng.standard_normal(m)
-    p = helpers._layer_gradients(rng, x_nxb, w_mxn, beta_m)
+    p = helpers.layer_for_inputs(rng, x_nxb, m)
     self.assertEqual(np.linalg.matrix_rank(p["weight_grad"]), b - 1)
     for batch_size in (None, b):
-      result = spear_jax.invert(
-        p["weight_grad"],
-        p["bias_grad"],
-        key=jax.random.key(int(rng.integers(1 << 30))),
-        method=method,
-        batch_size=batch_size,
-        weight=p["weight"],
-        bias=p["bias"],
-      )
+      result = _invert_layer(p, rng, method, batch_size=batch_size)
       self.assertTrue(result.success)
       self.assertEqual(result.stats.stop_reason, "certified")
       inputs = np.asarray(result.inputs)
@@ -441,10 +434,7 @@ class ZeroInputTest(parameterized.TestCase):
     rng = np.random.default_rng()
     x_nxb = rng.random((30, 5))
     x_nxb[:, 0] = 0.0
-    w_mxn = rng.standard_normal((80, 30)) / np.sqrt(30)
-    p = helpers._layer_gradients(
-      rng, x_nxb, w_mxn, 0.1 * rng.standard_normal(80)
-    )
+    p = helpers.layer_for_inputs(rng, x_nxb, 80)
     with self.assertRaisesRegex(ValueError, "all-zero input"):
       spear_jax.invert(
         p["weight_grad"], p["bias_grad"], key=jax.random.key(0), batch_size=4

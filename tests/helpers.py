@@ -15,6 +15,13 @@ def relu_layer_problem(seed, m, n, b, centred=True, bias_scale=0.1):
   x_nxb = rng.standard_normal((n, b))
   if not centred:
     x_nxb = rng.random((n, b))
+  return layer_for_inputs(rng, x_nxb, m, bias_scale)
+
+
+def layer_for_inputs(rng, x_nxb, m, bias_scale=0.1):
+  """A random width-``m`` ReLU layer on given inputs (``n x b``), as
+  :func:`relu_layer_problem` draws it, and what it shares."""
+  n = x_nxb.shape[0]
   w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
   beta_m = bias_scale * rng.standard_normal(m)
   return _layer_gradients(rng, x_nxb, w_mxn, beta_m)

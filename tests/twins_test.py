@@ -159,9 +159,7 @@ class IndivisibleTwinsTest(parameterized.TestCase):
     # m = 200 the twins of a pair share their whole ReLU pattern.
     x_nxb[:, 1] = x_nxb[:, 0] + gap * rng.standard_normal(n)
     x_nxb[:, 3] = (1 + gap) * x_nxb[:, 2] + gap * rng.standard_normal(n)
-    w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
-    beta_m = 0.1 * rng.standard_normal(m)
-    p = helpers._layer_gradients(rng, x_nxb, w_mxn, beta_m)
+    p = helpers.layer_for_inputs(rng, x_nxb, m)
     same = [
       np.array_equal(p["grad_z"][:, i] == 0, p["grad_z"][:, i + 1] == 0)
       for i in (0, 2)

@@ -22,6 +22,7 @@ from spear_jax import _noisy
 from spear_jax._config import AttackConfig
 from spear_jax._distributed import agree
 from spear_jax._distributed import attack_devices
+from spear_jax._endgame import with_endgame
 from spear_jax._pool import CandidatePool
 from spear_jax._pool import absorb
 from spear_jax._pool import empty_pool
@@ -78,7 +79,13 @@ def make_strategy(method: str | Strategy, config: AttackConfig) -> Strategy:
     raise ValueError(
       f"Unknown method {method!r}; available: {', '.join(METHODS)}."
     )
-  return spear_sampler(config) if method == "spear" else spearpp_learner(config)
+  if method != "spear":
+    return spearpp_learner(config)
+  if config.endgame_patience is None:
+    return spear_sampler(config)
+  return with_endgame(
+    spear_sampler(config), spearpp_learner(config), config.endgame_patience
+  )
 
 
 class SearchState(NamedTuple):

@@ -226,7 +226,13 @@ class AttackConfig:
       server-inactive neurons with a nonzero ``D`` entry.
     drift_min_association: the drift certificate's smallest Youden's J
       between ``D``'s support and the server's active set.
-    learner: settings of SPEAR++ (``method="spearpp"``).
+    endgame_patience: SPEAR (``method="spear"``) hands the search for its
+      missing columns to SPEAR++'s deflated l1 search once no new column
+      has come for this many times the expected wait for the next one
+      (:mod:`spear_jax._endgame`); ``None`` keeps pure sampling (the
+      paper's algorithm, for comparisons of the sampler itself).
+    learner: settings of SPEAR++ (``method="spearpp"``, and SPEAR's
+      endgame).
   """
 
   block_size: int = 8192
@@ -253,6 +259,7 @@ class AttackConfig:
   factorization: str = "auto"
   drift_max_woken: float = 0.5
   drift_min_association: float = 0.3
+  endgame_patience: float | None = 8.0
   learner: LearnerConfig = LearnerConfig()
 
   def __post_init__(self):
@@ -282,3 +289,5 @@ class AttackConfig:
       raise ValueError("drift_max_woken must lie in [0, 1].")
     if not -1.0 <= self.drift_min_association <= 1.0:
       raise ValueError("drift_min_association must lie in [-1, 1].")
+    if self.endgame_patience is not None and not self.endgame_patience > 0:
+      raise ValueError("endgame_patience must be positive or None.")

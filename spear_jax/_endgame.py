@@ -1,0 +1,146 @@
+"""SPEAR's endgame: a sampler that hands its slowest columns to a search.
+
+SPEAR's sampler finds a column of ``D`` with ``z`` zeros among ``M`` alive
+rows with probability about ``(z / M)^(b-1)`` per proposal, so the run's
+time is set by its sparsest-but-one column's rarest cousin: the column with
+the fewest zeros. On real data that column can be 100 times rarer than the
+typical one (8x8 digits, b = 20, m = 400: 146 zeros where the median is
+168, about 60 million proposals for that column alone), and the sampler
+spends its whole budget on it. SPEAR++'s deflated l1 search does not care
+how rare a column is to sample; it finds the missing columns of the same
+pool in seconds.
+
+:func:`with_endgame` wraps the sampler: it samples as SPEAR does while new
+columns keep arriving at the rate the samples so far predict, and once the
+current fruitless streak is ``patience`` times longer than the expected
+wait for the next column, it runs the learner's rounds on the same pool and
+selection (deflating what the sampler found). When the learner stops
+(stalled or its round limit) sampling resumes, so the run's own budget
+still decides when to give up.
+"""
+
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+
+from spear_jax._pool import CandidatePool
+from spear_jax._problem import Problem
+from spear_jax._selection import Selection
+from spear_jax._strategy import StepOutput
+from spear_jax._strategy import Strategy
+
+__all__ = ["EndgameState", "expected_wait", "with_endgame"]
+
+
+class EndgameState(NamedTuple):
+  """The wrapped sampler's and learner's states and the streak bookkeeping.
+
+  Attributes:
+    sampler: the sampler's state.
+    learner: the learner's state once it started, else ``None``.
+    key: the key the learner starts from.
+    proposals: proposals sampled so far.
+    since: proposals sampled since the selection last grew.
+    found: columns selected when the selection last grew.
+    mode: ``"sample"``, ``"search"`` (the learner's rounds) or ``"done"``
+      (the learner stopped; sampling only).
+  """
+
+  sampler: Any
+  learner: Any
+  key: Any
+  proposals: int = 0
+  since: int = 0
+  found: int = 0
+  mode: str = "sample"
+
+
+def expected_wait(b: int, found: int, proposals: int) -> float:
+  """Expected proposals until the next new column (coupon collector).
+
+  With every column hit with probability ``p`` per proposal, the ``k``
+  columns found so far took ``(H_b - H_{b-k}) / p`` proposals in
+  expectation and the next one takes ``1 / ((b - k) p)``. ``p`` is read off
+  the run (``k >= 1``), or taken from SPEAR's half-zeros model ``2^-(b-1)``
+  before the first column.
+
+  Args:
+    b: the batch size (columns of ``D``).
+    found: columns found so far, ``0 <= found < b``.
+    proposals: proposals it took to find them.
+
+  Returns:
+    The expected number of proposals until the next column.
+  """
+  remaining = b - found
+  if found == 0 or proposals <= 0:
+    return 2.0 ** (b - 1) / remaining
+  spent = sum(1.0 / (b - j) for j in range(found))
+  return proposals / spent / remaining
+
+
+def with_endgame(
+  sampler: Strategy, learner: Strategy, patience: float
+) -> Strategy:
+  """SPEAR's sampler with the learner's search for its slowest columns.
+
+  Args:
+    sampler: SPEAR's strategy (:func:`spear_jax.attack.spear_sampler`).
+    learner: SPEAR++'s (:func:`spear_jax.attack.spearpp_learner`).
+    patience: the learner takes over once the sampler's fruitless streak
+      exceeds ``patience`` times :func:`expected_wait` (for waits that are
+      exponential, ``exp(-patience)`` of a healthy run's columns).
+
+  Returns:
+    A :class:`Strategy` named like the sampler.
+  """
+
+  def init(key, problem: Problem) -> EndgameState:
+    sampler_key, learner_key = jax.random.split(key)
+    return EndgameState(sampler.init(sampler_key, problem), None, learner_key)
+
+  def step(
+    state: EndgameState,
+    problem: Problem,
+    pool: CandidatePool,
+    selection: Selection,
+  ) -> StepOutput:
+    found = int(selection.chosen.shape[0])
+    if found > state.found:
+      state = state._replace(since=0, found=found)
+    if state.mode == "sample" and state.since > patience * expected_wait(
+      problem.b, found, state.proposals - state.since
+    ):
+      logging.info(
+        "SPEAR: %d of %d columns, no new one in %d proposals; "
+        "searching for the rest",
+        found,
+        problem.b,
+        state.since,
+      )
+      state = state._replace(
+        mode="search", learner=learner.init(state.key, problem)
+      )
+    if state.mode == "search":
+      out = learner.step(state.learner, problem, pool, selection)
+      mode = "search" if out.stop_reason is None else "done"
+      return out._replace(
+        state=state._replace(learner=out.state, mode=mode), stop_reason=None
+      )
+    out = sampler.step(state.sampler, problem, pool, selection)
+    return out._replace(
+      state=state._replace(
+        sampler=out.state,
+        proposals=state.proposals + out.proposals,
+        since=state.since + out.proposals,
+      )
+    )
+
+  return Strategy(
+    sampler.name,
+    init,
+    step,
+    split_mixtures=max(sampler.split_mixtures, learner.split_mixtures),
+    search=sampler.search,
+  )

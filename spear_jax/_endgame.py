@@ -63,17 +63,18 @@ def expected_wait(b: int, found: int, proposals: int) -> float:
   columns found so far took ``(H_b - H_{b-k}) / p`` proposals in
   expectation and the next one takes ``1 / ((b - k) p)``. ``p`` is read off
   the run (``k >= 1``), or taken from SPEAR's half-zeros model ``2^-(b-1)``
-  before the first column.
+  before the first column. A full selection that does not certify waits
+  for one replacement column (``remaining = 1``).
 
   Args:
     b: the batch size (columns of ``D``).
-    found: columns found so far, ``0 <= found < b``.
+    found: columns found so far, ``0 <= found <= b``.
     proposals: proposals it took to find them.
 
   Returns:
     The expected number of proposals until the next column.
   """
-  remaining = b - found
+  remaining = max(b - found, 1)
   if found == 0 or proposals <= 0:
     return 2.0 ** (b - 1) / remaining
   spent = sum(1.0 / (b - j) for j in range(found))

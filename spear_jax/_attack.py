@@ -23,6 +23,7 @@ from spear_jax._config import AttackConfig
 from spear_jax._distributed import agree
 from spear_jax._distributed import attack_devices
 from spear_jax._endgame import with_endgame
+from spear_jax._endgame import with_sampling_fallback
 from spear_jax._pool import CandidatePool
 from spear_jax._pool import absorb
 from spear_jax._pool import empty_pool
@@ -79,12 +80,15 @@ def make_strategy(method: str | Strategy, config: AttackConfig) -> Strategy:
     raise ValueError(
       f"Unknown method {method!r}; available: {', '.join(METHODS)}."
     )
-  if method != "spear":
-    return spearpp_learner(config)
-  if config.endgame_patience is None:
-    return spear_sampler(config)
-  return with_endgame(
-    spear_sampler(config), spearpp_learner(config), config.endgame_patience
+  learner, patience = spearpp_learner(config), config.endgame_patience
+  if patience is None:
+    return spear_sampler(config) if method == "spear" else learner
+  if method == "spear":
+    return with_endgame(spear_sampler(config), learner, patience)
+  if config.stall_sampling_max is None:
+    return learner
+  return with_sampling_fallback(
+    learner, spear_sampler(config), patience, config.stall_sampling_max
   )
 
 

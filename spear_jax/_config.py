@@ -231,6 +231,11 @@ class AttackConfig:
       has come for this many times the expected wait for the next one
       (:mod:`spear_jax._endgame`); ``None`` keeps pure sampling (the
       paper's algorithm, for comparisons of the sampler itself).
+    stall_sampling_max: SPEAR++ (``method="spearpp"``) whose search stops
+      samples ``endgame_patience 2^(b-1) / missing`` proposals as SPEAR
+      does, when that is at most this many (b <= 24 with one column
+      missing for ``2^26``); ``None`` (or ``endgame_patience=None``)
+      stops at once.
     learner: settings of SPEAR++ (``method="spearpp"``, and SPEAR's
       endgame).
   """
@@ -260,6 +265,7 @@ class AttackConfig:
   drift_max_woken: float = 0.5
   drift_min_association: float = 0.3
   endgame_patience: float | None = 8.0
+  stall_sampling_max: int | None = 2**26
   learner: LearnerConfig = LearnerConfig()
 
   def __post_init__(self):
@@ -291,3 +297,5 @@ class AttackConfig:
       raise ValueError("drift_min_association must lie in [-1, 1].")
     if self.endgame_patience is not None and not self.endgame_patience > 0:
       raise ValueError("endgame_patience must be positive or None.")
+    if self.stall_sampling_max is not None and self.stall_sampling_max < 1:
+      raise ValueError("stall_sampling_max must be positive or None.")

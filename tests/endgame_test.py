@@ -105,6 +105,30 @@ class SwitchTest(absltest.TestCase):
     self.assertEqual(log, ["sampler.init"] + ["sampler"] * 4)
 
 
+class FallbackTest(absltest.TestCase):
+  def test_a_stalled_search_samples_its_allowance_then_stops(self):
+    log = []
+    strategy = _endgame.with_sampling_fallback(
+      _fake("learner", log, stop_after=1), _fake("sampler", log), 150.0, 10**6
+    )
+    # b = 4, nothing found: allowance 150 x 2^3 / 4 = 300 proposals, three
+    # sampler steps of 100; then the learner's reason is the run's.
+    stops = _run(strategy, [0] * 6)
+    self.assertEqual(stops, [None] * 5 + ["stalled"])
+    self.assertEqual(
+      log,
+      ["learner.init", "learner", "learner", "sampler.init"] + ["sampler"] * 3,
+    )
+
+  def test_an_allowance_over_the_cap_stops_at_once(self):
+    log = []
+    strategy = _endgame.with_sampling_fallback(
+      _fake("learner", log, stop_after=0), _fake("sampler", log), 150.0, 299
+    )
+    self.assertEqual(_run(strategy, [0]), ["stalled"])
+    self.assertEqual(log, ["learner.init", "learner"])
+
+
 class RareColumnTest(absltest.TestCase):
   def test_a_column_with_few_zeros_is_found_by_the_search(self):
     # D with exact zeros on random rows: eight columns with 100 of 200, two

@@ -234,7 +234,7 @@ class AttackConfig:
     stall_sampling_max: SPEAR++ (``method="spearpp"``) whose search stops
       samples ``endgame_patience 2^(b-1) / missing`` proposals as SPEAR
       does, when that is at most this many (b <= 24 with one column
-      missing for ``2^26``); ``None`` (or ``endgame_patience=None``)
+      missing for ``2^24``, about a minute on a 2-core CPU); ``None`` (or ``endgame_patience=None``)
       stops at once.
     learner: settings of SPEAR++ (``method="spearpp"``, and SPEAR's
       endgame).
@@ -265,7 +265,7 @@ class AttackConfig:
   drift_max_woken: float = 0.5
   drift_min_association: float = 0.3
   endgame_patience: float | None = 8.0
-  stall_sampling_max: int | None = 2**26
+  stall_sampling_max: int | None = 2**24
   learner: LearnerConfig = LearnerConfig()
 
   def __post_init__(self):

@@ -357,6 +357,11 @@ def complete_from_bias(
   return direction / norm if norm > 0 else direction
 
 
+# Relative eigenvalue of L_I^T L_I below which a second null direction is
+# read as exact (eps^(2/3) of float64; exact zeros give about 1e-30).
+_PLANE_RTOL = 3.7e-11
+
+
 @jax.jit
 def complete_last_column(
   found_bxk: Float[Array, "b k"],
@@ -373,13 +378,18 @@ def complete_last_column(
   Its inactive neurons ``{j : alpha (W x)_j + beta_j <= 0}`` change only at
   the ``m`` breakpoints ``alpha_j = -beta_j / (W x)_j``; the missing column
   vanishes on the inactive set of the true ``alpha``. For every interval
-  between breakpoints we take the smallest eigenpair of
-  ``L_I^T L_I`` over its inactive alive rows ``I``; the interval whose
-  eigenvalue (relative to the largest) is smallest gives the column.
+  between breakpoints we take the eigenpair of ``L_I^T L_I`` over its
+  inactive alive rows ``I`` with the smallest eigenvalue (relative to the
+  largest) per squared component along ``r`` (components under ``1e-6``
+  are not the missing column: found columns have none), in intervals
+  whose second eigenvalue is not zero too (``I`` inside a twin pair's
+  shared zeros pins no column); the interval whose score is smallest
+  gives the column.
 
   Returns:
-    ``(direction, relative_eigenvalue)``; the caller polishes the direction
-    and keeps it only if it passes the usual filter.
+    ``(direction, score)`` (that relative eigenvalue per squared
+    component); the caller polishes the direction and keeps it only if it
+    passes the usual filter.
   """
   b = l_mxb.shape[1]
   # Null vector of the found columns (as rows): the missing row of Q^-1.
@@ -404,11 +414,18 @@ def complete_last_column(
   def evaluate(alpha):
     inactive = (alpha * u_m + bias_m <= 0) & alive_m
     eigvals, eigvecs = rows_gram_eigh(l_mxb, inactive)
-    enough = jnp.sum(inactive) >= b + 3
-    relative = jnp.where(
-      enough, eigvals[0] / jnp.maximum(eigvals[-1], 1e-300), jnp.inf
-    )
-    return relative, eigvecs[:, 0]
+    # The missing column has a component along r; a found column has none
+    # (its twin's zero set holds an interval's inactive set too, and its
+    # exact null vector used to win: a pair with one and two own zeros).
+    # An inactive set inside a twin pair's shared zeros has a kernel of two
+    # dimensions, any direction of which scores 0: such an interval does
+    # not determine the column.
+    along = jnp.dot(r_b, eigvecs, precision=_HI) ** 2
+    relative = eigvals / jnp.maximum(eigvals[-1], 1e-300)
+    scores = jnp.where(along > 1e-6, relative / along, jnp.inf)
+    best = jnp.argmin(scores)
+    enough = (jnp.sum(inactive) >= b + 3) & (relative[1] > _PLANE_RTOL)
+    return jnp.where(enough, scores[best], jnp.inf), eigvecs[:, best]
 
   relative, vectors = jax.lax.map(evaluate, mids, batch_size=32)
   best = jnp.argmin(relative)
@@ -933,25 +950,29 @@ def nested_twin_columns(
   screen_tol: float,
   chunk: int = 256,
 ) -> np.ndarray:
-  r"""The identifiable column of a nested near-twin pair, off the ReLU pattern.
+  r"""The columns of a near-twin pair, off the ReLU pattern.
 
   Two missing columns span ``V`` (``k = b - 2`` found) and share the zero
-  set ``S`` (the alive rows where all of ``V`` vanishes). When one twin's
-  zero set is ``S`` itself and the other's is ``S`` plus the rows ``A``, the
-  second is the direction ``u`` of ``V`` that vanishes on ``A``; for
-  ``|A| = 1`` its zero set looks like a pinned mixture and no angle cluster
-  (:func:`spear_jax.attack.split_mixture`) singles it out. Every alive row
-  ``rho`` outside ``S`` vanishes along one direction ``u_rho`` of ``V``: the
-  candidates. With ``Q = [F, u_rho, w]`` for any ``w`` in ``V`` and the
-  scales fixed by the bias gradient (``t = L^T bias_grad = Q 1``), the
-  first twin's input is ``x = (r R) / (r . t)`` with ``r`` orthogonal to
-  the found columns ``F`` and to ``u_rho``, whatever ``w``; for the right
-  candidate it is the true input, inactive exactly on ``S``. A candidate is
-  kept when ``W x + beta <= 0`` exactly on ``S`` among the alive rows.
+  set ``S`` (the alive rows where all of ``V`` vanishes). A twin whose zero
+  set is ``S`` plus the rows ``A`` is the direction ``u`` of ``V`` that
+  vanishes on ``A``; for ``|A| <= 1`` its zero set looks like a pinned
+  mixture and no angle cluster (:func:`spear_jax.attack.split_mixture`)
+  singles it out. Every alive row ``rho`` outside ``S`` vanishes along one
+  direction ``u_rho`` of ``V``: the candidates. With ``Q = [F, u_rho, w]``
+  for any ``w`` in ``V`` and the scales fixed by the bias gradient
+  (``t = L^T bias_grad = Q 1``), the other twin's input is
+  ``x = (r R) / (r . t)`` with ``r`` orthogonal to the found columns ``F``
+  and to ``u_rho``, whatever ``w``; for the right candidate it is the true
+  input, inactive exactly on the other twin's zero set. Nested twins (that
+  set is ``S``): a candidate is kept when ``W x + beta <= 0`` exactly on
+  ``S`` among the alive rows. Otherwise the rows inactive beyond ``S`` must
+  all vanish along one direction ``w`` of ``V`` (the other twin's column),
+  and the pair is kept when the same test from ``w`` gives back ``u_rho``'s
+  zero set (twins of 8 m/200-row frames differ in one or two rows).
 
   Returns:
-    The unit directions ``u_rho`` that pass (rows; usually one, none when
-    the twins are not nested this way).
+    The unit directions that pass (rows; usually one, or a pair; none when
+    the pattern explains no candidate).
   """
   b = l_mxb.shape[1]
   coords_mx2 = l_mxb @ span_bx2
@@ -962,20 +983,82 @@ def nested_twin_columns(
   if not rows.size or not shared.any() or complement_bx2.shape[1] != 2:
     return np.zeros((0, b), l_mxb.dtype)
   alive_rows = np.flatnonzero(alive_m)
-  # Pre-activations and magnitudes per row of Q^-1 (W R^T, |W| |R|^T).
-  pre_axb = weight_mxn[alive_rows] @ r_bxn.T
-  target_b = l_mxb.T @ bias_grad_m
-  inactive_a = shared[alive_rows]
-  kept = []
+  pattern = _TwinPattern(
+    span_bx2,
+    complement_bx2,
+    # Pre-activations and magnitudes per row of Q^-1 (W R^T).
+    weight_mxn[alive_rows] @ r_bxn.T,
+    bias_m[alive_rows],
+    l_mxb.T @ bias_grad_m,
+  )
+  shared_a = shared[alive_rows]
+  nested, pairs = [np.zeros((0, b), l_mxb.dtype)], [np.zeros((0, b))]
   for start in range(0, rows.size, chunk):
     p_cx2 = coords_mx2[rows[start : start + chunk]]
     # u_rho in V with L_rho u_rho = 0.
     u_cxb = np.stack([-p_cx2[:, 1], p_cx2[:, 0]], axis=1) @ span_bx2.T
     u_cxb /= np.linalg.norm(u_cxb, axis=1, keepdims=True)
-    # r in the complement of F, orthogonal to u_rho, scaled by the bias.
-    c_cx2 = u_cxb @ complement_bx2
-    r_cxb = np.stack([-c_cx2[:, 1], c_cx2[:, 0]], axis=1) @ complement_bx2.T
-    r_cxb /= (r_cxb @ target_b)[:, None]
-    z_cxa = r_cxb @ pre_axb.T + bias_m[alive_rows][None, :]
-    kept.append(u_cxb[np.all((z_cxa <= 0) == inactive_a[None, :], axis=1)])
-  return np.concatenate(kept)
+    inactive_cxa = pattern.inactive_of_other(u_cxb)
+    nested.append(u_cxb[np.all(inactive_cxa == shared_a[None, :], axis=1)])
+    beyond = np.all(inactive_cxa | ~shared_a[None, :], axis=1)
+    extra = np.any(inactive_cxa & ~shared_a[None, :], axis=1)
+    for i in np.flatnonzero(beyond & extra):
+      other = _other_twin(
+        pattern,
+        u_cxb[i],
+        inactive_cxa[i] & ~shared_a,
+        coords_mx2[alive_rows],
+        shared_a,
+        screen_tol,
+      )
+      if other is not None:
+        pairs.append(np.stack([u_cxb[i], other]))
+  # A pair whose patterns explain each other is the answer (the nested
+  # test alone also passes wrong directions there: 11 on a b = 8,
+  # m = 200 layer with twins of one and two own zeros).
+  found = np.concatenate(pairs)
+  return _distinct(found if found.shape[0] else np.concatenate(nested))
+
+
+def _distinct(directions_kxb: np.ndarray, tol: float = 1e-9) -> np.ndarray:
+  """One row per direction up to sign (rows are unit vectors)."""
+  kept: list[np.ndarray] = []
+  for row in directions_kxb:
+    if all(abs(row @ k) < 1 - tol for k in kept):
+      kept.append(row)
+  b = directions_kxb.shape[1]
+  return np.asarray(kept, directions_kxb.dtype).reshape(-1, b)
+
+
+class _TwinPattern(NamedTuple):
+  """What :func:`nested_twin_columns` reads a twin's input from."""
+
+  span_bx2: np.ndarray
+  complement_bx2: np.ndarray
+  pre_axb: np.ndarray
+  bias_a: np.ndarray
+  target_b: np.ndarray
+
+  def inactive_of_other(self, u_cxb: np.ndarray) -> np.ndarray:
+    """The alive rows where the twin paired with each ``u`` is inactive."""
+    c_cx2 = u_cxb @ self.complement_bx2
+    r_cxb = np.stack([-c_cx2[:, 1], c_cx2[:, 0]], axis=1)
+    r_cxb = r_cxb @ self.complement_bx2.T
+    r_cxb /= (r_cxb @ self.target_b)[:, None]
+    return r_cxb @ self.pre_axb.T + self.bias_a[None, :] <= 0
+
+
+def _other_twin(pattern, u_b, extra_a, coords_ax2, shared_a, tol):
+  """The twin ``w`` vanishing on the rows ``extra_a``, if one does and the
+  pattern read from ``w`` is inactive exactly on ``u``'s zero set."""
+  p_ex2 = coords_ax2[extra_a]
+  w_2 = p_ex2[np.argmax(np.linalg.norm(p_ex2, axis=1))]
+  w_2 = np.array([-w_2[1], w_2[0]]) / np.linalg.norm(w_2)
+  if np.max(np.abs(p_ex2 @ w_2)) > tol:
+    return None  # the extra rows are not one direction's zeros
+  w_b = pattern.span_bx2 @ w_2
+  if abs(w_b @ u_b) > 1 - tol:
+    return None
+  zeros_u = shared_a | (np.abs(coords_ax2 @ (pattern.span_bx2.T @ u_b)) <= tol)
+  back = pattern.inactive_of_other(w_b[None])[0]
+  return w_b if np.array_equal(back, zeros_u) else None

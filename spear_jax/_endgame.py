@@ -157,13 +157,14 @@ def with_endgame(
 
 
 class FallbackState(NamedTuple):
-  """SPEAR++'s state and, once it stopped, the sampler's.
+  """SPEAR++'s state and, while it samples, the sampler's.
 
   Attributes:
     learner: the learner's state.
-    sampler: the sampler's state once sampling started, else ``None``.
-    key: the key the sampler starts from.
+    sampler: the sampler's state while sampling, else ``None``.
+    key: the key the sampler and each restarted learner start from.
     left: proposals the sampler may still draw.
+    found: columns selected when sampling started.
     reason: the learner's stop reason, the run's if sampling finds nothing.
   """
 
@@ -171,22 +172,26 @@ class FallbackState(NamedTuple):
   sampler: Any
   key: Any
   left: int = 0
+  found: int = 0
   reason: str | None = None
 
 
 def with_sampling_fallback(
   learner: Strategy, sampler: Strategy, patience: float, max_proposals: int
 ) -> Strategy:
-  """SPEAR++ that samples for its last columns when its search stalls.
+  """SPEAR++ that samples for its last columns when its search stops.
 
-  At small ``b`` sampling is cheap and blind to what stalls the search (a
-  varied low-contrast batch at b = 10, m = 200: the search stalled at
-  8/10 columns in 1.5 s, SPEAR's sampler is exact). After the learner
-  stops, the sampler draws ``patience`` times :func:`expected_wait`'s
-  half-zeros model for the missing columns, ``patience 2^(b-1) / missing``
-  proposals, if that is at most ``max_proposals`` (b <= 24 with one column
-  missing for the default ``2^26``); the run then stops with the learner's
-  reason unless the selection certified.
+  At small ``b`` sampling is cheap and blind to what stops the search.
+  After the learner stops, the sampler draws ``patience`` times
+  :func:`expected_wait`'s half-zeros model for the missing columns,
+  ``patience 2^(b-1) / missing`` proposals, if that is at most
+  ``max_proposals`` (b <= 22 with one column missing for the default
+  ``2^24``). When the selection grows meanwhile, a fresh learner takes
+  over again (its completion stages read one missing column, or a missing
+  twin pair, off the pattern: a twin found by sampling leaves the other
+  to them); the run stops with the learner's reason once an allowance
+  passes without a new column, or certifies. Each hand-back needs a new
+  column, so this ends.
 
   Args:
     learner: SPEAR++'s strategy.
@@ -199,8 +204,32 @@ def with_sampling_fallback(
   """
 
   def init(key, problem: Problem) -> FallbackState:
-    learner_key, sampler_key = jax.random.split(key)
-    return FallbackState(learner.init(learner_key, problem), None, sampler_key)
+    learner_key, key = jax.random.split(key)
+    return FallbackState(learner.init(learner_key, problem), None, key)
+
+  def search(state, problem, pool, selection):
+    out = learner.step(state.learner, problem, pool, selection)
+    state = state._replace(learner=out.state)
+    found = int(selection.chosen.shape[0])
+    allowance = patience * expected_wait(problem.b, found, 0)
+    if out.stop_reason is None or allowance > max_proposals:
+      return out._replace(state=state)
+    logging.info(
+      "SPEAR++ %s at %d of %d columns; sampling %d proposals",
+      out.stop_reason,
+      found,
+      problem.b,
+      allowance,
+    )
+    key, sampler_key = jax.random.split(state.key)
+    state = state._replace(
+      sampler=sampler.init(sampler_key, problem),
+      key=key,
+      left=int(allowance),
+      found=found,
+      reason=out.stop_reason,
+    )
+    return out._replace(state=state, stop_reason=None)
 
   def step(
     state: FallbackState,
@@ -208,26 +237,13 @@ def with_sampling_fallback(
     pool: CandidatePool,
     selection: Selection,
   ) -> StepOutput:
-    if state.sampler is None:
-      out = learner.step(state.learner, problem, pool, selection)
-      state = state._replace(learner=out.state)
-      found = int(selection.chosen.shape[0])
-      allowance = patience * expected_wait(problem.b, found, 0)
-      if out.stop_reason is None or allowance > max_proposals:
-        return out._replace(state=state)
-      logging.info(
-        "SPEAR++ %s at %d of %d columns; sampling %d proposals",
-        out.stop_reason,
-        found,
-        problem.b,
-        allowance,
-      )
+    if state.sampler is not None and selection.chosen.shape[0] > state.found:
+      key, learner_key = jax.random.split(state.key)
       state = state._replace(
-        sampler=sampler.init(state.key, problem),
-        left=int(allowance),
-        reason=out.stop_reason,
+        learner=learner.init(learner_key, problem), sampler=None, key=key
       )
-      return out._replace(state=state, stop_reason=None)
+    if state.sampler is None:
+      return search(state, problem, pool, selection)
     if state.left <= 0:
       return StepOutput(
         np.zeros((0, problem.b), problem.dtype), state, stop_reason=state.reason

@@ -183,7 +183,12 @@ class Selection(NamedTuple):
     result: the reconstruction of the last complete selection, or ``None``.
     threshold: the sparsity threshold (zeros over alive rows) it used.
     signature: the last complete selection evaluated (its directions'
-      bytes), so that an unchanged selection is not evaluated again.
+      bytes and the pool's size), so that an unchanged selection is not
+      evaluated again until the pool grows (a new candidate that the
+      greedy stage ranks below a sparse mixture still gets its swap: a
+      shifted-frames batch at b = 20, m = 200 kept a mixture whose zeros
+      tie its true column's, 18/20 certified, with the column in the
+      pool).
     tried: selections already evaluated by the swap stage.
   """
 
@@ -333,7 +338,9 @@ def select(
   tau = threshold(problem, pool, config, search)
   chosen = _greedy(problem, pool, tau, config.pool_capacity)
   selection = previous._replace(chosen=chosen, threshold=tau)
-  signature = pool.directions[np.sort(chosen)].tobytes()
+  signature = pool.directions[np.sort(chosen)].tobytes() + bytes(
+    str(pool.zeros.shape[0]), "ascii"
+  )
   if chosen.shape[0] < problem.b or signature == previous.signature:
     return selection, None
   result = reconstruct(problem, pool.directions[chosen].T)

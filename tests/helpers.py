@@ -119,3 +119,31 @@ def nested_twin_problem(seed, m, n, b):
     "row": row,
     "larger": 0 if z_mxb[row, 0] <= 0 else 1,
   }
+
+
+def crossed_twin_problem(seed, m, n, b, own=(1, 2)):
+  """A ReLU layer whose samples 0 and 1 are near-twins, each with zeros of
+  its own.
+
+  ``x_1 = x_0 + t delta`` with ``t`` just past the first ``own[0] +
+  own[1]`` breakpoints of ``W (x_0 + t delta) + beta`` along a ``delta``
+  redrawn until ``own[0]`` of them switch a neuron on (a zero of sample 0
+  only) and ``own[1]`` switch one off (a zero of sample 1 only): neither
+  zero set contains the other. Returns the ``relu_layer_problem`` dict.
+  """
+  rng = np.random.default_rng(seed)
+  x_nxb = rng.standard_normal((n, b))
+  w_mxn = rng.standard_normal((m, n)) / np.sqrt(n)
+  beta_m = 0.1 * rng.standard_normal(m)
+  z0 = w_mxn @ x_nxb[:, 0] + beta_m
+  k = own[0] + own[1]
+  while True:
+    delta = rng.standard_normal(n)
+    slope = w_mxn @ delta
+    crossing = np.where(-z0 / slope > 0, -z0 / slope, np.inf)
+    order = np.argsort(crossing)[: k + 1]
+    if np.sum(slope[order[:k]] > 0) == own[0]:
+      break
+  t = 0.5 * (crossing[order[k - 1]] + crossing[order[k]])
+  x_nxb[:, 1] = x_nxb[:, 0] + t * delta
+  return _layer_gradients(rng, x_nxb, w_mxn, beta_m)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import spear_jax
+from spear_jax import _dictionary
 from spear_jax import attack
 
 
@@ -209,3 +210,60 @@ class IndivisibleTwinsTest(parameterized.TestCase):
 if __name__ == "__main__":
   jax.config.update("jax_enable_x64", True)
   absltest.main()
+
+
+class CrossedTwinsTest(absltest.TestCase):
+  """Twins with one and two zeros of their own (neither zero set contains
+  the other): each column is pinned by its zeros but looks like a pinned
+  mixture; the ReLU pattern reads both off their plane."""
+
+  def test_the_pattern_gives_both_columns(self):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    p = helpers.crossed_twin_problem(seed, m=200, n=40, b=8)
+    d_mxb = p["grad_z"]
+    l_mxb, q_bxb = _factors(d_mxb, p["inputs"].T)
+    q_bxb = q_bxb / np.linalg.norm(q_bxb, axis=0)
+    span_bx2 = np.linalg.qr(q_bxb[:, :2])[0]
+    r_bxn = l_mxb.T @ p["weight_grad"]
+    out = _dictionary.nested_twin_columns(
+      q_bxb[:, 2:],
+      span_bx2,
+      l_mxb,
+      r_bxn,
+      p["bias_grad"],
+      p["weight"],
+      p["bias"],
+      np.any(d_mxb != 0, axis=1),
+      1.5e-8,
+    )
+    # Exactly the two true columns (float64: |cos| within 1e-9 of 1).
+    self.assertEqual(out.shape, (2, 8))
+    cosine = np.abs(out @ q_bxb[:, :2])
+    np.testing.assert_allclose(
+      np.sort(cosine.max(axis=0)), [1.0, 1.0], rtol=0, atol=1e-9
+    )
+    self.assertFalse(np.allclose(cosine[0], cosine[1]))
+
+  def test_spearpp_recovers_and_certifies_the_pair(self):
+    rng = np.random.default_rng()
+    p = helpers.crossed_twin_problem(
+      int(rng.integers(1 << 30)), m=200, n=40, b=8
+    )
+    result = spear_jax.invert(
+      p["weight_grad"],
+      p["bias_grad"],
+      key=jax.random.key(int(rng.integers(1 << 30))),
+      method="spearpp",
+      weight=p["weight"],
+      bias=p["bias"],
+      config=spear_jax.AttackConfig(time_budget_s=60.0),
+    )
+    truth = p["inputs"]
+    recovered = np.asarray(result.inputs)
+    order = helpers.match_rows(recovered, truth)
+    error = np.linalg.norm(recovered - truth[order], axis=1) / np.linalg.norm(
+      truth[order], axis=1
+    )
+    self.assertEqual(result.stats.stop_reason, "certified")
+    self.assertEqual(sorted(order), list(range(8)))
+    self.assertLess(error.max(), 1e-9)  # float64, relative

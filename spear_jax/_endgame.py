@@ -107,8 +107,9 @@ def with_endgame(
   """
 
   def init(key, problem: Problem) -> EndgameState:
-    sampler_key, learner_key = jax.random.split(key)
-    return EndgameState(sampler.init(sampler_key, problem), None, learner_key)
+    # The sampler draws what it drew alone; the learner a key of its own.
+    learner_key = jax.random.fold_in(key, 1)
+    return EndgameState(sampler.init(key, problem), None, learner_key)
 
   def step(
     state: EndgameState,
@@ -204,8 +205,10 @@ def with_sampling_fallback(
   """
 
   def init(key, problem: Problem) -> FallbackState:
-    learner_key, key = jax.random.split(key)
-    return FallbackState(learner.init(learner_key, problem), None, key)
+    # The learner draws what it drew alone; the sampler a key of its own.
+    return FallbackState(
+      learner.init(key, problem), None, jax.random.fold_in(key, 1)
+    )
 
   def search(state, problem, pool, selection):
     out = learner.step(state.learner, problem, pool, selection)

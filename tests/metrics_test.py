@@ -98,6 +98,27 @@ class HungarianTest(parameterized.TestCase):
     rec[2] = 1e-3 * np.ones(20)  # not zero: not exact
     self.assertFalse(_metrics.match_and_score(rec, truth)["exact"][2])
 
+  def test_an_exact_sample_keeps_its_match_beside_a_near_copy(self):
+    # Two reconstructions of u (one exact, one off by 1e-4 |u| away from
+    # v) and none of v, with |u| = 2 |v|: by relative error alone, the
+    # exact row matched to v is cheaper (|u - v| / |v| + 1e-4 against
+    # |u - v| / |v| + 2e-4), which scored an exact sample as wrong.
+    rng = np.random.default_rng()
+    v = rng.standard_normal(30)
+    u = v + 0.1 * rng.standard_normal(30)
+    u *= 2 * np.linalg.norm(v) / np.linalg.norm(u)
+    away = -(v - u) / np.linalg.norm(v - u)
+    near = u + 1e-4 * np.linalg.norm(u) * away
+    truth = np.stack([u, v])
+    plain = _metrics.hungarian(
+      np.linalg.norm(np.stack([u, near])[:, None] - truth[None], axis=2)
+      / np.linalg.norm(truth, axis=1)[None]
+    )
+    np.testing.assert_array_equal(plain, [1, 0])  # the trap is real
+    scores = _metrics.match_and_score(np.stack([u, near]), truth)
+    np.testing.assert_array_equal(scores["order"], [0, 1])
+    np.testing.assert_array_equal(scores["exact"], [True, False])
+
   def test_match_and_score_keeps_its_fields(self):
     rng = np.random.default_rng()
     truth = rng.standard_normal((4, 9))

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from spear_jax._config import LearnerConfig
+from spear_jax._linalg import distinct_directions
 from spear_jax._linalg import null_vector
 from spear_jax._linalg import rows_gram_eigh
 from spear_jax._types import Array
@@ -1017,17 +1018,9 @@ def nested_twin_columns(
   # test alone also passes wrong directions there: 11 on a b = 8,
   # m = 200 layer with twins of one and two own zeros).
   found = np.concatenate(pairs)
-  return _distinct(found if found.shape[0] else np.concatenate(nested))
-
-
-def _distinct(directions_kxb: np.ndarray, tol: float = 1e-9) -> np.ndarray:
-  """One row per direction up to sign (rows are unit vectors)."""
-  kept: list[np.ndarray] = []
-  for row in directions_kxb:
-    if all(abs(row @ k) < 1 - tol for k in kept):
-      kept.append(row)
-  b = directions_kxb.shape[1]
-  return np.asarray(kept, directions_kxb.dtype).reshape(-1, b)
+  return distinct_directions(
+    found if found.shape[0] else np.concatenate(nested), 1e-9
+  )
 
 
 class _TwinPattern(NamedTuple):

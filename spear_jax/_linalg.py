@@ -22,6 +22,7 @@ _HI = jax.lax.Precision.HIGHEST
 __all__ = [
   "SKETCH_MIN_ENTRIES",
   "Tolerances",
+  "distinct_directions",
   "factorize",
   "null_vector",
   "numerical_rank",
@@ -731,3 +732,10 @@ def twin_span(
     direction); see :func:`_zero_set_kernel` for the tolerance.
   """
   return _zero_set_kernel(direction, l_mxb, alive_m, screen_tol, kernel_tol)
+
+
+def distinct_directions(directions_kxb: np.ndarray, tol: float) -> np.ndarray:
+  """One row per direction up to sign, the first of each (rows are unit
+  vectors; two are the same when ``|<u, v>| >= 1 - tol``)."""
+  same_kxk = np.abs(directions_kxb @ directions_kxb.T) >= 1.0 - tol
+  return directions_kxb[~np.any(np.tril(same_kxk, -1), axis=1)]

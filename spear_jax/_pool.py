@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spear_jax._config import AttackConfig
+from spear_jax._linalg import distinct_directions
 from spear_jax._linalg import polish_direction
 from spear_jax._linalg import split_span
 from spear_jax._linalg import twin_span
@@ -374,14 +375,10 @@ def _split_small(problem, basis_bxs, p_mxs, row_norm_m, rng, max_dim):
     jnp.asarray(_anchor_sets(rng, padded_mxs, usable, dim, max_dim)),
     dim,
   )
-  return _distinct(np.asarray(directions)[np.asarray(counts) >= 2], 1e-8)
-
-
-def _distinct(directions_kxb: np.ndarray, tol: float) -> np.ndarray:
-  """One row per direction up to sign, the first of each (every anchor in a
-  twin's own zero set finds that twin again)."""
-  same_kxk = np.abs(directions_kxb @ directions_kxb.T) >= 1.0 - tol
-  return directions_kxb[~np.any(np.tril(same_kxk, -1), axis=1)]
+  # Every anchor in a twin's own zero set finds that twin again.
+  return distinct_directions(
+    np.asarray(directions)[np.asarray(counts) >= 2], 1e-8
+  )
 
 
 def absorb(

@@ -109,12 +109,7 @@ def match_and_score(recovered_bxn, truth_bxn, exact_rtol: float = EXACT_RTOL):
   diff = rec[:, None, :] - true[None, :, :]
   rel = np.linalg.norm(diff, axis=2) / norms[None, :]
   rel = np.where(np.isfinite(rel), rel, 1e300)
-  # As many exact pairs as any matching has first, then the least error:
-  # two reconstructions of one sample (an unidentifiable twin recovered as
-  # its partner) must not push the exact one onto the twin because
-  # relative errors divide by different norms.
-  penalty = 1.0 + rel.shape[0] * np.max(np.where(rel < 1e300, rel, 0.0))
-  order = hungarian(np.where(rel < exact_rtol, rel, rel + penalty))
+  order = hungarian(_exact_first(rel, exact_rtol))
   relative_error = rel[np.arange(rec.shape[0]), order]
   max_abs = np.max(np.abs(rec - true[order]), axis=1)
   return {
@@ -374,12 +369,29 @@ def denormalize_images(
   return np.clip(images, 0.0, 1.0) if clip else images
 
 
-def _match_rows(rec_rxn: np.ndarray, true_bxn: np.ndarray) -> np.ndarray:
+def _exact_first(cost: np.ndarray, exact_rtol: float) -> np.ndarray:
+  """Matching costs that keep as many exact pairs as any matching has.
+
+  Every pair at or above ``exact_rtol`` costs more than all exact pairs
+  together, so the minimum-cost matching first maximizes the exact pairs
+  and then the error. Two reconstructions of one sample (an unidentifiable
+  twin recovered as its partner) otherwise could push the exact one onto
+  the twin, relative errors dividing by different norms.
+  """
+  finite = np.isfinite(cost) & (cost < 1e300)
+  penalty = 1.0 + cost.shape[0] * np.max(np.where(finite, cost, 0.0))
+  return np.where(cost < exact_rtol, cost, cost + penalty)
+
+
+def _match_rows(
+  rec_rxn: np.ndarray, true_bxn: np.ndarray, exact_rtol: float = EXACT_RTOL
+) -> np.ndarray:
   """The recovered row matched to each truth row (-1 for none).
 
-  Minimizes the summed relative L2 distance with :func:`hungarian`, the
-  cost matrix padded to a square with a constant when the counts differ
-  (which does not change the optimal assignment of the real pairs).
+  Minimizes the summed relative L2 distance with :func:`hungarian`, exact
+  pairs first (:func:`_exact_first`), the cost matrix padded to a square
+  with a constant when the counts differ (which does not change the
+  optimal assignment of the real pairs).
   """
   r, b = rec_rxn.shape[0], true_bxn.shape[0]
   if r == 0:
@@ -387,9 +399,13 @@ def _match_rows(rec_rxn: np.ndarray, true_bxn: np.ndarray) -> np.ndarray:
   rec_sq = np.sum(rec_rxn * rec_rxn, axis=1)
   true_sq = np.sum(true_bxn * true_bxn, axis=1)
   dist_sq = rec_sq[:, None] + true_sq[None, :] - 2.0 * (rec_rxn @ true_bxn.T)
-  cost = np.sqrt(np.maximum(dist_sq, 0.0)) / np.maximum(
-    np.sqrt(true_sq)[None, :], np.finfo(np.float64).tiny
-  )
+  norms = np.maximum(np.sqrt(true_sq), np.finfo(np.float64).tiny)
+  cost = np.sqrt(np.maximum(dist_sq, 0.0)) / norms[None, :]
+  # The expansion loses about sqrt(eps) to cancellation; near pairs are
+  # measured directly.
+  for i, j in np.argwhere(cost < 1e-6):
+    cost[i, j] = np.linalg.norm(rec_rxn[i] - true_bxn[j]) / norms[j]
+  cost = _exact_first(cost, exact_rtol)
   finite = np.isfinite(cost)
   big = 1.0 + 2.0 * (np.max(cost[finite]) if finite.any() else 0.0)
   size = max(r, b)
@@ -591,7 +607,7 @@ def score_reconstruction(
   b, n = true.shape
   if b == 0 or n == 0:
     raise ValueError(f"truth must be non-empty, got shape {true.shape}.")
-  matched_row = _match_rows(rec, true)
+  matched_row = _match_rows(rec, true, exact_rtol)
   has_match = matched_row >= 0
   aligned = np.zeros_like(true)
   aligned[has_match] = rec[matched_row[has_match]]

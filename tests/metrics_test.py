@@ -118,6 +118,11 @@ class HungarianTest(parameterized.TestCase):
     scores = _metrics.match_and_score(np.stack([u, near]), truth)
     np.testing.assert_array_equal(scores["order"], [0, 1])
     np.testing.assert_array_equal(scores["exact"], [True, False])
+    # The benchmarks' scorer (per true sample: its matched row) agrees.
+    full = _metrics.score_reconstruction(np.stack([u, near]), truth)
+    np.testing.assert_array_equal(full["matched_row"], [0, 1])
+    np.testing.assert_array_equal(full["exact"], [True, False])
+    self.assertEqual(full["exact_samples"], 1)
 
   def test_match_and_score_keeps_its_fields(self):
     rng = np.random.default_rng()

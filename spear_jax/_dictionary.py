@@ -993,7 +993,8 @@ def nested_twin_columns(
     l_mxb.T @ bias_grad_m,
   )
   shared_a = shared[alive_rows]
-  nested, pairs = [np.zeros((0, b), l_mxb.dtype)], [np.zeros((0, b))]
+  nested = [np.zeros((0, b), l_mxb.dtype)]
+  pairs = [np.zeros((0, b), l_mxb.dtype)]
   for start in range(0, rows.size, chunk):
     p_cx2 = coords_mx2[rows[start : start + chunk]]
     # u_rho in V with L_rho u_rho = 0.

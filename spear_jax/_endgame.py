@@ -3,9 +3,10 @@
 SPEAR's sampler finds a column of ``D`` with ``z`` zeros among ``M`` alive
 rows with probability about ``(z / M)^(b-1)`` per proposal, so a run's time
 is set by the column with the fewest zeros. On real data that column can
-be 100 times rarer than the typical one (8x8 digits, b = 20, m = 400: 146
-zeros where the median is 168, about 60 million proposals for that column
-alone), and the sampler spends its whole budget on it. SPEAR++'s deflated
+be 17 times rarer than the median one (8x8 digits, b = 20, m = 400: 146
+zeros where the median is 168, ``C(146, 19) / C(375, 19) = 7.7e-9``, about
+130 million proposals in expectation for that column alone), and the
+sampler spends its whole budget on it. SPEAR++'s deflated
 l1 search does not care how rare a column is to sample. The reverse also
 happens: at small ``b`` the search can stall on columns that sampling
 finds in a few thousand proposals.

@@ -233,9 +233,9 @@ class AttackConfig:
       paper's algorithm, for comparisons of the sampler itself).
     stall_sampling_max: SPEAR++ (``method="spearpp"``) whose search stops
       samples ``endgame_patience 2^(b-1) / missing`` proposals as SPEAR
-      does, when that is at most this many (b <= 24 with one column
-      missing for ``2^24``, about a minute on a 2-core CPU); ``None`` (or ``endgame_patience=None``)
-      stops at once.
+      does, when that is at most this many (b <= 22 with one column
+      missing for ``2^24`` and the default patience, about a minute on a
+      2-core CPU); ``None`` (or ``endgame_patience=None``) stops at once.
     learner: settings of SPEAR++ (``method="spearpp"``, and SPEAR's
       endgame).
   """

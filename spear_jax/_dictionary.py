@@ -969,7 +969,7 @@ def nested_twin_columns(
   ``S`` among the alive rows. Otherwise the rows inactive beyond ``S`` must
   all vanish along one direction ``w`` of ``V`` (the other twin's column),
   and the pair is kept when the same test from ``w`` gives back ``u_rho``'s
-  zero set (twins of 8 m/200-row frames differ in one or two rows).
+  zero set (frames at m = 200 often differ in one or two neurons).
 
   Returns:
     The unit directions that pass (rows; usually one, or a pair; none when
@@ -987,12 +987,13 @@ def nested_twin_columns(
   pattern = _TwinPattern(
     span_bx2,
     complement_bx2,
-    # Pre-activations and magnitudes per row of Q^-1 (W R^T).
+    # Pre-activations per row of Q^-1 (W R^T).
     weight_mxn[alive_rows] @ r_bxn.T,
     bias_m[alive_rows],
     l_mxb.T @ bias_grad_m,
   )
   shared_a = shared[alive_rows]
+  coords_ax2 = coords_mx2[alive_rows]
   nested = [np.zeros((0, b), l_mxb.dtype)]
   pairs = [np.zeros((0, b), l_mxb.dtype)]
   for start in range(0, rows.size, chunk):
@@ -1009,7 +1010,7 @@ def nested_twin_columns(
         pattern,
         u_cxb[i],
         inactive_cxa[i] & ~shared_a,
-        coords_mx2[alive_rows],
+        coords_ax2,
         shared_a,
         screen_tol,
       )

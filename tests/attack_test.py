@@ -4,6 +4,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 import helpers
+import inversions
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -340,19 +341,6 @@ class NearlyDependentInputsTest(parameterized.TestCase):
     self.assertEqual(result.stats.stop_reason, "certified")
 
 
-def _invert_layer(p, rng, method, batch_size):
-  """Inverts a layer problem, certified, with a fresh key."""
-  return spear_jax.invert(
-    p["weight_grad"],
-    p["bias_grad"],
-    key=jax.random.key(int(rng.integers(1 << 30))),
-    method=method,
-    batch_size=batch_size,
-    weight=p["weight"],
-    bias=p["bias"],
-  )
-
-
 class DuplicatedInputsTest(parameterized.TestCase):
   """Duplicated inputs: rank below ``b``, the distinct samples exact."""
 
@@ -364,7 +352,7 @@ class DuplicatedInputsTest(parameterized.TestCase):
     x_nxb[:, 5] = x_nxb[:, 1]  # two exact duplicates ...
     x_nxb[:, 6] = x_nxb[:, 1]  # ... of sample 1
     p = helpers.layer_for_inputs(rng, x_nxb, m)
-    result = _invert_layer(p, rng, method, batch_size=b)
+    result = inversions.invert_layer(p, rng, method, batch_size=b)
     inputs = np.asarray(result.inputs)
     grad_z = np.asarray(result.grad_z)
     self.assertEqual(inputs.shape, (b, n))
@@ -409,7 +397,7 @@ class ZeroInputTest(parameterized.TestCase):
     p = helpers.layer_for_inputs(rng, x_nxb, m)
     self.assertEqual(np.linalg.matrix_rank(p["weight_grad"]), b - 1)
     for batch_size in (None, b):
-      result = _invert_layer(p, rng, method, batch_size=batch_size)
+      result = inversions.invert_layer(p, rng, method, batch_size=batch_size)
       self.assertTrue(result.success)
       self.assertEqual(result.stats.stop_reason, "certified")
       inputs = np.asarray(result.inputs)

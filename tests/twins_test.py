@@ -3,6 +3,7 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import helpers
+import inversions
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,15 +168,7 @@ class IndivisibleTwinsTest(parameterized.TestCase):
     ]
     if not all(same):
       self.skipTest("a pair's ReLU patterns differ (rare at this gap)")
-    result = spear_jax.invert(
-      p["weight_grad"],
-      p["bias_grad"],
-      key=jax.random.key(int(rng.integers(1 << 30))),
-      method=method,
-      batch_size=b,
-      weight=p["weight"],
-      bias=p["bias"],
-    )
+    result = inversions.invert_layer(p, rng, method, batch_size=b)
     truth = p["inputs"]
     recovered = np.asarray(result.inputs)
     err_bxb = np.linalg.norm(
@@ -249,14 +242,8 @@ class CrossedTwinsTest(absltest.TestCase):
     p = helpers.crossed_twin_problem(
       int(rng.integers(1 << 30)), m=200, n=40, b=8
     )
-    result = spear_jax.invert(
-      p["weight_grad"],
-      p["bias_grad"],
-      key=jax.random.key(int(rng.integers(1 << 30))),
-      method="spearpp",
-      weight=p["weight"],
-      bias=p["bias"],
-      config=spear_jax.AttackConfig(time_budget_s=60.0),
+    result = inversions.invert_layer(
+      p, rng, "spearpp", config=spear_jax.AttackConfig(time_budget_s=60.0)
     )
     truth = p["inputs"]
     recovered = np.asarray(result.inputs)

@@ -293,10 +293,22 @@ def round_direction(
   )
   pool = min(max(pool, b - 1), m)
   _, smallest = jax.lax.top_k(-score_m, pool)
+  return _best_sampled_kernel(key, smallest, l_mxb, alive_m, screen_tol, tries)
+
+
+def _best_sampled_kernel(key, ranked_k, l_mxb, alive_m, screen_tol, tries):
+  """The kernel with most zeros among ``tries`` sets of ``b - 1`` rows.
+
+  The first set is the first ``b - 1`` of ``ranked_k`` (rows, best
+  first); the others are random ``(b-1)``-subsets of all of them, which
+  tolerates a few impurities among the ranked rows. Returns ``(direction,
+  zeros)`` (zeros: ``screen_tol`` over alive rows).
+  """
+  b = l_mxb.shape[1]
 
   def rows_for(i, subkey):
-    shuffled = jax.random.permutation(subkey, smallest)
-    return jnp.where(i == 0, smallest[: b - 1], shuffled[: b - 1])
+    shuffled = jax.random.permutation(subkey, ranked_k)
+    return jnp.where(i == 0, ranked_k[: b - 1], shuffled[: b - 1])
 
   keys = jax.random.split(key, tries)
   rows_txk = jax.vmap(rows_for)(jnp.arange(tries), keys)
@@ -450,7 +462,13 @@ def _complement_basis(found_bxb, valid_b):
 
 
 @functools.partial(
-  jax.jit, static_argnames=("steps", "temperature", "learning_rate")
+  jax.jit,
+  static_argnames=(
+    "steps",
+    "temperature",
+    "learning_rate",
+    "robust_temperature",
+  ),
 )
 def estimate_found_rows(
   found_bxb: Float[Array, "b b"],
@@ -465,6 +483,7 @@ def estimate_found_rows(
   steps: int = 400,
   temperature: float = 1e-3,
   learning_rate: float = 0.1,
+  robust_temperature: float | None = None,
 ) -> Float[Array, "b b"]:
   r"""Rows of ``Q^{-1}`` of the found samples, from their ReLU patterns.
 
@@ -493,6 +512,13 @@ def estimate_found_rows(
   The missing columns are (nearly) orthogonal to the returned rows, which
   :func:`learn_directions_constrained` exploits.
 
+  The cell is empty when the pattern is not one weight matrix's: after
+  FedAvg's local steps 5-15% of the signs disagree with the server's
+  weights, and the soft minimum is then set by the worst violations. With
+  ``robust_temperature``, ``y`` is instead the ridge-regularised logistic
+  fit of all the signs (the pattern rounding's fit at that temperature,
+  in units of the RMS bias), which the disagreeing rows only perturb.
+
   Returns:
     The estimated rows (unnormalised; zero for padding), one per row of
     ``found_bxb``.
@@ -512,6 +538,11 @@ def estimate_found_rows(
     basis_bxd = jnp.concatenate([basis_bxb, dual_b[:, None]], axis=1)
     a_mxd = jnp.dot(wr_mxb, basis_bxd, precision=_HI)
     sign_m = jnp.where(active_m, 1.0, -1.0).astype(a_mxd.dtype)
+    if robust_temperature is not None:
+      fit = _logistic_problem(a_mxd, bias_m, alive_m, robust_temperature)
+      labels_m = jnp.where(alive_m, sign_m, 0.0)
+      y_d = _fit_pattern(fit, labels_m, _NEWTON_STEPS)
+      return jnp.dot(basis_bxd, y_d, precision=_HI)
     scale_m = jnp.maximum(jnp.linalg.norm(a_mxd, axis=1), tiny)
     satisfied_t = jnp.sum(
       (
@@ -557,6 +588,9 @@ def estimate_found_rows(
 PATTERN_FRACTIONS = (0.0, 0.25, 0.4, 0.6, 0.8)
 _NEWTON_STEPS = 30
 _REPEATS = 2
+# Random (b-1)-subsets of the 4b deepest rows per pass (see
+# :func:`round_with_pattern`).
+_PATTERN_TRIES = 8
 
 
 class _PatternProblem(NamedTuple):
@@ -632,26 +666,16 @@ def _pattern_problem(
   temperature,
   label_margin,
 ):
-  """The shared data of :func:`round_with_pattern` (a ``_PatternProblem``).
-
-  The logistic scale is ``temperature`` times the RMS of the alive biases
-  (1 if they are all zero); the ridge is ``1e-9`` times the mean diagonal
-  of ``A^T A / scale^2`` over alive rows, plus ``tiny``.
-  """
+  """The shared data of :func:`round_with_pattern` (a ``_PatternProblem``;
+  the logistic scale and ridge of :func:`_logistic_problem`)."""
   dtype = l_mxb.dtype
   found_bxb, a_mxd = _pattern_subspace(
     found_bxb, valid_b, weight_mxn, r_bxn, max_missing
   )
-  width = a_mxd.shape[1]
   tiny = jnp.finfo(dtype).tiny
   a_norm_m = jnp.maximum(jnp.linalg.norm(a_mxd, axis=1), tiny)
-  alive_f = alive_m.astype(dtype)
-  n_alive = jnp.maximum(jnp.sum(alive_f), 1.0)
-  rms_bias = jnp.sqrt(jnp.sum(alive_f * bias_m**2) / n_alive)
-  scale = temperature * jnp.where(rms_bias > 0, rms_bias, 1.0)
-  ridge = (
-    1e-9 * jnp.sum(alive_f[:, None] * a_mxd**2) / (width * scale**2) + tiny
-  )
+  n_alive = jnp.maximum(jnp.sum(alive_m.astype(dtype)), 1.0)
+  fit = _logistic_problem(a_mxd, bias_m, alive_m, temperature)
   row_norm_m = jnp.maximum(jnp.linalg.norm(l_mxb, axis=1), tiny)
   low, high = _label_ranks(
     found_bxb, valid_b, l_mxb, alive_m, zero_tol, n_alive, label_margin
@@ -664,11 +688,37 @@ def _pattern_problem(
     a_mxd=a_mxd,
     a_norm_m=a_norm_m,
     bias_m=bias_m,
-    scale=scale,
-    ridge=ridge,
+    scale=fit.scale,
+    ridge=fit.ridge,
     low=low,
     high=high,
   )
+
+
+class _Logistic(NamedTuple):
+  """A logistic fit of ReLU labels: margins ``(A y + beta) / scale``."""
+
+  a_mxd: Float[Array, "m d"]
+  bias_m: Float[Array, " m"]
+  scale: Float[Array, ""]
+  ridge: Float[Array, ""]
+
+
+def _logistic_problem(a_mxd, bias_m, alive_m, temperature):
+  """The :class:`_Logistic` fit of ``A``: the logistic scale is
+  ``temperature`` times the RMS of the alive biases (1 if they are all
+  zero); the ridge is ``1e-9`` times the mean diagonal of ``A^T A /
+  scale^2`` over alive rows, plus ``tiny``."""
+  dtype = a_mxd.dtype
+  alive_f = alive_m.astype(dtype)
+  n_alive = jnp.maximum(jnp.sum(alive_f), 1.0)
+  rms_bias = jnp.sqrt(jnp.sum(alive_f * bias_m**2) / n_alive)
+  scale = temperature * jnp.where(rms_bias > 0, rms_bias, 1.0)
+  ridge = (
+    1e-9 * jnp.sum(alive_f[:, None] * a_mxd**2) / (a_mxd.shape[1] * scale**2)
+    + jnp.finfo(dtype).tiny
+  )
+  return _Logistic(a_mxd, bias_m, scale, ridge)
 
 
 def _logistic_loss(problem, y_d, labels_m):
@@ -748,7 +798,7 @@ def _deepest_rows_columns(problem, y_d, fractions):
   ||A_j||``; for each ``f`` in ``fractions``, the ``max(floor(f N), b -
   1)`` deepest (``N`` the predicted inactive count, at least ``b - 1``)
   give the smallest eigenvector of their Gram matrix: ``(len(fractions),
-  b)`` unit columns.
+  b)`` unit columns, and the alive rows deepest first.
   """
   m, b = problem.l_mxb.shape
   dtype = problem.l_mxb.dtype
@@ -767,28 +817,52 @@ def _deepest_rows_columns(problem, y_d, fractions):
     _, vectors = rows_gram_eigh(problem.l_mxb, depth_m < count)
     return vectors[:, 0]
 
-  return jax.vmap(candidate)(jnp.asarray(fractions, dtype))
+  return jax.vmap(candidate)(jnp.asarray(fractions, dtype)), order_m
 
 
-def _pattern_pass(problem, q_b, newton_steps, fractions):
-  """One pass from ``q``: label, fit, and the candidate with most zeros."""
+def _pattern_pass(problem, q_b, key, newton_steps, fractions, tries):
+  """One pass from ``q``: label, fit, and the candidate with most zeros
+  (the deepest rows' kernels, then ``tries`` sampled ones)."""
   labels_m = _pattern_labels(problem, q_b)
   y_d = _fit_pattern(problem, labels_m, newton_steps)
-  q_fxb = _deepest_rows_columns(problem, y_d, fractions)
+  q_fxb, order_m = _deepest_rows_columns(problem, y_d, fractions)
   zeros_f = jax.vmap(functools.partial(_zero_count, problem))(q_fxb)
   best = jnp.argmax(zeros_f)
-  return q_fxb[best], zeros_f[best]
+  q_b, zeros = q_fxb[best], zeros_f[best]
+  if tries:
+    m, b = problem.l_mxb.shape
+    sampled_b, sampled_zeros = _best_sampled_kernel(
+      key,
+      order_m[: min(4 * b, m)],
+      problem.l_mxb,
+      problem.alive_m,
+      problem.zero_tol,
+      tries,
+    )
+    better = sampled_zeros > zeros
+    q_b = jnp.where(better, sampled_b, q_b)
+    zeros = jnp.where(better, sampled_zeros, zeros)
+  return q_b, zeros
 
 
-def _round_one_with_pattern(problem, q_b, newton_steps, fractions, repeats):
+def _round_one_with_pattern(
+  problem, q_b, key, newton_steps, fractions, repeats, tries
+):
   """``repeats`` passes from ``q``, each seeded by the best column so far.
 
   Returns ``(column, zeros)``: ``q`` itself unless a pass finds a column
   with strictly more zeros.
   """
   best_q, best_zeros = q_b, _zero_count(problem, q_b)
-  for _ in range(repeats):
-    q_new, zeros_new = _pattern_pass(problem, best_q, newton_steps, fractions)
+  for r in range(repeats):
+    q_new, zeros_new = _pattern_pass(
+      problem,
+      best_q,
+      jax.random.fold_in(key, r),
+      newton_steps,
+      fractions,
+      tries,
+    )
     better = zeros_new > best_zeros
     best_q = jnp.where(better, q_new, best_q)
     best_zeros = jnp.where(better, zeros_new, best_zeros)
@@ -804,6 +878,7 @@ def _round_one_with_pattern(problem, q_b, newton_steps, fractions, repeats):
     "repeats",
     "temperature",
     "label_margin",
+    "tries",
   ),
 )
 def round_with_pattern(
@@ -823,6 +898,8 @@ def round_with_pattern(
   repeats: int = _REPEATS,
   temperature: float = 8.0,
   label_margin: float = 0.4,
+  key: PRNGKeyArray | None = None,
+  tries: int = _PATTERN_TRIES,
 ) -> tuple[Float[Array, "K b"], Int[Array, " K"]]:
   r"""Rounding of approximate missing columns through the layer's ReLU.
 
@@ -840,10 +917,15 @@ def round_with_pattern(
   labels the approximation gets wrong. The rows deepest on the inactive
   side (the fraction ``f`` of the predicted inactive rows, for every
   ``f`` in ``fractions``) are then taken as exact zeros: the smallest
-  eigenvector of their Gram matrix is the candidate column. The one with
-  the most zeros wins, and it seeds the labels of the next of
-  ``repeats`` passes. This snaps columns that the plain rounding cannot,
-  e.g. a sample whose near-twin's column shares most of its zero set.
+  eigenvector of their Gram matrix is the candidate column; so are the
+  kernels of ``tries`` random ``(b-1)``-subsets of the ``4b`` deepest rows
+  (seeded by ``key``; ``None``: a fixed key), which tolerate a few
+  impurities among them: after FedAvg's local steps the server's pattern
+  is off on the rows that changed sign along the way, and ~1% of the
+  deepest rows are not zeros. The candidate with the most zeros wins, and
+  it seeds the labels of the next of ``repeats`` passes. This snaps
+  columns that the plain rounding cannot, e.g. a sample whose near-twin's
+  column shares most of its zero set.
 
   ``d`` must be at most the static ``max_missing`` (the complement is
   padded to that width, so one compilation serves every ``k``).
@@ -869,13 +951,15 @@ def round_with_pattern(
     temperature,
     label_margin,
   )
+  key = jax.random.key(0) if key is None else key
+  keys = jax.random.split(key, approx_kxb.shape[0])
   return _round_all_with_pattern(
-    problem, approx_kxb, newton_steps, fractions, repeats
+    problem, approx_kxb, keys, newton_steps, fractions, repeats, tries
   )
 
 
 def _round_all_with_pattern(
-  problem, approx_kxb, newton_steps, fractions, repeats
+  problem, approx_kxb, keys, newton_steps, fractions, repeats, tries
 ):
   """:func:`_round_one_with_pattern` of every row of ``approx_kxb``."""
   return jax.vmap(
@@ -885,8 +969,9 @@ def _round_all_with_pattern(
       newton_steps=newton_steps,
       fractions=fractions,
       repeats=repeats,
+      tries=tries,
     )
-  )(approx_kxb)
+  )(approx_kxb, keys)
 
 
 @functools.partial(
@@ -928,14 +1013,21 @@ def pattern_problem(
 
 
 def round_with_pattern_rows(
-  rows: tuple[Float[Array, "K b"]], shared: tuple[_PatternProblem]
+  rows: tuple[Float[Array, "K b"], PRNGKeyArray],
+  shared: tuple[_PatternProblem],
 ) -> tuple[Float[Array, "K b"], Int[Array, " K"]]:
-  """:func:`round_with_pattern` of ``rows = (approx_kxb,)`` given
+  """:func:`round_with_pattern` of ``rows = (approx_kxb, keys_k)`` given
   ``shared = (pattern_problem(...),)``, with the default passes (the
   ``rows, shared`` form of :func:`spear_jax._distributed.map_rows`)."""
-  (approx_kxb,), (problem,) = rows, shared
+  (approx_kxb, keys), (problem,) = rows, shared
   return _round_all_with_pattern(
-    problem, approx_kxb, _NEWTON_STEPS, PATTERN_FRACTIONS, _REPEATS
+    problem,
+    approx_kxb,
+    keys,
+    _NEWTON_STEPS,
+    PATTERN_FRACTIONS,
+    _REPEATS,
+    _PATTERN_TRIES,
   )
 
 

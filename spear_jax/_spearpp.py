@@ -121,6 +121,9 @@ def _estimated_rows(problem, found_kxb, learner):
       steps=learner.row_estimate_steps,
       temperature=learner.row_estimate_temperature,
       learning_rate=learner.row_estimate_learning_rate,
+      robust_temperature=(
+        learner.pattern_temperature if problem.check == "drift" else None
+      ),
     )
   )[: found_kxb.shape[0]]
 
@@ -291,7 +294,7 @@ def _constrained_starts(key, problem, found_kxb, count, learner):
 
 
 def _pattern_round(
-  problem, found_kxb, approx_kxb, rounded_kxb, zeros_k, learner, devices
+  key, problem, found_kxb, approx_kxb, rounded_kxb, zeros_k, learner, devices
 ):
   """Re-rounds, through the ReLU pattern, the end points rounding missed.
 
@@ -327,7 +330,7 @@ def _pattern_round(
   directions, zeros = map_rows(
     round_with_pattern_rows,
     lapack_safe(devices),  # eigh
-    (jnp.asarray(batch),),
+    (jnp.asarray(batch), jax.random.split(key, size)),
     (shared,),
     chunk=_chunk(bytes_per_row),
   )
@@ -447,6 +450,7 @@ def _pattern_stage(state, problem, pool, selection, learner, devices):
     and 0 < missing <= learner.pattern_max_missing
   ):
     snapped, zeros = _pattern_round(
+      jax.random.fold_in(state.key, 2),
       problem,
       found,
       state.approx,

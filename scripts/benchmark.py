@@ -131,6 +131,21 @@ _CLIENTS = flags.DEFINE_list(
   "Client modes of the sweep: fedsgd, dpsgd/SIGMA (C=1) or "
   "fedavg/E/B/LR (E local epochs of mini-batches of B at SGD rate LR).",
 )
+_MODELS = flags.DEFINE_list(
+  "models",
+  ["mlp"],
+  "Client models of the sweep: mlp (--depth Dense-ReLU layers of m) and/or "
+  "cnn (spear_jax.fl.CNN: its dense layer of m follows two convolutions).",
+)
+flags.register_validator(
+  "models", lambda v: set(v) <= {"mlp", "cnn"}, "--models takes mlp, cnn."
+)
+_LAYERS = flags.DEFINE_list(
+  "layers",
+  ["0"],
+  "Attacked hidden layers of the MLP (0: the first, which sees the images; "
+  "k > 0: its inputs are layer k-1's ReLU features). The CNN has one.",
+)
 _LEARNER = flags.DEFINE_list(
   "learner",
   [],
@@ -470,6 +485,17 @@ def _environment():
   }
 
 
+def _models():
+  """Every (model, layer) of the sweep (the CNN's one dense layer)."""
+  for model in _MODELS.value:
+    for layer in [0] if model == "cnn" else map(int, _LAYERS.value):
+      if not 0 <= layer < _DEPTH.value:
+        raise ValueError(
+          f"--layers: {layer} is not a hidden layer of --depth={_DEPTH.value}."
+        )
+      yield model, layer
+
+
 def _settings():
   """Every (method, objective, dataset, m, b, client) of the sweep."""
   for method in _METHODS.value:
@@ -542,9 +568,10 @@ def _plan(done):
   learner_overrides(_LEARNER.value)  # fail early on a bad entry
   learner = ",".join(sorted(_LEARNER.value))
   tasks = []
-  for (method, objective, dataset, m, b, client), dtype in itertools.product(
-    _settings(), _DTYPES.value
-  ):
+  for (method, objective, dataset, m, b, client), (
+    model,
+    layer,
+  ), dtype in itertools.product(_settings(), _models(), _DTYPES.value):
     client_config(client)  # fail early on a bad spec
     setting = {
       "client_spec": client,
@@ -557,6 +584,8 @@ def _plan(done):
       "dtype": dtype,
       "seed": _SEED.value,
       "learner": learner,
+      "model": model,
+      "layer": layer,
     }
     tasks += [
       (setting, t)
@@ -607,6 +636,8 @@ def _trial_runner(config, env):
       "dtype": jnp.dtype(setting["dtype"]),
       "config": cfg,
       "client": client_config(setting["client_spec"]),
+      "model": setting["model"],
+      "layer": setting["layer"],
     }
     setting_id = json.dumps(setting, sort_keys=True)
     if _WARMUP.value and setting_id not in first_call:

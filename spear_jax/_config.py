@@ -88,6 +88,10 @@ class LearnerConfig:
       the RMS of the bias.
     pattern_label_margin: fraction of the typical zero count labelled
       inactive in the pattern fit.
+    drift_midpoint: under the drift certificate, read the ReLU pattern
+      (row estimates, pattern rounding, fill) at the midpoint of the
+      server's and the client's last weights, the update's sign read off
+      the found columns; ``False``: at the server's weights.
     split_mixtures: split sparse mixtures of near-twin columns (what
       near-twin samples' columns round to) into their columns instead of
       only discarding them: spans of any dimension up to 48 by peeling
@@ -122,6 +126,7 @@ class LearnerConfig:
   pattern_max_missing: int = 16
   pattern_temperature: float = 5.0
   pattern_label_margin: float = 0.4
+  drift_midpoint: bool = True
   split_mixtures: bool = True
   split_max_dim: int = 6
 

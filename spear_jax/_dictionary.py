@@ -52,6 +52,7 @@ __all__ = [
   "round_direction",
   "round_with_pattern",
   "round_with_pattern_rows",
+  "sample_last_column",
 ]
 
 
@@ -296,13 +297,19 @@ def round_direction(
   return _best_sampled_kernel(key, smallest, l_mxb, alive_m, screen_tol, tries)
 
 
-def _best_sampled_kernel(key, ranked_k, l_mxb, alive_m, screen_tol, tries):
+def _best_sampled_kernel(
+  key, ranked_k, l_mxb, alive_m, screen_tol, tries, away_bxd=None
+):
   """The kernel with most zeros among ``tries`` sets of ``b - 1`` rows.
 
   The first set is the first ``b - 1`` of ``ranked_k`` (rows, best
   first); the others are random ``(b-1)``-subsets of all of them, which
-  tolerates a few impurities among the ranked rows. Returns ``(direction,
-  zeros)`` (zeros: ``screen_tol`` over alive rows).
+  tolerates a few impurities among the ranked rows. With ``away_bxd`` (an
+  orthonormal basis of the complement of the found columns), only kernels
+  with a component in it count: rows deep for a missing sample are zeros
+  of found columns too, whose kernels have more zeros. Returns
+  ``(direction, zeros)`` (zeros: ``screen_tol`` over alive rows; -1 when
+  no kernel counts).
   """
   b = l_mxb.shape[1]
 
@@ -315,6 +322,9 @@ def _best_sampled_kernel(key, ranked_k, l_mxb, alive_m, screen_tol, tries):
   q_txb = jax.vmap(null_vector)(l_mxb[rows_txk])
   v_txm = jnp.dot(q_txb, l_mxb.T, precision=_HI)
   zeros_t = jnp.sum((jnp.abs(v_txm) <= screen_tol) & alive_m[None, :], axis=1)
+  if away_bxd is not None:
+    along_t = jnp.linalg.norm(jnp.dot(q_txb, away_bxd, precision=_HI), axis=1)
+    zeros_t = jnp.where(along_t > 1e-6, zeros_t, -1)
   best = jnp.argmax(zeros_t)
   return q_txb[best], zeros_t[best]
 
@@ -375,6 +385,18 @@ def complete_from_bias(
 _PLANE_RTOL = 3.7e-11
 
 
+def _last_row_breakpoints(found_bxk, r_bxn, weight_mxn, bias_m, alive_m):
+  """The missing sample's row ``r`` of ``Q^{-1}`` (the null vector of the
+  found columns as rows), ``u = W (r R)``, and the sorted breakpoints
+  ``-beta_j / u_j`` of its alive rows (``inf`` where ``u_j = 0``)."""
+  _, _, vt = jnp.linalg.svd(found_bxk.T, full_matrices=True)
+  r_b = vt[-1]
+  u_m = jnp.dot(weight_mxn, jnp.dot(r_b, r_bxn, precision=_HI), precision=_HI)
+  safe_u = jnp.where(u_m == 0, 1.0, u_m)
+  breaks = jnp.sort(jnp.where(alive_m & (u_m != 0), -bias_m / safe_u, jnp.inf))
+  return r_b, u_m, breaks
+
+
 @jax.jit
 def complete_last_column(
   found_bxk: Float[Array, "b k"],
@@ -405,13 +427,9 @@ def complete_last_column(
     passes the usual filter.
   """
   b = l_mxb.shape[1]
-  # Null vector of the found columns (as rows): the missing row of Q^-1.
-  _, _, vt = jnp.linalg.svd(found_bxk.T, full_matrices=True)
-  r_b = vt[-1]
-  x_n = jnp.dot(r_b, r_bxn, precision=_HI)
-  u_m = jnp.dot(weight_mxn, x_n, precision=_HI)
-  safe_u = jnp.where(u_m == 0, 1.0, u_m)
-  breaks = jnp.sort(jnp.where(alive_m & (u_m != 0), -bias_m / safe_u, jnp.inf))
+  r_b, u_m, breaks = _last_row_breakpoints(
+    found_bxk, r_bxn, weight_mxn, bias_m, alive_m
+  )
   finite = jnp.isfinite(breaks)
   last = jnp.max(jnp.where(finite, breaks, -jnp.inf))
   first = jnp.min(breaks)
@@ -443,6 +461,70 @@ def complete_last_column(
   relative, vectors = jax.lax.map(evaluate, mids, batch_size=32)
   best = jnp.argmin(relative)
   return vectors[best], relative[best]
+
+
+@functools.partial(jax.jit, static_argnames=("tries", "grid"))
+def sample_last_column(
+  key: PRNGKeyArray,
+  found_bxk: Float[Array, "b k"],
+  l_mxb: Float[Array, "m b"],
+  r_bxn: Float[Array, "b n"],
+  weight_mxn: Float[Array, "m n"],
+  bias_m: Float[Array, " m"],
+  alive_m: Bool[Array, " m"],
+  screen_tol: Float[Array, ""],
+  *,
+  tries: int = 8,
+  grid: int = 128,
+) -> tuple[Float[Array, " b"], Int[Array, ""]]:
+  r"""The last missing column when the ReLU pattern is only nearly known.
+
+  As in :func:`complete_last_column`, the missing sample is ``x = alpha
+  (r R)`` with ``r`` the null vector of the ``k = b - 1`` found columns.
+  After FedAvg's local steps no single weight matrix gives the missing
+  column's zero set exactly (a few percent of its rows changed sign along
+  the way), so no interval's inactive set is exactly a zero set. Instead,
+  for ``grid`` values of ``alpha`` (midpoints between the sorted
+  breakpoints, evenly by rank), the ``4b`` alive rows deepest on the
+  inactive side (margin ``(alpha (W x)_j + beta_j) / ||W_j||``) give
+  ``tries`` kernels of ``(b-1)``-row subsets, the deepest ``b - 1`` first
+  (:func:`round_direction`'s sampling); the kernel with most zeros and a
+  component along ``r`` (found columns have none) wins.
+
+  Returns:
+    ``(direction, zeros)``; the caller filters it as any proposal.
+  """
+  m, b = l_mxb.shape
+  row_b, u_m, breaks = _last_row_breakpoints(
+    found_bxk, r_bxn, weight_mxn, bias_m, alive_m
+  )
+  norm_m = jnp.maximum(
+    jnp.linalg.norm(weight_mxn, axis=1), jnp.finfo(l_mxb.dtype).tiny
+  )
+  count = jnp.maximum(jnp.sum(jnp.isfinite(breaks)), 2)
+  # Interval midpoints evenly by rank, and one beyond each end.
+  at = jnp.linspace(0.0, 1.0, grid) * (count - 2).astype(l_mxb.dtype)
+  low = breaks[jnp.floor(at).astype(jnp.int32)]
+  mids = 0.5 * (low + breaks[jnp.floor(at).astype(jnp.int32) + 1])
+  ends = jnp.stack([breaks[0], breaks[count - 1]])
+  mids = jnp.concatenate(
+    [mids, ends + jnp.asarray([-1.0, 1.0]) * (1.0 + jnp.abs(ends))]
+  )
+  pool = min(4 * b, m)
+
+  def evaluate(alpha, subkey):
+    margin_m = jnp.where(alive_m, (alpha * u_m + bias_m) / norm_m, jnp.inf)
+    _, deepest = jax.lax.top_k(-margin_m, pool)
+    return _best_sampled_kernel(
+      subkey, deepest, l_mxb, alive_m, screen_tol, tries, row_b[:, None]
+    )
+
+  keys = jax.random.split(key, mids.shape[0])
+  directions, zeros = jax.lax.map(
+    lambda args: evaluate(*args), (mids, keys), batch_size=16
+  )
+  best = jnp.argmax(zeros)
+  return directions[best], zeros[best]
 
 
 def _complement_basis(found_bxb, valid_b):
@@ -596,8 +678,9 @@ _PATTERN_TRIES = 8
 class _PatternProblem(NamedTuple):
   """What every column of :func:`round_with_pattern` shares (no batch axis).
 
-  ``d`` is the padded width of the complement; ``low`` and ``high`` are
-  the rank thresholds of the labels (see :func:`_pattern_labels`).
+  ``d`` is the padded width of the complement ``C`` (``basis_bxd``, zero
+  columns pad); ``low`` and ``high`` are the rank thresholds of the labels
+  (see :func:`_pattern_labels`).
   """
 
   l_mxb: Float[Array, "m b"]
@@ -611,14 +694,16 @@ class _PatternProblem(NamedTuple):
   ridge: Float[Array, ""]
   low: Float[Array, ""]
   high: Float[Array, ""]
+  basis_bxd: Float[Array, "b d"]
 
 
 def _pattern_subspace(found_bxb, valid_b, weight_mxn, r_bxn, max_missing):
   """Masked found columns and ``A = W R^T C`` on the padded complement.
 
-  Returns ``(found, a_mxd)``: ``found_bxb`` with invalid rows zeroed, and
-  ``A`` with ``A y = W x`` for ``x = R^T C y``, ``C`` the last ``d =
-  min(max_missing, b)`` columns of the complement basis (zero padded).
+  Returns ``(found, a_mxd, basis_bxd)``: ``found_bxb`` with invalid rows
+  zeroed, ``A`` with ``A y = W x`` for ``x = R^T C y``, and ``C``, the
+  last ``d = min(max_missing, b)`` columns of the complement basis (zero
+  padded).
   """
   b = found_bxb.shape[0]
   found_bxb, basis_bxb = _complement_basis(found_bxb, valid_b)
@@ -628,7 +713,7 @@ def _pattern_subspace(found_bxb, valid_b, weight_mxn, r_bxn, max_missing):
   a_mxd = jnp.dot(
     jnp.dot(weight_mxn, r_bxn.T, precision=_HI), basis_bxd, precision=_HI
   )
-  return found_bxb, a_mxd
+  return found_bxb, a_mxd, basis_bxd
 
 
 def _label_ranks(
@@ -669,7 +754,7 @@ def _pattern_problem(
   """The shared data of :func:`round_with_pattern` (a ``_PatternProblem``;
   the logistic scale and ridge of :func:`_logistic_problem`)."""
   dtype = l_mxb.dtype
-  found_bxb, a_mxd = _pattern_subspace(
+  found_bxb, a_mxd, basis_bxd = _pattern_subspace(
     found_bxb, valid_b, weight_mxn, r_bxn, max_missing
   )
   tiny = jnp.finfo(dtype).tiny
@@ -692,6 +777,7 @@ def _pattern_problem(
     ridge=fit.ridge,
     low=low,
     high=high,
+    basis_bxd=basis_bxd,
   )
 
 
@@ -838,6 +924,7 @@ def _pattern_pass(problem, q_b, key, newton_steps, fractions, tries):
       problem.alive_m,
       problem.zero_tol,
       tries,
+      problem.basis_bxd,
     )
     better = sampled_zeros > zeros
     q_b = jnp.where(better, sampled_b, q_b)

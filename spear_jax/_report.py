@@ -52,11 +52,13 @@ TRIAL_KEY = (
   "dtype",
   "client_spec",
   "learner",
+  "model",
+  "layer",
   "seed",
   "trial",
 )
 # Fields added later: records written before them read as the default.
-_DEFAULTS = {"client_spec": "fedsgd", "learner": ""}
+_DEFAULTS = {"client_spec": "fedsgd", "learner": "", "model": "mlp", "layer": 0}
 # The grouping of the summary: a trial key without seed and trial.
 _GROUP_KEY = TRIAL_KEY[:-2]
 

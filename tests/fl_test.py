@@ -453,3 +453,132 @@ def test_no_wrong_sample_is_ever_verified(
     return
   exact = _exact(result, jnp.asarray(truth), rtol=1e-6)
   assert not np.any(np.asarray(result.verified) & ~exact)
+
+
+@pytest.mark.parametrize("sign", ["server_minus_client", "client_minus_server"])
+def test_drift_pattern_is_read_at_the_local_trajectory_midpoint(sign):
+  # The pattern stages read the ReLU pattern at the midpoint of the
+  # server's and the client's last weights; the update's sign is read off
+  # the found columns. The truth: the client's last weights from the
+  # delta and its known convention.
+  from spear_jax import _spearpp  # pylint: disable=g-import-not-at-top
+
+  seed = np.random.randint(1000)
+  x, y = _images(12, seed)
+  model, params = _mlp(jax.random.key(seed), 3072, widths=(300, 50))
+  update = fl.simulate_client(
+    model.apply,
+    params,
+    x,
+    y,
+    layer="params/Dense_0",
+    key=jax.random.key(seed),
+    client=fl.ClientConfig(
+      mode="fedavg",
+      local_epochs=3,
+      local_batch_size=4,
+      learning_rate=0.05,
+      sign=sign,
+    ),
+  )
+  to_client = -1.0 if sign == "server_minus_client" else 1.0
+  midpoint_w = update.weight + 0.5 * to_client * update.weight_grad
+  midpoint_b = update.bias + 0.5 * to_client * update.bias_grad
+  problem = spear_jax.attack.prepare_problem(
+    update.weight_grad,
+    update.bias_grad,
+    weight=update.weight,
+    bias=update.bias,
+    config=spear_jax.AttackConfig(certificate="drift"),
+  )
+  l_mxb = np.asarray(problem.l_mxb)
+  q_true = np.linalg.lstsq(l_mxb, np.asarray(update.grad_z), rcond=None)[0]
+  q_true /= np.linalg.norm(q_true, axis=0)
+  learner = spear_jax.LearnerConfig()
+  weight, bias = _spearpp._pattern_layer(problem, q_true[:, :5].T, learner)
+  scale = float(np.max(np.abs(update.weight_grad)))
+  np.testing.assert_allclose(weight, midpoint_w, rtol=0, atol=1e-9 * scale)
+  np.testing.assert_allclose(bias, midpoint_b, rtol=0, atol=1e-9 * scale)
+  # Without the drift check, and with nothing found: the server's.
+  relu = problem._replace(check="relu")
+  assert _spearpp._pattern_layer(relu, q_true[:, :5].T, learner)[0] is (
+    problem.weight
+  )
+  assert _spearpp._pattern_layer(problem, q_true[:, :0].T, learner)[0] is (
+    problem.weight
+  )
+
+
+def _drifted_update(seed, b, m, sign="server_minus_client"):
+  """A FedAvg update whose local steps moved the ReLU pattern: E = 3
+  epochs of mini-batches of 4 at lr = 0.05."""
+  x, y = _images(b, seed)
+  model, params = _mlp(jax.random.key(seed), 3072, widths=(m, 100), classes=10)
+  update = fl.simulate_client(
+    model.apply,
+    params,
+    x,
+    y,
+    layer="params/Dense_0",
+    key=jax.random.key(seed),
+    client=fl.ClientConfig(
+      mode="fedavg",
+      local_epochs=3,
+      local_batch_size=4,
+      learning_rate=0.05,
+      sign=sign,
+    ),
+  )
+  return x, update
+
+
+def test_last_drifted_column_is_sampled_from_the_deepest_rows():
+  from spear_jax import _dictionary  # pylint: disable=g-import-not-at-top
+
+  seed = np.random.randint(1000)
+  _, update = _drifted_update(seed, 12, 300)
+  problem = spear_jax.attack.prepare_problem(
+    update.weight_grad, update.bias_grad
+  )
+  l_mxb = np.asarray(problem.l_mxb)
+  grad_z = np.asarray(update.grad_z)
+  q_true = np.linalg.lstsq(l_mxb, grad_z, rcond=None)[0]
+  q_true /= np.linalg.norm(q_true, axis=0)
+  # The truth's own zero sets are not one weight matrix's pattern: at the
+  # server's weights and at the local trajectory's midpoint, some rows of
+  # D_eff disagree in sign with the pre-activations.
+  x = np.asarray(update.inputs)
+  mid_w = np.asarray(update.weight - 0.5 * update.weight_grad)
+  mid_b = np.asarray(update.bias - 0.5 * update.bias_grad)
+  off = ((x @ mid_w.T + mid_b > 0) != (grad_z != 0).T).sum()
+  assert off > 0
+  args = (problem.l_mxb, problem.r_bxn, jnp.asarray(mid_w), jnp.asarray(mid_b))
+  rng = np.random.default_rng(seed)
+  for i in rng.choice(12, 4, replace=False):
+    found = jnp.asarray(np.delete(q_true, i, axis=1))
+    sampled, zeros = _dictionary.sample_last_column(
+      jax.random.key(i), found, *args, problem.alive, jnp.asarray(1e-9)
+    )
+    # 1e-9: the cosine of two float64 unit columns of one kernel.
+    assert abs(float(np.asarray(sampled) @ q_true[:, i])) > 1 - 1e-9, i
+    assert int(zeros) == int(np.sum(grad_z[:, i] == 0))
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_heavily_drifted_fedavg_update_is_recovered_by_spearpp(seed):
+  # b = 16, m = 200, 12 local steps at lr = 0.05 (the batch seeds' own
+  # images): the code before the drift-aware stages stalled on both with
+  # nothing recovered (see BUILD_NOTES, "SPEAR++ under FedAvg drift").
+  x, update = _drifted_update(seed, 16, 200, sign="client_minus_server")
+  result = spear_jax.invert(
+    update.weight_grad,
+    update.bias_grad,
+    key=jax.random.key(0),
+    method="spearpp",
+    weight=update.weight,
+    bias=update.bias,
+    config=spear_jax.AttackConfig(certificate="drift", time_budget_s=60.0),
+  )
+  exact = _exact(result, x)
+  assert not np.any(np.asarray(result.verified) & ~exact)
+  assert result.success and exact.all(), result.stats

@@ -418,6 +418,40 @@ class FoundColumnsTest(absltest.TestCase):
       pool.directions[selection.chosen[:12]],
     )
 
+  def test_short_selection_is_topped_up_only_when_it_certifies(self):
+    # The true columns, with the threshold set just above the sparsest
+    # one's zero count: the threshold alone leaves the selection short.
+    seed = int(np.random.default_rng().integers(2**31))
+    p = helpers.relu_layer_problem(seed, 300, 50, 20)
+    problem = prepare_problem(
+      p["weight_grad"], p["bias_grad"], weight=p["weight"], bias=p["bias"]
+    )
+    l_mxb = np.asarray(problem.l_mxb)
+    q_bxb = np.linalg.lstsq(l_mxb, p["grad_z"], rcond=None)[0]
+    q_bxb /= np.linalg.norm(q_bxb, axis=0)
+    zeros = np.sum(np.abs(l_mxb @ q_bxb) < 1e-9, axis=0)
+    tau = (np.min(zeros) + 0.5) / problem.num_alive
+    config = spear_jax.AttackConfig(tau=float(tau))
+    pool = _pool.CandidatePool(q_bxb.T.copy(), zeros, np.ones(20, np.int64))
+    selection, stop = select(problem, pool, empty_selection(problem), config)
+    self.assertEqual(stop, "certified")
+    self.assertLen(selection.chosen, 20)
+    self.assertTrue(np.all(np.asarray(selection.result.verified)))
+    # The same pool with the sparsest column replaced by a mixture of it
+    # and another: the topped-up selection cannot certify, so the short
+    # selection (the 19 columns above the threshold) is kept.
+    sparsest = int(np.argmin(zeros))
+    mixed = q_bxb.T.copy()
+    mixed[sparsest] = 0.6 * q_bxb[:, sparsest] + 0.8 * q_bxb[:, sparsest - 1]
+    bad = _pool.CandidatePool(
+      mixed, np.sum(np.abs(l_mxb @ mixed.T) < 1e-9, axis=0), np.ones(20)
+    )
+    selection, stop = select(problem, bad, empty_selection(problem), config)
+    self.assertIsNone(stop)
+    self.assertLen(selection.chosen, 19)
+    self.assertNotIn(sparsest, selection.chosen.tolist())
+    self.assertLen(selection.tried, 1)  # the full set was evaluated
+
 
 class SpearPlusPlusTest(parameterized.TestCase):
   def test_beyond_spear_in_the_same_budget(self):

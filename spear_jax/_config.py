@@ -88,6 +88,10 @@ class LearnerConfig:
       the RMS of the bias.
     pattern_label_margin: fraction of the typical zero count labelled
       inactive in the pattern fit.
+    pattern_tries: under the drift certificate, random ``(b-1)``-subsets
+      of the ``4b`` deepest rows whose kernels pattern rounding also tries
+      per pass (a few of those rows are not zeros after local steps); not
+      used with an exact pattern.
     drift_midpoint: under the drift certificate, read the ReLU pattern
       (row estimates, pattern rounding, fill) at the midpoint of the
       server's and the client's last weights, the update's sign read off
@@ -126,6 +130,7 @@ class LearnerConfig:
   pattern_max_missing: int = 16
   pattern_temperature: float = 5.0
   pattern_label_margin: float = 0.4
+  pattern_tries: int = 8
   drift_midpoint: bool = True
   split_mixtures: bool = True
   split_max_dim: int = 6
@@ -161,6 +166,8 @@ class LearnerConfig:
       )
     if not 0.0 < self.pattern_label_margin < 1.0:
       raise ValueError("pattern_label_margin must lie in (0, 1).")
+    if self.pattern_tries < 0:
+      raise ValueError("pattern_tries must be >= 0.")
     if self.split_max_dim < 2:
       raise ValueError("split_max_dim must be >= 2.")
 

@@ -1102,10 +1102,13 @@ def pattern_problem(
 def round_with_pattern_rows(
   rows: tuple[Float[Array, "K b"], PRNGKeyArray],
   shared: tuple[_PatternProblem],
+  *,
+  tries: int = _PATTERN_TRIES,
 ) -> tuple[Float[Array, "K b"], Int[Array, " K"]]:
   """:func:`round_with_pattern` of ``rows = (approx_kxb, keys_k)`` given
-  ``shared = (pattern_problem(...),)``, with the default passes (the
-  ``rows, shared`` form of :func:`spear_jax._distributed.map_rows`)."""
+  ``shared = (pattern_problem(...),)``, with the default passes and
+  ``tries`` sampled kernels per pass (the ``rows, shared`` form of
+  :func:`spear_jax._distributed.map_rows`)."""
   (approx_kxb, keys), (problem,) = rows, shared
   return _round_all_with_pattern(
     problem,
@@ -1114,7 +1117,7 @@ def round_with_pattern_rows(
     _NEWTON_STEPS,
     PATTERN_FRACTIONS,
     _REPEATS,
-    _PATTERN_TRIES,
+    tries,
   )
 
 

@@ -369,8 +369,12 @@ def _pattern_round(
   )
   # Each row forms a masked copy of L per fraction for its Gram matrix.
   bytes_per_row = 2 * len(PATTERN_FRACTIONS) * problem.l_mxb.size * 8
+  # Sampled kernels (8 per pass) only under drift: with an exact pattern
+  # the deepest rows are zeros, and at b = 210 they would cost more than
+  # the rest of the rounding.
+  tries = learner.pattern_tries if problem.check == "drift" else 0
   directions, zeros = map_rows(
-    round_with_pattern_rows,
+    _row_fn(round_with_pattern_rows, tries=tries),
     lapack_safe(devices),  # eigh
     (jnp.asarray(batch), jax.random.split(key, size)),
     (shared,),

@@ -130,10 +130,8 @@ def _pattern_layer(problem, found_kxb, learner):
   k = min(found_kxb.shape[0], 8)
   if problem.check != "drift" or not (k and learner.drift_midpoint):
     return server
-  x_kxn = _estimated_rows(problem, found_kxb[:k], learner, server) @ np.asarray(
-    problem.r_bxn
-  )
   l_mxb, r_bxn = np.asarray(problem.l_mxb), np.asarray(problem.r_bxn)
+  x_kxn = _estimated_rows(problem, found_kxb[:k], learner, server) @ r_bxn
   active_kxm = np.abs(found_kxb[:k] @ l_mxb.T) > problem.tol.screen
   alive = np.asarray(problem.alive)
   z_kxm = x_kxn @ np.asarray(problem.weight).T + np.asarray(problem.bias)
@@ -592,8 +590,8 @@ def _complete_twins(problem, found_kxb, span_bxs):
 def _complete_stage(state, problem, pool, selection, learner, devices):
   """Stage 3: one column missing, read it off the bias gradient (always)
   and off the layer's ReLU pattern (with the weights: strict check, or
-  sampled from its deepest rows under drift, :func:`sample_last_column`); a few
-  missing near-twins, through the span their shared zero set annihilates
+  sampled from its deepest rows under drift, :func:`sample_last_column`);
+  a few missing near-twins, through the span their shared zero set annihilates
   (:func:`_missing_span`, with the weights)."""
   del devices
   directions = pinned = np.zeros((0, problem.b), problem.dtype)

@@ -97,6 +97,19 @@ def _pinned_columns(zero_mxb, l_mxb, leverage_tol):
   return jax.lax.map(pins_down, zero_mxb.T)
 
 
+def _association(nonzero_mxb, z_mxb, alive_mx1):
+  """Per sample: the share of inactive neurons (``z <= 0``) with a nonzero
+  (woken), and Youden's ``J = P(nonzero | active) - woken``."""
+  active_mxb = (z_mxb > 0) & alive_mx1
+  inactive_mxb = (z_mxb <= 0) & alive_mx1
+
+  def share(mask, of):
+    return jnp.sum(mask & of, axis=0) / jnp.maximum(jnp.sum(of, axis=0), 1)
+
+  woken_b = share(nonzero_mxb, inactive_mxb)
+  return woken_b, share(nonzero_mxb, active_mxb) - woken_b
+
+
 @jax.jit
 def drift_certificate(
   inputs_bxn: Float[Array, "b n"],
@@ -110,6 +123,8 @@ def drift_certificate(
   leverage_tol: Float[Array, ""],
   max_woken: Float[Array, ""],
   min_association: Float[Array, ""],
+  update_r_bxn: Float[Array, "b n"] | None = None,
+  update_bias_m: Float[Array, " m"] | None = None,
 ) -> Bool[Array, " b"]:
   r"""Per-sample certificate of a FedAvg update (the weights drift).
 
@@ -141,6 +156,15 @@ def drift_certificate(
   the structure test must hold for *every* column before any sample is
   certified; the association test is then per sample.
 
+  With the update (``update_r_bxn``, ``update_bias_m``: the weight update
+  is ``l_mxb @ update_r_bxn``), the association is read at the midpoint of
+  the local trajectory, ``W - s G / 2``, with the sign ``s`` (which
+  convention the delta has) that gives the larger mean ``J`` over the
+  batch. There the truth's pattern agrees better: at b = 16, m = 200 and
+  12 local steps at lr = 0.05 the smallest true ``J`` rose from 0.25-0.30
+  to 0.44-0.59 and the wrong sign's fell to -0.18-0.06; a wrong sample's
+  ``x`` stays unrelated to its column at any weights.
+
   Returns:
     A boolean per sample.
   """
@@ -151,14 +175,21 @@ def drift_certificate(
     jnp.abs(grad_z_mxb) <= zero_tol * column_norm_b[None, :]
   ) & alive_mx1
   nonzero_mxb = ~zero_mxb & alive_mx1
-  active_mxb = (z_mxb > 0) & alive_mx1
-  inactive_mxb = (z_mxb <= 0) & alive_mx1
-
-  def share(mask, of):
-    return jnp.sum(mask & of, axis=0) / jnp.maximum(jnp.sum(of, axis=0), 1)
-
-  woken_b = share(nonzero_mxb, inactive_mxb)
-  association_b = share(nonzero_mxb, active_mxb) - woken_b
+  woken_b, association_b = _association(nonzero_mxb, z_mxb, alive_mx1)
+  if update_r_bxn is not None and update_bias_m is not None:
+    half_mxb = 0.5 * (
+      jnp.dot(
+        l_mxb,
+        jnp.dot(update_r_bxn, inputs_bxn.T, precision=_HI),
+        precision=_HI,
+      )
+      + update_bias_m[:, None]
+    )
+    plus = _association(nonzero_mxb, z_mxb - half_mxb, alive_mx1)
+    minus = _association(nonzero_mxb, z_mxb + half_mxb, alive_mx1)
+    gradient_like = jnp.mean(plus[1]) >= jnp.mean(minus[1])
+    woken_b = jnp.where(gradient_like, plus[0], minus[0])
+    association_b = jnp.where(gradient_like, plus[1], minus[1])
 
   structured_b = _pinned_columns(zero_mxb, l_mxb, leverage_tol)
   structured_b &= jnp.sum(zero_mxb, axis=0, dtype=min_zeros.dtype) >= min_zeros

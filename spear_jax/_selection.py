@@ -162,6 +162,8 @@ def reconstruct(problem: Problem, directions_bxb: ArrayLike) -> Reconstruction:
       problem.scalar(problem.tol.leverage),
       problem.scalar(problem.drift[0]),
       problem.scalar(problem.drift[1]),
+      problem.r_bxn,
+      problem.bias_grad,
     )
   else:
     verified = relu_certificate(

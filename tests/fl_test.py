@@ -582,3 +582,42 @@ def test_heavily_drifted_fedavg_update_is_recovered_by_spearpp(seed):
   exact = _exact(result, x)
   assert not np.any(np.asarray(result.verified) & ~exact)
   assert result.success and exact.all(), result.stats
+
+
+def test_drift_association_is_read_at_the_trajectory_midpoint():
+  # Seed 12 of the heavily drifted case: at the server's weights two true
+  # samples fail the association test (woken share 0.63, J 0.26); at the
+  # midpoint (the sign is not given) all pass. A wrong batch (two samples'
+  # columns mixed) stays refused. The truth: the client's own D and X.
+  _, update = _drifted_update(12, 16, 200, sign="client_minus_server")
+  problem = spear_jax.attack.prepare_problem(
+    update.weight_grad, update.bias_grad
+  )
+  grad_z = np.asarray(update.grad_z)
+  inputs = np.asarray(update.inputs)
+
+  def certify(x, d, with_update):
+    extra = (problem.r_bxn, problem.bias_grad) if with_update else ()
+    return np.asarray(
+      spear_jax.attack.drift_certificate(
+        jnp.asarray(x),
+        jnp.asarray(d),
+        update.weight,
+        update.bias,
+        problem.l_mxb,
+        problem.alive,
+        jnp.asarray(problem.floor, jnp.int32),
+        jnp.asarray(1e-9),
+        jnp.asarray(problem.tol.leverage),
+        jnp.asarray(0.5),
+        jnp.asarray(0.3),
+        *extra,
+      )
+    )
+
+  assert certify(inputs, grad_z, False).sum() == 14
+  assert certify(inputs, grad_z, True).all()
+  mixed_d = grad_z.copy()
+  mixed_d[:, 0] = grad_z[:, 0] + grad_z[:, 1]
+  mixed_x = np.linalg.lstsq(mixed_d, np.asarray(update.weight_grad), None)[0]
+  assert not certify(mixed_x, mixed_d, True).any()

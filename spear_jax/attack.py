@@ -32,6 +32,7 @@ from spear_jax._dictionary import (
 )
 from spear_jax._dictionary import round_direction as round_direction
 from spear_jax._dictionary import round_with_pattern as round_with_pattern
+from spear_jax._dictionary import sample_last_column as sample_last_column
 from spear_jax._distributed import attack_devices as attack_devices
 from spear_jax._labels import LabelResult as LabelResult
 from spear_jax._labels import label_accuracy as label_accuracy
@@ -107,6 +108,7 @@ __all__ = [
   "relu_certificate",
   "round_direction",
   "round_with_pattern",
+  "sample_last_column",
   "select",
   "spear_sampler",
   "spearpp_learner",

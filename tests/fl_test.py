@@ -533,7 +533,6 @@ def _drifted_update(seed, b, m, sign="server_minus_client"):
 
 
 def test_last_drifted_column_is_sampled_from_the_deepest_rows():
-  from spear_jax import _dictionary  # pylint: disable=g-import-not-at-top
 
   seed = np.random.randint(1000)
   _, update = _drifted_update(seed, 12, 300)
@@ -556,7 +555,7 @@ def test_last_drifted_column_is_sampled_from_the_deepest_rows():
   rng = np.random.default_rng(seed)
   for i in rng.choice(12, 4, replace=False):
     found = jnp.asarray(np.delete(q_true, i, axis=1))
-    sampled, zeros = _dictionary.sample_last_column(
+    sampled, zeros = spear_jax.attack.sample_last_column(
       jax.random.key(i), found, *args, problem.alive, jnp.asarray(1e-9)
     )
     # 1e-9: the cosine of two float64 unit columns of one kernel.

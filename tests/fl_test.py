@@ -533,7 +533,6 @@ def _drifted_update(seed, b, m, sign="server_minus_client"):
 
 
 def test_last_drifted_column_is_sampled_from_the_deepest_rows():
-
   seed = np.random.randint(1000)
   _, update = _drifted_update(seed, 12, 300)
   problem = spear_jax.attack.prepare_problem(

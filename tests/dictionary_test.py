@@ -337,9 +337,7 @@ class FillMissingColumnsTest(absltest.TestCase):
     problem = prepare_problem(
       p["weight_grad"], p["bias_grad"], weight=p["weight"], bias=p["bias"]
     )
-    l_mxb = np.asarray(problem.l_mxb)
-    q_bxb = np.linalg.lstsq(l_mxb, p["grad_z"], rcond=None)[0]
-    found = (q_bxb / np.linalg.norm(q_bxb, axis=0))[:, :15].T
+    found = helpers.true_columns(problem.l_mxb, p["grad_z"])[:, :15].T
     errors = []
     for basis in (
       complete_basis(found, 20),
@@ -376,8 +374,7 @@ class FoundColumnsTest(absltest.TestCase):
       p["weight_grad"], p["bias_grad"], weight=p["weight"], bias=p["bias"]
     )
     l_mxb = np.asarray(problem.l_mxb)
-    q_bxb = np.linalg.lstsq(l_mxb, p["grad_z"], rcond=None)[0]
-    q_bxb /= np.linalg.norm(q_bxb, axis=0)
+    q_bxb = helpers.true_columns(l_mxb, p["grad_z"])
     dirs = q_bxb.T.copy()
     if mixture:
       dirs[1] = 0.6 * q_bxb[:, 0] + 0.4 * q_bxb[:, 1]
@@ -427,8 +424,7 @@ class FoundColumnsTest(absltest.TestCase):
       p["weight_grad"], p["bias_grad"], weight=p["weight"], bias=p["bias"]
     )
     l_mxb = np.asarray(problem.l_mxb)
-    q_bxb = np.linalg.lstsq(l_mxb, p["grad_z"], rcond=None)[0]
-    q_bxb /= np.linalg.norm(q_bxb, axis=0)
+    q_bxb = helpers.true_columns(l_mxb, p["grad_z"])
     zeros = np.sum(np.abs(l_mxb @ q_bxb) < 1e-9, axis=0)
     tau = (np.min(zeros) + 0.5) / problem.num_alive
     config = spear_jax.AttackConfig(tau=float(tau))

@@ -9,6 +9,7 @@ SGD loop, the analytic Gaussian mechanism); tolerances are stated per test.
 import equinox as eqx
 from flax import nnx
 import flax.linen as nn
+import helpers
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -455,60 +456,6 @@ def test_no_wrong_sample_is_ever_verified(
   assert not np.any(np.asarray(result.verified) & ~exact)
 
 
-@pytest.mark.parametrize("sign", ["server_minus_client", "client_minus_server"])
-def test_drift_pattern_is_read_at_the_local_trajectory_midpoint(sign):
-  # The pattern stages read the ReLU pattern at the midpoint of the
-  # server's and the client's last weights; the update's sign is read off
-  # the found columns. The truth: the client's last weights from the
-  # delta and its known convention.
-  from spear_jax import _spearpp  # pylint: disable=g-import-not-at-top
-
-  seed = np.random.randint(1000)
-  x, y = _images(12, seed)
-  model, params = _mlp(jax.random.key(seed), 3072, widths=(300, 50))
-  update = fl.simulate_client(
-    model.apply,
-    params,
-    x,
-    y,
-    layer="params/Dense_0",
-    key=jax.random.key(seed),
-    client=fl.ClientConfig(
-      mode="fedavg",
-      local_epochs=3,
-      local_batch_size=4,
-      learning_rate=0.05,
-      sign=sign,
-    ),
-  )
-  to_client = -1.0 if sign == "server_minus_client" else 1.0
-  midpoint_w = update.weight + 0.5 * to_client * update.weight_grad
-  midpoint_b = update.bias + 0.5 * to_client * update.bias_grad
-  problem = spear_jax.attack.prepare_problem(
-    update.weight_grad,
-    update.bias_grad,
-    weight=update.weight,
-    bias=update.bias,
-    config=spear_jax.AttackConfig(certificate="drift"),
-  )
-  l_mxb = np.asarray(problem.l_mxb)
-  q_true = np.linalg.lstsq(l_mxb, np.asarray(update.grad_z), rcond=None)[0]
-  q_true /= np.linalg.norm(q_true, axis=0)
-  learner = spear_jax.LearnerConfig()
-  weight, bias = _spearpp._pattern_layer(problem, q_true[:, :5].T, learner)
-  scale = float(np.max(np.abs(update.weight_grad)))
-  np.testing.assert_allclose(weight, midpoint_w, rtol=0, atol=1e-9 * scale)
-  np.testing.assert_allclose(bias, midpoint_b, rtol=0, atol=1e-9 * scale)
-  # Without the drift check, and with nothing found: the server's.
-  relu = problem._replace(check="relu")
-  assert _spearpp._pattern_layer(relu, q_true[:, :5].T, learner)[0] is (
-    problem.weight
-  )
-  assert _spearpp._pattern_layer(problem, q_true[:, :0].T, learner)[0] is (
-    problem.weight
-  )
-
-
 def _drifted_update(seed, b, m, sign="server_minus_client"):
   """A FedAvg update whose local steps moved the ReLU pattern: E = 3
   epochs of mini-batches of 4 at lr = 0.05."""
@@ -532,16 +479,50 @@ def _drifted_update(seed, b, m, sign="server_minus_client"):
   return x, update
 
 
+@pytest.mark.parametrize("sign", ["server_minus_client", "client_minus_server"])
+def test_drift_pattern_is_read_at_the_local_trajectory_midpoint(sign):
+  # The pattern stages read the ReLU pattern at the midpoint of the
+  # server's and the client's last weights; the update's sign is read off
+  # the found columns. The truth: the client's last weights from the
+  # delta and its known convention.
+  from spear_jax import _spearpp  # pylint: disable=g-import-not-at-top
+
+  seed = np.random.randint(1000)
+  _, update = _drifted_update(seed, 12, 300, sign=sign)
+  to_client = -1.0 if sign == "server_minus_client" else 1.0
+  midpoint_w = update.weight + 0.5 * to_client * update.weight_grad
+  midpoint_b = update.bias + 0.5 * to_client * update.bias_grad
+  problem = spear_jax.attack.prepare_problem(
+    update.weight_grad,
+    update.bias_grad,
+    weight=update.weight,
+    bias=update.bias,
+    config=spear_jax.AttackConfig(certificate="drift"),
+  )
+  q_true = helpers.true_columns(problem.l_mxb, update.grad_z)
+  learner = spear_jax.LearnerConfig()
+  weight, bias = _spearpp._pattern_layer(problem, q_true[:, :5].T, learner)
+  scale = float(np.max(np.abs(update.weight_grad)))
+  np.testing.assert_allclose(weight, midpoint_w, rtol=0, atol=1e-9 * scale)
+  np.testing.assert_allclose(bias, midpoint_b, rtol=0, atol=1e-9 * scale)
+  # Without the drift check, and with nothing found: the server's.
+  relu = problem._replace(check="relu")
+  assert _spearpp._pattern_layer(relu, q_true[:, :5].T, learner)[0] is (
+    problem.weight
+  )
+  assert _spearpp._pattern_layer(problem, q_true[:, :0].T, learner)[0] is (
+    problem.weight
+  )
+
+
 def test_last_drifted_column_is_sampled_from_the_deepest_rows():
   seed = np.random.randint(1000)
   _, update = _drifted_update(seed, 12, 300)
   problem = spear_jax.attack.prepare_problem(
     update.weight_grad, update.bias_grad
   )
-  l_mxb = np.asarray(problem.l_mxb)
   grad_z = np.asarray(update.grad_z)
-  q_true = np.linalg.lstsq(l_mxb, grad_z, rcond=None)[0]
-  q_true /= np.linalg.norm(q_true, axis=0)
+  q_true = helpers.true_columns(problem.l_mxb, grad_z)
   # The truth's own zero sets are not one weight matrix's pattern: at the
   # server's weights and at the local trajectory's midpoint, some rows of
   # D_eff disagree in sign with the pre-activations.

@@ -41,6 +41,13 @@ def _layer_gradients(rng, x_nxb, w_mxn, beta_m):
   }
 
 
+def true_columns(l_mxb, grad_z_mxb):
+  """The unit columns of ``Q`` with ``D = L Q`` (least squares), the truth
+  the attack's directions are compared with."""
+  q_bxb = np.linalg.lstsq(np.asarray(l_mxb), np.asarray(grad_z_mxb), None)[0]
+  return q_bxb / np.linalg.norm(q_bxb, axis=0)
+
+
 def match_rows(recovered_bxn, truth_bxn):
   """Index of the truth row closest in angle to each recovered row."""
   rec = recovered_bxn / np.linalg.norm(recovered_bxn, axis=1, keepdims=True)

@@ -32,6 +32,7 @@ from spear_jax._problem import prepare_problem
 from spear_jax._proposals import spear_sampler
 from spear_jax._selection import Selection
 from spear_jax._selection import balance_twin_pairs
+from spear_jax._selection import coupled_flags
 from spear_jax._selection import empty_selection
 from spear_jax._selection import identified_samples
 from spear_jax._selection import reconstruct
@@ -251,7 +252,9 @@ def _finalize(
   )
   if recovered and not identifiable.all():
     result = balance_twin_pairs(problem, result, identifiable)
-  verified = np.asarray(result.verified) & identifiable
+  verified = coupled_flags(
+    problem, result, np.asarray(result.verified) & identifiable, identifiable
+  )
   result = result._replace(verified=jnp.asarray(verified))
   stop_reason = str(state.stop_reason)
   if recovered and not verified.all() and np.all(verified | ~identifiable):

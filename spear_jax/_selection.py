@@ -420,6 +420,72 @@ def zero_mask(problem: Problem, grad_z_mxb: np.ndarray) -> np.ndarray:
   return zero & np.asarray(problem.alive)[:, None]
 
 
+# In :func:`coupled_flags`, a singular value of ``L`` on an unverified
+# column's zero set at most ``tol.screen`` times the largest is a kernel
+# direction; one between that and _COUPLING_MARGIN times the largest makes
+# the zero set ambiguous. The margin is measured, not derived: the two
+# mixtures that motivated the rule had 2.3e-3 and 1.1e-3, the true columns
+# of the same layer 0.17 to 0.47.
+_COUPLING_MARGIN = 1e-2
+
+
+def coupled_flags(
+  problem: Problem,
+  result: Reconstruction,
+  verified_b: np.ndarray,
+  identifiable_b: np.ndarray,
+) -> np.ndarray:
+  """The ReLU certificate's flags, withdrawn where a failing column may
+  move the samples that passed.
+
+  ``X^T = Q^{-1} R`` couples the samples: if a selected column ``w`` is a
+  mixture ``sum_j c_j q_j`` of true columns, every sample ``i`` with
+  ``c_i != 0`` is off by ``-(c_i / c_w) x_w`` (row ``i`` of ``Q^{-1}``
+  must be orthogonal to ``w`` instead of the true column), which can be too
+  small to flip any neuron: on the second layer of an MLP with 10 classes
+  (b = 40, m = 1000) two samples passed at relative errors 2.5e-3 and
+  9e-3. There ``dL/dZ`` on rows where all of ``S = {j : c_j != 0}`` are
+  active is ``W_2^T (softmax - onehot)``, of rank 9 < ``|S| = 10``, so the
+  mixture vanished on 455 rows, as many as a true column.
+
+  Which samples a failing identifiable column ``k`` can mix: the kernel of
+  ``L`` on its zero set ``Z_k`` holds every true column that vanishes on
+  ``Z_k``, and a wrong column lies in their span. So with ``K`` the sum of
+  those kernels, the samples whose columns lie in ``K`` lose their flags
+  and the others keep them when the selected columns inside ``K`` span it
+  (then the columns outside it are true and orthogonal rows of ``Q^{-1}``
+  are exact). A mixture whose zero set holds rows where only a
+  combination vanishes has a one-dimensional kernel (itself) and this
+  argument fails; such zero sets were nearly singular (the margin above),
+  and then, or when the selected columns do not span ``K``, nothing is
+  verified.
+  """
+  b = verified_b.shape[0]
+  suspects = np.flatnonzero(~verified_b & identifiable_b)
+  if suspects.size == 0 or not verified_b.any():
+    return verified_b
+  l_mxb = np.asarray(problem.l_mxb)
+  zero_mxb = zero_mask(problem, np.asarray(result.grad_z))
+  kernels = []
+  for k in suspects:
+    sigma = np.zeros(b)
+    _, top, vt = np.linalg.svd(l_mxb[zero_mxb[:, k]], full_matrices=True)
+    sigma[: top.shape[0]] = top / (top[0] if top.size else 1.0)
+    kernel = sigma <= problem.tol.screen
+    if np.any(~kernel & (sigma <= _COUPLING_MARGIN)):
+      return np.zeros_like(verified_b)
+    kernels.append(vt[kernel].T)
+  basis, weight, _ = np.linalg.svd(np.concatenate(kernels, axis=1), False)
+  basis = basis[:, weight > problem.tol.screen * weight[0]]
+  q_bxb = np.asarray(result.q)
+  unit = q_bxb / np.maximum(np.linalg.norm(q_bxb, axis=0), 1e-300)
+  off = np.linalg.norm(unit - basis @ (basis.T @ unit), axis=0)
+  inside = off <= np.sqrt(problem.tol.screen)
+  if basis.shape[1] != np.sum(inside) or not inside[suspects].all():
+    return np.zeros_like(verified_b)
+  return verified_b & ~inside
+
+
 def balance_twin_pairs(
   problem: Problem, result: Reconstruction, identifiable: np.ndarray
 ) -> Reconstruction:

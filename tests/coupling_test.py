@@ -1,0 +1,96 @@
+"""A wrong column moves the samples it mixes: their flags are withdrawn."""
+
+from absl.testing import absltest
+import helpers
+import jax
+import numpy as np
+
+from spear_jax import attack
+from spear_jax._selection import coupled_flags
+from spear_jax._selection import reconstruct
+from spear_jax._selection import zero_mask
+
+jax.config.update("jax_enable_x64", True)
+
+
+def _mixed_selection(seed, eps):
+  """A layer's true columns with column 0 replaced by ``q_0 + eps q_1``.
+
+  ``Q = Q* C`` with ``C = I + eps e_1 e_0^T``, so ``Q^{-1} = C^{-1} Q*^{-1}``
+  and only sample 1's row moves (by ``-eps x_0``); sample 0 keeps its input
+  but gets a column that is nonzero off its zero set.
+  """
+  p = helpers.relu_layer_problem(seed, 200, 30, 8)
+  problem = attack.prepare_problem(
+    p["weight_grad"], p["bias_grad"], weight=p["weight"], bias=p["bias"]
+  )
+  l_mxb = np.asarray(problem.l_mxb)
+  q_bxb = np.linalg.lstsq(l_mxb, p["grad_z"], None)[0]
+  directions = q_bxb.copy()
+  directions[:, 0] = q_bxb[:, 0] + eps * q_bxb[:, 1]
+  directions /= np.linalg.norm(directions, axis=0)
+  return p, problem, reconstruct(problem, directions)
+
+
+def _relative_errors(result, truth_bxn):
+  err = np.linalg.norm(np.asarray(result.inputs) - truth_bxn, axis=1)
+  return err / np.linalg.norm(truth_bxn, axis=1)
+
+
+class CoupledFlagsTest(absltest.TestCase):
+  def test_a_small_mixture_fools_the_certificate_not_the_coupling(self):
+    fooled = 0
+    for seed in range(4):
+      p, problem, result = _mixed_selection(seed, 1e-4)
+      err = _relative_errors(result, p["inputs"])
+      # The construction, checked against the true inputs: sample 1 is
+      # off (by about 1e-4 relative), every other sample is exact.
+      self.assertGreater(err[1], 1e-7)
+      np.testing.assert_array_less(np.delete(err, 1), 1e-9)
+      raw = np.asarray(result.verified)
+      self.assertFalse(raw[0])  # its column has nonzeros where x_0 is off
+      fooled += int(raw[1])
+      flags = coupled_flags(problem, result, raw, np.ones(8, bool))
+      np.testing.assert_array_equal(flags[:2], [False, False])
+      # The other six are exact, pass and keep their flags: the coupling
+      # is read from the failing column's zero set, not all or nothing.
+      np.testing.assert_array_equal(flags[2:], raw[2:])
+      self.assertTrue(flags[2:].all())
+    # The per-sample ReLU certificate alone passes the wrong sample (no
+    # neuron flips at 1e-4), which is what the coupling is for.
+    self.assertGreaterEqual(fooled, 3)
+
+  def test_a_failing_true_column_keeps_the_others(self):
+    p, problem, result = _mixed_selection(5, 0.0)
+    raw = np.array(result.verified)
+    self.assertTrue(raw.all())
+    # Pretend the certificate refused sample 3 (e.g. drift): its column is
+    # true, its zero set's kernel is that column alone.
+    raw[3] = False
+    flags = coupled_flags(problem, result, raw, np.ones(8, bool))
+    np.testing.assert_array_equal(flags, raw)
+
+  def test_unidentifiable_samples_are_not_suspects(self):
+    p, problem, result = _mixed_selection(6, 1e-4)
+    raw = np.asarray(result.verified)
+    identifiable = np.ones(8, bool)
+    identifiable[0] = False
+    flags = coupled_flags(problem, result, raw, identifiable)
+    np.testing.assert_array_equal(flags, raw)
+
+  def test_a_zero_set_too_small_to_pin_a_column_withdraws_all(self):
+    p, problem, result = _mixed_selection(7, 1e-4)
+    raw = np.asarray(result.verified)
+    # A column with 3 zeros (< b - 1) can be any mixture: b - 1 = 7 rows
+    # pin a direction, fewer leave a kernel the columns cannot account for.
+    grad_z = np.asarray(result.grad_z).copy()
+    keep = np.flatnonzero(zero_mask(problem, grad_z)[:, 0])[3:]
+    grad_z[keep, 0] = 1.0
+    flags = coupled_flags(
+      problem, result._replace(grad_z=grad_z), raw, np.ones(8, bool)
+    )
+    self.assertFalse(flags.any())
+
+
+if __name__ == "__main__":
+  absltest.main()

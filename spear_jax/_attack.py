@@ -338,6 +338,7 @@ def invert(
   initial_candidates: ArrayLike | None = None,
   checkpoint_fn: CheckpointFn | None = None,
   noise_std: float | None = None,
+  next_weight: ArrayLike | None = None,
 ) -> InversionResult:
   r"""Recovers the private batch from one linear layer's gradients (SPEAR).
 
@@ -385,6 +386,14 @@ def invert(
       above the Marchenko-Pastur edge of its noise, runs the noise-aware
       attack (:func:`spear_jax.attack.invert_noisy`): the best
       reconstruction, ``stats.check == "noise"``, nothing ``verified``.
+    next_weight: the weight ``V`` (``c x m``, paper layout) of the dense
+      layer that reads this layer's ReLU output directly, e.g. the
+      classifier after the last hidden layer. Every true column of ``D`` is
+      then ``1[z_i > 0] * (V^T g_i)``, which rules out mixtures of samples
+      whenever ``c`` is below a column's nonzero count
+      (:func:`spear_jax.attack.next_layer_residuals`): directions that
+      fail never enter the pool and samples whose column fails are not
+      verified. FedSGD only (ignored under the drift check and noise).
 
   Returns:
     An :class:`InversionResult`. ``success`` is ``True`` when ``b``
@@ -442,6 +451,7 @@ def invert(
         weight=weight,
         bias=bias,
         config=config,
+        next_weight=next_weight,
       )
   except FullRankError:
     if strategy.name not in ("SPEAR", "SPEAR++"):

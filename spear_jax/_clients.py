@@ -139,6 +139,10 @@ class ModelSpec(NamedTuple):
     tail_fn: ``tail_fn(params, layer_inputs) -> the classifier's inputs``
       (what the network computes between the attacked layer's input and
       the head), for labels; ``None`` skips label recovery.
+    next_layer: path of the dense layer that reads the attacked layer's
+      ReLU output directly (the head, after the last hidden layer): its
+      weight rules out mixed columns under FedSGD (:func:`spear_jax.invert`'s
+      ``next_weight``); ``None`` skips that check.
   """
 
   apply_fn: Callable[..., Any]
@@ -147,6 +151,7 @@ class ModelSpec(NamedTuple):
   head: str | None = None
   features_fn: Callable[..., Any] | None = None
   tail_fn: Callable[..., Any] | None = None
+  next_layer: str | None = None
 
 
 def parse_client_spec(spec: str) -> ClientConfig:

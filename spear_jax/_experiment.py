@@ -121,7 +121,10 @@ def run_trial(
       update, spec, image_set, inputs, true_labels, attack_key, baseline
     )
   else:
-    result = _invert_update(update, attack_key, method, config)
+    next_weight = None
+    if spec.next_layer is not None and client.mode == "fedsgd":
+      next_weight = dense_layer(spec.params, spec.next_layer)[0]
+    result = _invert_update(update, attack_key, method, config, next_weight)
   jax.block_until_ready(result.inputs)
   seconds = time.perf_counter() - start
   scores, per_sample, arrays = _score(
@@ -164,7 +167,7 @@ def _stats_record(stats: InversionStats) -> dict:
   return record
 
 
-def _invert_update(update, key, method, config):
+def _invert_update(update, key, method, config, next_weight=None):
   """The attack; a gradient whose noise hides everything recovers nothing."""
   try:
     return invert(
@@ -175,6 +178,7 @@ def _invert_update(update, key, method, config):
       weight=update.weight,
       bias=update.bias,
       config=config,
+      next_weight=next_weight,
     )
   except NoStructureError:
     # Not an input error here: the attacker gets nothing (NaN inputs score
@@ -266,6 +270,7 @@ def _builtin_model(model, key, image_set, inputs, shape) -> _clients.ModelSpec:
       head="params/Dense_1",
       features_fn=lambda p, x: cnn.apply(p, x, method=_client.CNN.features),
       tail_fn=lambda p, z: _client.hidden_features(p, z, 1),
+      next_layer="params/Dense_1",
     )
   if model == "mlp":
     net = _client.MLP(widths=(width,) * depth, num_classes=num_classes)
@@ -280,6 +285,7 @@ def _builtin_model(model, key, image_set, inputs, shape) -> _clients.ModelSpec:
         else lambda p, x: _client.hidden_features(p, x, layer)
       ),
       tail_fn=lambda p, z: _client.hidden_features(p, z, depth, start=layer),
+      next_layer=f"params/Dense_{layer + 1}",
     )
   raise ValueError(f"Unknown model {model!r}; use 'mlp', 'cnn' or a factory.")
 

@@ -21,6 +21,7 @@ from spear_jax._linalg import split_span
 from spear_jax._linalg import twin_span
 from spear_jax._peel import peel_span
 from spear_jax._problem import Problem
+from spear_jax._problem import fits_next_layer
 
 __all__ = ["CandidatePool", "absorb", "empty_pool", "merge_candidates"]
 
@@ -424,6 +425,10 @@ def absorb(
   polished, zeros, leverage = _polish(problem, raw_kxb)
   sparse = zeros >= problem.floor
   keep = sparse & ((leverage < 1.0 - problem.tol.leverage) | (not mixture_test))
+  if problem.next_weight is not None and np.any(keep):
+    # A mixture the next layer rules out is no candidate (and may split).
+    grad_z_mxk = np.asarray(problem.l_mxb) @ polished[keep].T
+    keep[np.flatnonzero(keep)] = fits_next_layer(problem, grad_z_mxk)
   pool, num_new = merge_candidates(
     pool,
     polished[keep],

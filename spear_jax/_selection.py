@@ -21,6 +21,8 @@ from spear_jax._certificate import relu_certificate
 from spear_jax._config import AttackConfig
 from spear_jax._pool import CandidatePool
 from spear_jax._problem import Problem
+from spear_jax._problem import fits_next_layer
+from spear_jax._problem import zero_mask
 from spear_jax._types import Array
 from spear_jax._types import ArrayLike
 from spear_jax._types import Bool
@@ -174,6 +176,9 @@ def reconstruct(problem: Problem, directions_bxb: ArrayLike) -> Reconstruction:
       problem.scalar(problem.tol.zero),
       problem.scalar(problem.tol.certificate),
     )
+  if problem.next_weight is not None:
+    fits = fits_next_layer(problem, np.asarray(grad_z))
+    verified = jnp.asarray(np.asarray(verified) & fits)
   return Reconstruction(inputs, grad_z, q, verified)
 
 
@@ -410,14 +415,6 @@ def identified_samples(problem: Problem, result: Reconstruction) -> np.ndarray:
       problem.scalar(problem.tol.leverage),
     )
   )
-
-
-def zero_mask(problem: Problem, grad_z_mxb: np.ndarray) -> np.ndarray:
-  """The exact zeros of a recovered ``D`` over alive rows (on the host):
-  ``|D_ji| <= zero_tol ||D_i||``."""
-  column_norm = np.linalg.norm(grad_z_mxb, axis=0)
-  zero = np.abs(grad_z_mxb) <= problem.tol.zero * column_norm[None, :]
-  return zero & np.asarray(problem.alive)[:, None]
 
 
 # In :func:`coupled_flags`, a singular value of ``L`` on an unverified

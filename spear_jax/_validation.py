@@ -121,6 +121,27 @@ def check_inputs(
   return weight_grad, bias_grad, layer_weight, layer_bias
 
 
+def check_next_weight(
+  next_weight: ArrayLike | None, m: int, dtype
+) -> np.ndarray | None:
+  """Validates the next layer's weight (``c x m``); a host array or ``None``.
+
+  Raises:
+    ValueError: with a one-line message (shape, non-finite values).
+  """
+  if next_weight is None:
+    return None
+  array = _cast(_as_float_array(next_weight, "next_weight"), dtype)
+  if array.ndim != 2 or array.shape[1] != m:
+    raise ValueError(
+      f"next_weight must have shape (c, {m}) (the next dense layer's W, "
+      f"reading this layer's {m} outputs), got {tuple(array.shape)} (flax "
+      "kernels are (m, c): transpose them)."
+    )
+  _check_finite(array, "next_weight")
+  return np.asarray(array)
+
+
 def check_rank(rank: int, batch_size: int | None, m: int, n: int) -> int:
   """Checks the numerical rank against the shape and the requested ``b``.
 

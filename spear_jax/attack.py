@@ -48,12 +48,14 @@ from spear_jax._pool import CandidatePool as CandidatePool
 from spear_jax._pool import absorb as absorb
 from spear_jax._pool import empty_pool as empty_pool
 from spear_jax._problem import Problem as Problem
+from spear_jax._problem import next_layer_residuals as next_layer_residuals
 from spear_jax._problem import prepare_problem as prepare_problem
 from spear_jax._problem import structure_floor as structure_floor
 from spear_jax._proposals import propose_direction as propose_direction
 from spear_jax._proposals import spear_sampler as spear_sampler
 from spear_jax._selection import Reconstruction as Reconstruction
 from spear_jax._selection import Selection as Selection
+from spear_jax._selection import coupled_flags as coupled_flags
 from spear_jax._selection import empty_selection as empty_selection
 from spear_jax._selection import reconstruct as reconstruct
 from spear_jax._selection import select as select
@@ -87,6 +89,7 @@ __all__ = [
   "absorb",
   "attack_devices",
   "complete_last_column",
+  "coupled_flags",
   "default_max_proposals",
   "drift_certificate",
   "empty_pool",
@@ -99,6 +102,7 @@ __all__ = [
   "learn_directions",
   "make_dictionary_learner",
   "make_strategy",
+  "next_layer_residuals",
   "peel_span",
   "polish_direction",
   "prepare_problem",

@@ -61,7 +61,7 @@ class CoupledFlagsTest(absltest.TestCase):
     self.assertGreaterEqual(fooled, 3)
 
   def test_a_failing_true_column_keeps_the_others(self):
-    p, problem, result = _mixed_selection(5, 0.0)
+    _, problem, result = _mixed_selection(5, 0.0)
     raw = np.array(result.verified)
     self.assertTrue(raw.all())
     # Pretend the certificate refused sample 3 (e.g. drift): its column is
@@ -71,7 +71,7 @@ class CoupledFlagsTest(absltest.TestCase):
     np.testing.assert_array_equal(flags, raw)
 
   def test_unidentifiable_samples_are_not_suspects(self):
-    p, problem, result = _mixed_selection(6, 1e-4)
+    _, problem, result = _mixed_selection(6, 1e-4)
     raw = np.asarray(result.verified)
     identifiable = np.ones(8, bool)
     identifiable[0] = False
@@ -79,7 +79,7 @@ class CoupledFlagsTest(absltest.TestCase):
     np.testing.assert_array_equal(flags, raw)
 
   def test_a_zero_set_too_small_to_pin_a_column_withdraws_all(self):
-    p, problem, result = _mixed_selection(7, 1e-4)
+    _, problem, result = _mixed_selection(7, 1e-4)
     raw = np.asarray(result.verified)
     # A column with 3 zeros (< b - 1) can be any mixture: b - 1 = 7 rows
     # pin a direction, fewer leave a kernel the columns cannot account for.

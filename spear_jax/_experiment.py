@@ -121,10 +121,7 @@ def run_trial(
       update, spec, image_set, inputs, true_labels, attack_key, baseline
     )
   else:
-    next_weight = None
-    if spec.next_layer is not None and client.mode == "fedsgd":
-      next_weight = dense_layer(spec.params, spec.next_layer)[0]
-    result = _invert_update(update, attack_key, method, config, next_weight)
+    result = _invert_update(update, spec, client, attack_key, method, config)
   jax.block_until_ready(result.inputs)
   seconds = time.perf_counter() - start
   scores, per_sample, arrays = _score(
@@ -167,8 +164,15 @@ def _stats_record(stats: InversionStats) -> dict:
   return record
 
 
-def _invert_update(update, key, method, config, next_weight=None):
-  """The attack; a gradient whose noise hides everything recovers nothing."""
+def _invert_update(update, spec, client, key, method, config):
+  """The attack; a gradient whose noise hides everything recovers nothing.
+
+  Under FedSGD the layer after the attacked one (``spec.next_layer``) is
+  the server's to give: it rules out mixed columns (``next_weight``).
+  """
+  next_weight = None
+  if spec.next_layer is not None and client.mode == "fedsgd":
+    next_weight = dense_layer(spec.params, spec.next_layer)[0]
   try:
     return invert(
       update.weight_grad,

@@ -269,7 +269,9 @@ def next_layer_residuals(
       continue
     d_r, basis = grad_z_mxk[rows, k], np.linalg.qr(v_cxm[:, rows].T)[0]
     resid = d_r - basis @ (basis.T @ d_r)
-    out[k] = np.linalg.norm(resid) / max(np.linalg.norm(d_r), 1e-300)
+    out[k] = float(np.linalg.norm(resid)) / max(
+      float(np.linalg.norm(d_r)), 1e-300
+    )
   return out
 
 

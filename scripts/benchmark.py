@@ -864,7 +864,8 @@ def _factorization(emit):
 def _frontier(emit):
   """Truth-side identifiability margin of real gradients across m and b.
 
-  No attack: for each (dataset, m, b, trial) of the sweep's gradients, the
+  No attack: for each (dataset, m, b, client, trial) of the sweep's
+  gradients (a FedAvg update's ``D_eff`` under plain SGD), the
   zero counts of the columns of ``D`` over alive rows against the
   ``b - 1`` that pin a column down, and how many samples the layer
   identifies at all (``spear_jax.metrics.identifiable_samples``).
@@ -877,7 +878,8 @@ def _frontier(emit):
   from spear_jax import _experiment  # pylint: disable=g-import-not-at-top
 
   root = jax.random.key(_SEED.value)
-  for _, _, dataset, m, b, _ in _settings():
+  cells = dict.fromkeys(setting[2:] for setting in _settings())
+  for dataset, m, b, client in cells:
     image_set = spear_jax.data.load_dataset(dataset, data_dir=_DATA_DIR.value)
     key = jax.random.fold_in(root, zlib.crc32(dataset.encode()))
     key = jax.random.fold_in(jax.random.fold_in(key, m), b)
@@ -893,15 +895,16 @@ def _frontier(emit):
         inputs,
         labels,
         (m, _DEPTH.value, 0, 10),
-        None,
+        client_config(client),
       )
-      d = np.asarray(update.grad_z)
+      d = np.asarray(update.grad_z)  # FedAvg: D_eff (plain SGD)
       alive = np.any(d != 0, axis=1)
       zeros = np.sum((d == 0) & alive[:, None], axis=0)
       identifiable = spear_jax.metrics.identifiable_samples(d)
       emit(
         {
           "mode": "frontier",
+          "client_spec": client,
           "dataset": dataset,
           "width": m,
           "batch_size": b,

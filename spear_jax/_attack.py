@@ -230,6 +230,9 @@ def _finalize(
 ) -> InversionResult:
   """The best (possibly partial) reconstruction and honest flags."""
   pool, selection = state.pool, state.selection
+  if selection.chosen.shape[0] < problem.b and selection.fallback:
+    chosen, fallback = selection.fallback  # a full set under the threshold
+    selection = selection._replace(chosen=chosen, result=fallback)
   result = selection.result
   recovered = selection.chosen.shape[0] == problem.b
   if result is None or not recovered:

@@ -197,6 +197,11 @@ class Selection(NamedTuple):
       tie its true column's, 18/20 certified, with the column in the
       pool).
     tried: selections already evaluated by the swap stage (and top-ups).
+    fallback: the best full top-up that did not certify every sample
+      (its pool indices and reconstruction), or ``None``: the final result
+      when the selection above the threshold stays short (a short
+      selection's filler columns enter every row of ``Q^{-1}``, a full set
+      of candidates at worst its own mixed samples).
   """
 
   chosen: np.ndarray
@@ -204,6 +209,7 @@ class Selection(NamedTuple):
   threshold: int
   signature: bytes | None
   tried: frozenset[frozenset[int]]
+  fallback: tuple[np.ndarray, Reconstruction] | None = None
 
 
 def empty_selection(problem: Problem) -> Selection:
@@ -384,7 +390,8 @@ def _topped_up(
   greedy selection over every candidate (all passed the floor and the
   mixture test) is evaluated once per distinct set; it replaces the
   short one only if every sample is certified, so the search keeps
-  building on the columns above the threshold otherwise.
+  building on the columns above the threshold otherwise; the full set is
+  kept as ``fallback`` for the final result.
   """
   if not problem.certifiable or pool.zeros.shape[0] < problem.b:
     return selection, None
@@ -395,6 +402,9 @@ def _topped_up(
   selection = selection._replace(tried=selection.tried | {key})
   result = reconstruct(problem, pool.directions[chosen].T)
   if _num_verified(result) < problem.b:
+    best = selection.fallback
+    if best is None or _num_verified(result) >= _num_verified(best[1]):
+      selection = selection._replace(fallback=(chosen, result))
     return selection, None
   return selection._replace(chosen=chosen, result=result), "certified"
 

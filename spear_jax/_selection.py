@@ -242,7 +242,7 @@ def threshold(
   return max(floor, math.ceil(relative * float(np.median(top))))
 
 
-def _greedy(
+def greedy_selection(
   problem: Problem, pool: CandidatePool, threshold: int, capacity: int
 ) -> np.ndarray:
   """Stage 1: sparsest first, keep the independent ones.
@@ -349,7 +349,7 @@ def select(
     selected and no weights were given to certify, else ``None``.
   """
   tau = threshold(problem, pool, config, search)
-  chosen = _greedy(problem, pool, tau, config.pool_capacity)
+  chosen = greedy_selection(problem, pool, tau, config.pool_capacity)
   selection = previous._replace(chosen=chosen, threshold=tau)
   signature = pool.directions[np.sort(chosen)].tobytes() + bytes(
     str(pool.zeros.shape[0]), "ascii"
@@ -395,7 +395,7 @@ def _topped_up(
   """
   if not problem.certifiable or pool.zeros.shape[0] < problem.b:
     return selection, None
-  chosen = _greedy(problem, pool, problem.floor, config.pool_capacity)
+  chosen = greedy_selection(problem, pool, problem.floor, config.pool_capacity)
   key = frozenset(chosen.tolist())
   if chosen.shape[0] < problem.b or key in selection.tried:
     return selection, None

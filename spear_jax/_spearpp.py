@@ -52,6 +52,7 @@ from spear_jax._pool import twin_spans
 from spear_jax._problem import Problem
 from spear_jax._selection import Selection
 from spear_jax._selection import complete_basis
+from spear_jax._selection import greedy_selection
 from spear_jax._strategy import StepOutput
 from spear_jax._strategy import Strategy
 from spear_jax._types import PRNGKeyArray
@@ -605,6 +606,24 @@ def _complete_twins(problem, found_kxb, span_bxs):
   return np.concatenate(proposals).astype(problem.dtype)
 
 
+def _trajectory_layers(problem, found_kxb, learner):
+  """The weights along the local trajectory at which the last sample may
+  have been seen: the server's, the midpoint (:func:`_pattern_layer`) and
+  the client's last, ``W - s G``.
+
+  One sample's zero set is exact at the weights of the steps that saw it,
+  which vary by sample: on a b = 32, m = 400 update after 8 steps at
+  lr = 0.1 the midpoint's pattern was off on 107 of 400 rows per sample
+  (median) and the last column was found only at another point.
+  """
+  server = (problem.weight, problem.bias)
+  middle = _pattern_layer(problem, found_kxb, learner)
+  if middle[0] is server[0]:
+    return [server]
+  end = tuple(2.0 * m - s for m, s in zip(middle, server))
+  return [server, middle, end]
+
+
 def _complete_stage(state, problem, pool, selection, learner, devices):
   """Stage 3: one column missing, read it off the bias gradient (always)
   and off the layer's ReLU pattern (with the weights: strict check, or
@@ -615,6 +634,12 @@ def _complete_stage(state, problem, pool, selection, learner, devices):
   directions = pinned = np.zeros((0, problem.b), problem.dtype)
   found = _found_columns(problem, pool, selection)
   missing = problem.b - found.shape[0]
+  if problem.check == "drift" and missing > 1:
+    # Drift spreads the zero counts: a true column under the threshold
+    # (0.8 of the median) leaves two missing where the pool lacks one.
+    wide = greedy_selection(problem, pool, problem.floor, 1 << 30)
+    if wide.shape[0] == problem.b - 1:
+      found, missing = pool.directions[wide], 1
   strict = problem.certifiable and problem.check == "relu"
   if strict and 2 <= missing <= learner.pattern_max_missing:
     span = _missing_span(problem, found, state.rounded, state.zeros)
@@ -629,17 +654,20 @@ def _complete_stage(state, problem, pool, selection, learner, devices):
       np.asarray(problem.alive),
     )[None].astype(problem.dtype)
     if problem.check == "drift":  # only set with the weights
-      sampled, _ = sample_last_column(
-        jax.random.fold_in(state.key, 3),
-        jnp.asarray(found_bxk),
-        problem.l_mxb,
-        problem.r_bxn,
-        *_pattern_layer(problem, found, learner),
-        problem.alive,
-        problem.scalar(problem.tol.screen),
-      )
+      sampled = [
+        sample_last_column(
+          jax.random.fold_in(state.key, 3 + i),
+          jnp.asarray(found_bxk),
+          problem.l_mxb,
+          problem.r_bxn,
+          *layer,
+          problem.alive,
+          problem.scalar(problem.tol.screen),
+        )[0]
+        for i, layer in enumerate(_trajectory_layers(problem, found, learner))
+      ]
       directions = np.concatenate(
-        [directions, np.asarray(sampled, problem.dtype)[None]]
+        [directions, np.asarray(sampled, problem.dtype)]
       )
     if strict:
       direction, _ = complete_last_column(

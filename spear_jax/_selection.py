@@ -453,7 +453,8 @@ def coupled_flags(
   (b = 40, m = 1000) two samples passed at relative errors 2.5e-3 and
   9e-3. There ``dL/dZ`` on rows where all of ``S = {j : c_j != 0}`` are
   active is ``W_2^T (softmax - onehot)``, of rank 9 < ``|S| = 10``, so the
-  mixture vanished on 455 rows, as many as a true column.
+  mixture vanished on 455 rows, nearly as many as a true column (473
+  to 532).
 
   Which samples a failing identifiable column ``k`` can mix: the kernel of
   ``L`` on its zero set ``Z_k`` holds every true column that vanishes on

@@ -24,6 +24,12 @@ class LearnerConfig:
       with the smallest ``|L_j q| / ||L_j||``, then random ``(b-1)``-subsets
       of the ``rounding_pool`` smallest.
     rounding_pool: size of that pool of small rows; ``None`` means ``2 b``.
+    guided_proposals: columns proposed per round through the layer's ReLU
+      from random input guesses (:func:`spear_jax.attack.relu_guided_direction`:
+      kernels of the rows deepest on a guess's inactive side, sampled like
+      the rounding), beside the l1 search; ``None`` means ``b``, ``0``
+      none. They find the columns of alike inputs (faces, low contrast)
+      whose l1 end points are mixtures of twins. Needs the layer's weight.
     max_rounds: rounds of (search, rounding) before giving up (64: a
       faces batch at b = 100 needed more than 32 after its first stall).
     patience: give up earlier after this many rounds without a new column.
@@ -113,6 +119,7 @@ class LearnerConfig:
   logcosh_mu: float = 0.1
   rounding_tries: int = 10
   rounding_pool: int | None = None
+  guided_proposals: int | None = None
   max_rounds: int = 64
   patience: int = 4
   targeted_fraction: float = 0.5
@@ -144,6 +151,8 @@ class LearnerConfig:
       raise ValueError("steps, rounding_tries and max_rounds must be >= 1.")
     if self.restarts is not None and self.restarts < 1:
       raise ValueError("restarts must be positive.")
+    if self.guided_proposals is not None and self.guided_proposals < 0:
+      raise ValueError("guided_proposals must be >= 0.")
     if not 0.0 <= self.targeted_fraction <= 1.0:
       raise ValueError("targeted_fraction must lie in [0, 1].")
     if not 0.0 <= self.subspace_fraction <= 1.0:

@@ -49,6 +49,7 @@ __all__ = [
   "learn_directions_constrained",
   "make_dictionary_learner",
   "pattern_problem",
+  "relu_guided_direction",
   "round_direction",
   "round_with_pattern",
   "round_with_pattern_rows",
@@ -295,6 +296,53 @@ def round_direction(
   pool = min(max(pool, b - 1), m)
   _, smallest = jax.lax.top_k(-score_m, pool)
   return _best_sampled_kernel(key, smallest, l_mxb, alive_m, screen_tol, tries)
+
+
+def relu_guided_direction(
+  key: PRNGKeyArray,
+  guess_b: Float[Array, " b"],
+  a_mxb: Float[Array, "m b"],
+  bias_m: Float[Array, " m"],
+  l_mxb: Float[Array, "m b"],
+  alive_m: Bool[Array, " m"],
+  screen_tol: Float[Array, ""],
+  away_bxb: Float[Array, "b b"],
+  *,
+  tries: int,
+  pool: int,
+) -> tuple[Float[Array, " b"], Int[Array, ""]]:
+  r"""A column proposed through the layer's ReLU from a guessed input.
+
+  The guess is an input ``x = R^T y`` in the span of the batch's inputs
+  (``A = W R^T``, so its pre-activations are ``A y + beta``). The rows
+  deepest on its inactive side, ranked by ``(A_j y + beta_j) / ||A_j||``,
+  stay inactive for every input whose pattern is close to the guess's, so
+  the kernel of ``b - 1`` of them is often exactly one sample's column even
+  from a random guess when the batch's inputs are alike (near-duplicates,
+  low contrast, faces), where the l1 search's end points are mixtures of
+  twins. The first try takes the ``b - 1`` deepest rows, the others random
+  ``(b-1)``-subsets of the ``pool`` deepest (SPEAR's sampling, with rows
+  ranked by the model instead of uniformly); ``away_bxb`` (the complement
+  of the found columns, zero columns pad) keeps only kernels with a
+  component outside the found columns.
+
+  Returns:
+    ``(direction, zeros)``: the kernel with the most zeros (``screen_tol``,
+    alive rows) and that count (-1 when no kernel counts).
+  """
+  m, b = l_mxb.shape
+  norms_m = jnp.linalg.norm(a_mxb, axis=1)
+  tiny = jnp.finfo(a_mxb.dtype).tiny
+  margin_m = jnp.where(
+    alive_m & (norms_m > tiny),
+    (jnp.dot(a_mxb, guess_b, precision=_HI) + bias_m)
+    / jnp.maximum(norms_m, tiny),
+    jnp.inf,
+  )
+  _, deepest = jax.lax.top_k(-margin_m, min(max(pool, b - 1), m))
+  return _best_sampled_kernel(
+    key, deepest, l_mxb, alive_m, screen_tol, tries, away_bxb
+  )
 
 
 def _best_sampled_kernel(

@@ -30,6 +30,7 @@ from spear_jax._dictionary import learn_directions as learn_directions
 from spear_jax._dictionary import (
   make_dictionary_learner as make_dictionary_learner,
 )
+from spear_jax._dictionary import relu_guided_direction as relu_guided_direction
 from spear_jax._dictionary import round_direction as round_direction
 from spear_jax._dictionary import round_with_pattern as round_with_pattern
 from spear_jax._dictionary import sample_last_column as sample_last_column
@@ -110,6 +111,7 @@ __all__ = [
   "reconstruct",
   "recover_labels",
   "relu_certificate",
+  "relu_guided_direction",
   "round_direction",
   "round_with_pattern",
   "sample_last_column",

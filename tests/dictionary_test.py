@@ -596,3 +596,64 @@ class SpearPlusPlusTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class ReluGuidedTest(absltest.TestCase):
+  def _layer(self, seed):
+    p = helpers.relu_layer_problem(seed, 240, 80, 10)
+    l_mxb, r_bxn, q_true = _factor(p, 10)
+    # An input x = R^T y: y from the true inputs by least squares on R^T.
+    y_bxb = np.linalg.lstsq(r_bxn.T, p["inputs"].T, rcond=None)[0].T
+    alive = np.any(p["grad_z"] != 0, axis=1)
+    return p, l_mxb, r_bxn, q_true, y_bxb, alive
+
+  def _guided(self, p, l_mxb, r_bxn, guess, alive, away, key=0):
+    return _dictionary.relu_guided_direction(
+      jax.random.key(key),
+      jnp.asarray(guess),
+      jnp.asarray(p["weight"] @ r_bxn.T),
+      jnp.asarray(p["bias"]),
+      jnp.asarray(l_mxb),
+      jnp.asarray(alive),
+      jnp.asarray(1e-9),
+      jnp.asarray(away),
+      tries=4,
+      pool=20,
+    )
+
+  def test_a_sample_s_own_input_proposes_its_exact_column(self):
+    # The rows deepest on a true input's inactive side are zeros of its
+    # column (numpy truth: D's zero pattern, Q from least squares); float64,
+    # |cos| within 1e-12 and the exact zero count.
+    seed = int(np.random.default_rng().integers(2**31))
+    p, l_mxb, r_bxn, q_true, y_bxb, alive = self._layer(seed)
+    for j in range(10):
+      direction, zeros = self._guided(
+        p, l_mxb, r_bxn, y_bxb[j], alive, np.eye(10), key=j
+      )
+      self.assertGreater(
+        abs(float(direction @ q_true[:, j])), 1 - 1e-12, f"seed {seed}"
+      )
+      true_zeros = (p["grad_z"][:, j] == 0) & alive
+      self.assertEqual(int(zeros), int(true_zeros.sum()), f"seed {seed}")
+
+  def test_kernels_inside_the_found_span_do_not_count(self):
+    seed = int(np.random.default_rng().integers(2**31))
+    p, l_mxb, r_bxn, q_true, y_bxb, alive = self._layer(seed)
+    j = 3
+    u, _, _ = np.linalg.svd(q_true[:, [j]])
+    away = np.zeros((10, 10))
+    away[:, 1:] = u[:, 1:]  # the complement of column j, zero padded
+    direction, zeros = self._guided(
+      p, l_mxb, r_bxn, y_bxb[j], alive, away, key=1
+    )
+    # Column j's kernels count -1 (below any floor); a kernel that counts
+    # has a part outside its span.
+    cosine = abs(float(direction @ q_true[:, j]))
+    self.assertTrue(int(zeros) == -1 or cosine < 1 - 1e-6, f"seed {seed}")
+    _, free = self._guided(p, l_mxb, r_bxn, y_bxb[j], alive, np.eye(10))
+    self.assertEqual(int(free), int(((p["grad_z"][:, j] == 0) & alive).sum()))
+
+  def test_guided_proposals_validation(self):
+    with self.assertRaisesRegex(ValueError, "guided_proposals"):
+      spear_jax.LearnerConfig(guided_proposals=-1)

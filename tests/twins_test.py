@@ -156,18 +156,20 @@ class IndivisibleTwinsTest(parameterized.TestCase):
   def test_others_exact_and_the_pairs_estimated(self, method, gap):
     rng = np.random.default_rng()
     m, n, b = 200, 100, 8
-    x_nxb = rng.standard_normal((n, b))
-    # Two pairs of near-duplicates (relative distance about `gap`): with
-    # m = 200 the twins of a pair share their whole ReLU pattern.
-    x_nxb[:, 1] = x_nxb[:, 0] + gap * rng.standard_normal(n)
-    x_nxb[:, 3] = (1 + gap) * x_nxb[:, 2] + gap * rng.standard_normal(n)
-    p = helpers.layer_for_inputs(rng, x_nxb, m)
-    same = [
-      np.array_equal(p["grad_z"][:, i] == 0, p["grad_z"][:, i + 1] == 0)
-      for i in (0, 2)
-    ]
-    if not all(same):
-      self.skipTest("a pair's ReLU patterns differ (rare at this gap)")
+    for _ in range(50):  # a pair's patterns differ on a few % of draws
+      x_nxb = rng.standard_normal((n, b))
+      # Two pairs of near-duplicates (relative distance about `gap`): with
+      # m = 200 the twins of a pair share their whole ReLU pattern.
+      x_nxb[:, 1] = x_nxb[:, 0] + gap * rng.standard_normal(n)
+      x_nxb[:, 3] = (1 + gap) * x_nxb[:, 2] + gap * rng.standard_normal(n)
+      p = helpers.layer_for_inputs(rng, x_nxb, m)
+      same = [
+        np.array_equal(p["grad_z"][:, i] == 0, p["grad_z"][:, i + 1] == 0)
+        for i in (0, 2)
+      ]
+      if all(same):
+        break
+    self.assertTrue(all(same), "no draw with one pattern per pair")
     result = inversions.invert_layer(p, rng, method, batch_size=b)
     truth = p["inputs"]
     recovered = np.asarray(result.inputs)

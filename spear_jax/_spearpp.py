@@ -99,6 +99,15 @@ def _chunk(bytes_per_row: int) -> int:
   return 1 << (rows.bit_length() - 1)
 
 
+def _rounding_chunk(problem, learner):
+  """Rows per chunk of a rounding: each try gathers ``b - 1`` rows of ``L``
+  and eliminates them; it also screens."""
+  b = problem.b
+  return _chunk(
+    learner.rounding_tries * (4 * b * b + 2 * problem.l_mxb.shape[0]) * 8
+  )
+
+
 @functools.cache
 def _row_fn(fn, **static):
   """One ``functools.partial`` per setting, so compilations are reused."""
@@ -446,13 +455,14 @@ def _guided_proposals(key, problem, found_kxb, learner, devices):
   ``|A_j y|`` is ``2^u`` (``u`` uniform in ``[-2, 8]``) times the median
   ``|beta_j|``: the pattern depends on how the input's part compares with
   the bias's, which the gradient does not tell (natural images under
-  PyTorch's init: about 16; a guess at the bias's level found no column of
-  a faces batch at b = 150, one at 16 times it 30 in 400 guesses). With
-  columns found, the guesses lie in their orthogonal complement ``C``:
-  the missing samples' rows of ``Q^{-1}`` (their inputs ``x = R^T y``)
-  span exactly ``C`` (``Q^{-1} Q = I``), so a guess is an input made of
-  missing samples only. Kernels inside the span of the found columns do not count.
-  Nothing without the layer's weight. Returns ``(directions, zeros)``.
+  PyTorch's init: 16 to 21; on a faces batch at b = 150, guesses at the
+  bias's level gave no column, guesses at the true inputs' scale hit a
+  sample 67 times in 400). With columns found, the guesses lie in their
+  orthogonal complement ``C``: the missing samples' rows of ``Q^{-1}``
+  (their inputs ``x = R^T y``) span exactly ``C`` (``Q^{-1} Q = I``), so a
+  guess is an input made of missing samples only; kernels inside the
+  found columns' span do not count. Nothing without the layer's weight.
+  Returns ``(directions, zeros)``.
   """
   b = problem.b
   count = b if learner.guided_proposals is None else learner.guided_proposals
@@ -494,9 +504,7 @@ def _guided_proposals(key, problem, found_kxb, learner, devices):
       problem.scalar(problem.tol.screen),
       jnp.asarray(away),
     ),
-    chunk=_chunk(
-      learner.rounding_tries * (4 * b * b + 2 * problem.l_mxb.shape[0]) * 8
-    ),
+    chunk=_rounding_chunk(problem, learner),
   )
 
 
@@ -550,10 +558,7 @@ def _search_stage(state, problem, pool, selection, learner, devices):
     lapack_safe(devices) if b >= BLOCKED_QR_FROM else devices,
     (jax.random.split(round_key, approx.shape[0]), jnp.asarray(approx)),
     (problem.l_mxb, problem.alive, problem.scalar(problem.tol.screen)),
-    # Each try gathers b - 1 rows of L and eliminates them; it also screens.
-    chunk=_chunk(
-      learner.rounding_tries * (4 * b * b + 2 * problem.l_mxb.shape[0]) * 8
-    ),
+    chunk=_rounding_chunk(problem, learner),
   )
   guided, guided_zeros = _guided_proposals(
     jax.random.fold_in(state.key, 7), problem, found, learner, devices

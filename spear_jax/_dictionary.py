@@ -286,16 +286,15 @@ def round_direction(
     ``(direction, zeros)``: the best rounded unit direction and its number
     of zeros (``screen_tol``) over alive rows.
   """
-  m, b = l_mxb.shape
   v_m = jnp.dot(l_mxb, approx_b, precision=_HI)
   norms_m = jnp.linalg.norm(l_mxb, axis=1)
   tiny = jnp.finfo(l_mxb.dtype).tiny
   score_m = jnp.where(
     alive_m, jnp.abs(v_m) / jnp.maximum(norms_m, tiny), jnp.inf
   )
-  pool = min(max(pool, b - 1), m)
-  _, smallest = jax.lax.top_k(-score_m, pool)
-  return _best_sampled_kernel(key, smallest, l_mxb, alive_m, screen_tol, tries)
+  return _lowest_rows_kernel(
+    key, score_m, l_mxb, alive_m, screen_tol, tries, pool
+  )
 
 
 def relu_guided_direction(
@@ -330,7 +329,6 @@ def relu_guided_direction(
     ``(direction, zeros)``: the kernel with the most zeros (``screen_tol``,
     alive rows) and that count (-1 when no kernel counts).
   """
-  m, b = l_mxb.shape
   norms_m = jnp.linalg.norm(a_mxb, axis=1)
   tiny = jnp.finfo(a_mxb.dtype).tiny
   margin_m = jnp.where(
@@ -339,9 +337,20 @@ def relu_guided_direction(
     / jnp.maximum(norms_m, tiny),
     jnp.inf,
   )
-  _, deepest = jax.lax.top_k(-margin_m, min(max(pool, b - 1), m))
+  return _lowest_rows_kernel(
+    key, margin_m, l_mxb, alive_m, screen_tol, tries, pool, away_bxb
+  )
+
+
+def _lowest_rows_kernel(
+  key, score_m, l_mxb, alive_m, screen_tol, tries, pool, away_bxd=None
+):
+  """:func:`_best_sampled_kernel` over the ``pool`` rows (at least ``b -
+  1``, at most ``m``) with the lowest ``score_m``, lowest first."""
+  m, b = l_mxb.shape
+  _, lowest = jax.lax.top_k(-score_m, min(max(pool, b - 1), m))
   return _best_sampled_kernel(
-    key, deepest, l_mxb, alive_m, screen_tol, tries, away_bxb
+    key, lowest, l_mxb, alive_m, screen_tol, tries, away_bxd
   )
 
 

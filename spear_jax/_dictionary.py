@@ -462,6 +462,7 @@ def complete_last_column(
   weight_mxn: Float[Array, "m n"],
   bias_m: Float[Array, " m"],
   alive_m: Bool[Array, " m"],
+  bias_grad_m: Float[Array, " m"] | None = None,
 ) -> tuple[Float[Array, " b"], Float[Array, ""]]:
   r"""The last missing column of ``Q`` from the ReLU pattern (``k = b - 1``).
 
@@ -477,6 +478,15 @@ def complete_last_column(
   whose second eigenvalue is not zero too (``I`` inside a twin pair's
   shared zeros pins no column); the interval whose score is smallest
   gives the column.
+
+  With ``bias_grad_m`` (a FedSGD gradient, where ``D 1`` is exact) the
+  scale is known: ``t = L^T bias_grad = Q 1`` gives ``r . t = 1`` for the
+  row scaled as in ``Q^{-1}``, so ``alpha = 1 / (r . t)`` for unit ``r``.
+  Its inactive set is used when ``L`` has an exact null vector there
+  (relative eigenvalue under ``_PLANE_RTOL``); the scan alone can tie:
+  near-twins with one and two own zeros left an interval whose inactive
+  set (the shared zeros plus one row where a mixture of the pair vanishes)
+  has an exact null vector too, and argmin over round-off chose it.
 
   Returns:
     ``(direction, score)`` (that relative eigenvalue per squared
@@ -513,11 +523,19 @@ def complete_last_column(
     scores = jnp.where(along > 1e-6, relative / along, jnp.inf)
     best = jnp.argmin(scores)
     enough = (jnp.sum(inactive) >= b + 3) & (relative[1] > _PLANE_RTOL)
-    return jnp.where(enough, scores[best], jnp.inf), eigvecs[:, best]
+    exact = enough & (relative[best] <= _PLANE_RTOL)
+    return jnp.where(enough, scores[best], jnp.inf), eigvecs[:, best], exact
 
-  relative, vectors = jax.lax.map(evaluate, mids, batch_size=32)
+  relative, vectors, _ = jax.lax.map(evaluate, mids, batch_size=32)
   best = jnp.argmin(relative)
-  return vectors[best], relative[best]
+  if bias_grad_m is None:
+    return vectors[best], relative[best]
+  target_b = jnp.dot(l_mxb.T, bias_grad_m, precision=_HI)
+  scaled, vector, exact = evaluate(1.0 / jnp.dot(r_b, target_b, precision=_HI))
+  return (
+    jnp.where(exact, vector, vectors[best]),
+    jnp.where(exact, scaled, relative[best]),
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("tries", "grid"))

@@ -283,9 +283,15 @@ def _swap(
   A sparse mixture of two columns of ``Q`` can outrank a true column in
   stage 1 when their zero sets are nearly nested; it then spoils the
   samples it mixes. For each unverified sample we try replacing its
-  direction by another eligible candidate (sparsest first) and keep a swap
-  that increases the number of verified samples. Selections already
-  evaluated (``tried``) are skipped, and at most ``2 b`` new selections are
+  direction by another eligible candidate (sparsest first); of the swaps
+  tried in one sweep the one that verifies the most samples is kept, and
+  sweeps repeat while that number grows. Taking the first swap that
+  helped kept wrong ones: with near-twins ``x_0, x_1`` selected as the
+  true ``q_1`` and a mixture of ``q_0, q_1``, replacing ``q_1`` by another
+  mixture made the two mixtures' in-between input pass the raw ReLU
+  check (7 of 8 verified) before the swap that gives the truth (8 of 8)
+  was tried, and no single swap led back. Selections already evaluated
+  (``tried``) are skipped, and at most ``2 b`` new selections are
   evaluated per call.
 
   Returns:
@@ -317,11 +323,14 @@ def _swap(
       trials += 1
       result = reconstruct(problem, basis.T)
       if _num_verified(result) > _num_verified(best):
-        others = [o for o in others if o != c] + [int(chosen[slot])]
-        chosen, best, improved = trial, result, True
+        swapped, best, improved = (slot, c), result, True
+      if _num_verified(best) == b or trials >= budget:
         break
-      if trials >= budget:
-        break
+    if improved:
+      slot, c = swapped
+      others = [o for o in others if o != c] + [int(chosen[slot])]
+      chosen = chosen.copy()
+      chosen[slot] = c
   return chosen, best, frozenset(seen)
 
 
@@ -464,9 +473,16 @@ def coupled_flags(
   (then the columns outside it are true and orthogonal rows of ``Q^{-1}``
   are exact). A mixture whose zero set holds rows where only a
   combination vanishes has a one-dimensional kernel (itself) and this
-  argument fails; such zero sets were nearly singular (the margin above),
-  and then, or when the selected columns do not span ``K``, nothing is
-  verified.
+  argument fails. Such zero sets were often nearly singular (the margin
+  above), and then, or when the selected columns do not span ``K``,
+  nothing is verified. Otherwise (a kernel of one dimension) the mixed
+  samples are bounded by the zeros: ``w = sum_{j in S} c_j q_j`` vanishes
+  on the rows where all of ``S`` vanish and, generically, on at most
+  ``|S| - 1 <= b - 1`` rows more (one linear condition on ``c`` each), so
+  a sample whose zero set misses more than ``b - 1`` of ``Z_k`` is not in
+  ``S``; the others lose their flags. Near-twins with one and two own
+  zeros showed the need: a mixture of the pair pinned by one row, and the
+  twin with the true column verified at relative error 3.5e-4.
   """
   b = verified_b.shape[0]
   suspects = np.flatnonzero(~verified_b & identifiable_b)
@@ -474,7 +490,7 @@ def coupled_flags(
     return verified_b
   l_mxb = np.asarray(problem.l_mxb)
   zero_mxb = zero_mask(problem, np.asarray(result.grad_z))
-  kernels = []
+  kernels, pinned = [], np.zeros(b, bool)
   for k in suspects:
     sigma = np.zeros(b)
     _, top, vt = np.linalg.svd(l_mxb[zero_mxb[:, k]], full_matrices=True)
@@ -483,6 +499,11 @@ def coupled_flags(
     if np.any(~kernel & (sigma <= _COUPLING_MARGIN)):
       return np.zeros_like(verified_b)
     kernels.append(vt[kernel].T)
+    if np.sum(kernel) == 1:
+      # Pinned: every sample it may mix keeps all but <= b - 1 of its zeros.
+      outside = np.sum(zero_mxb[:, k, None] & ~zero_mxb, axis=0)
+      pinned |= outside <= b - 1
+  verified_b = verified_b & ~pinned
   basis, weight, _ = np.linalg.svd(np.concatenate(kernels, axis=1), False)
   basis = basis[:, weight > problem.tol.screen * weight[0]]
   q_bxb = np.asarray(result.q)

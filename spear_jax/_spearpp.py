@@ -667,6 +667,7 @@ def _complete_twins(problem, found_kxb, span_bxs):
       problem.weight,
       problem.bias,
       problem.alive,
+      problem.bias_grad,
     )
     return np.asarray(direction, problem.dtype)[None]
   proposals = [span_bxs.T]
@@ -758,6 +759,7 @@ def _complete_stage(state, problem, pool, selection, learner, devices):
         problem.weight,
         problem.bias,
         problem.alive,
+        problem.bias_grad,
       )
       pinned = np.asarray(direction, problem.dtype)[None]
   return StepOutput(

@@ -32,6 +32,26 @@ def _mixed_selection(seed, eps):
   return p, problem, reconstruct(problem, directions)
 
 
+def _pinned_selection(seed):
+  """Near-twins 0 and 1 (one and two own zeros), column 0 replaced by the
+  mixture of ``q_0, q_1`` that vanishes on their shared zeros plus one
+  more row: of the rows where both are nonzero, the one whose mixture is
+  closest to ``q_0``. Its zero set has a one-dimensional kernel (itself)."""
+  p = helpers.crossed_twin_problem(seed, m=200, n=40, b=8)
+  problem = attack.prepare_problem(
+    p["weight_grad"], p["bias_grad"], weight=p["weight"], bias=p["bias"]
+  )
+  l_mxb = np.asarray(problem.l_mxb)
+  q_bxb = np.linalg.lstsq(l_mxb, p["grad_z"], None)[0]
+  both = np.all(p["grad_z"][:, :2] != 0, axis=1)
+  a_m, b_m = l_mxb @ q_bxb[:, 0], l_mxb @ q_bxb[:, 1]
+  rho = np.flatnonzero(both)[np.argmin(np.abs(a_m[both] / b_m[both]))]
+  directions = q_bxb.copy()
+  directions[:, 0] = b_m[rho] * q_bxb[:, 0] - a_m[rho] * q_bxb[:, 1]
+  directions /= np.linalg.norm(directions, axis=0)
+  return p, problem, reconstruct(problem, directions)
+
+
 def _relative_errors(result, truth_bxn):
   err = np.linalg.norm(np.asarray(result.inputs) - truth_bxn, axis=1)
   return err / np.linalg.norm(truth_bxn, axis=1)
@@ -59,6 +79,25 @@ class CoupledFlagsTest(absltest.TestCase):
     # The per-sample ReLU certificate alone passes the wrong sample (no
     # neuron flips at 1e-4), which is what the coupling is for.
     self.assertGreaterEqual(fooled, 3)
+
+  def test_a_pinned_mixture_of_twins_withdraws_its_twin(self):
+    # Its kernel holds no true column, so the kernel argument sees nothing
+    # mixed; the zero-count bound must withdraw sample 1 (stop 28: the
+    # SPEAR++ search verified it at relative error 3.5e-4).
+    rng, fooled = np.random.default_rng(), 0
+    for seed in rng.integers(1 << 30, size=6):
+      p, problem, result = _pinned_selection(int(seed))
+      err = _relative_errors(result, p["inputs"])
+      self.assertGreater(err[1], 1e-9, msg=f"seed {seed}")
+      np.testing.assert_array_less(np.delete(err, 1), 1e-9)
+      raw = np.asarray(result.verified)
+      self.assertFalse(raw[0])
+      fooled += int(raw[1])
+      flags = coupled_flags(problem, result, raw, np.ones(8, bool))
+      self.assertFalse(flags[1], msg=f"seed {seed}")
+      # Samples that are not twins of the mixture keep their flags.
+      np.testing.assert_array_equal(flags[2:], raw[2:])
+    self.assertGreaterEqual(fooled, 1)
 
   def test_a_failing_true_column_keeps_the_others(self):
     _, problem, result = _mixed_selection(5, 0.0)

@@ -479,10 +479,11 @@ def coupled_flags(
   samples are bounded by the zeros: ``w = sum_{j in S} c_j q_j`` vanishes
   on the rows where all of ``S`` vanish and, generically, on at most
   ``|S| - 1 <= b - 1`` rows more (one linear condition on ``c`` each), so
-  a sample whose zero set misses more than ``b - 1`` of ``Z_k`` is not in
-  ``S``; the others lose their flags. Near-twins with one and two own
-  zeros showed the need: a mixture of the pair pinned by one row, and the
-  twin with the true column verified at relative error 3.5e-4.
+  a sample whose zero set misses more than ``|S| - 1`` rows of ``Z_k`` is
+  not in ``S``; the others lose their flags (:func:`_pinned_partners`
+  bounds ``|S|``). Near-twins with one and two own zeros showed the need:
+  a mixture of the pair pinned by one row, and the twin with the true
+  column verified at relative error 3.5e-4.
   """
   b = verified_b.shape[0]
   suspects = np.flatnonzero(~verified_b & identifiable_b)
@@ -500,9 +501,7 @@ def coupled_flags(
       return np.zeros_like(verified_b)
     kernels.append(vt[kernel].T)
     if np.sum(kernel) == 1:
-      # Pinned: every sample it may mix keeps all but <= b - 1 of its zeros.
-      outside = np.sum(zero_mxb[:, k, None] & ~zero_mxb, axis=0)
-      pinned |= outside <= b - 1
+      pinned |= _pinned_partners(zero_mxb, int(k), verified_b)
   verified_b = verified_b & ~pinned
   basis, weight, _ = np.linalg.svd(np.concatenate(kernels, axis=1), False)
   basis = basis[:, weight > problem.tol.screen * weight[0]]
@@ -513,6 +512,33 @@ def coupled_flags(
   if basis.shape[1] != np.sum(inside) or not inside[suspects].all():
     return np.zeros_like(verified_b)
   return verified_b & ~inside
+
+
+def _pinned_partners(
+  zero_mxb: np.ndarray, k: int, verified_b: np.ndarray
+) -> np.ndarray:
+  """The verified samples a pinned failing column ``k`` may mix.
+
+  A mixture of the samples ``S`` vanishes off their common zeros on at
+  most ``|S| - 1`` rows (generically), so every member of ``S`` misses at
+  most ``|S| - 1`` rows of ``Z_k``. ``S`` lies in the verified samples
+  within that distance plus the unverified ones (their true zero sets are
+  unknown), so with ``d`` the bound so far, ``|S| - 1 <= |{verified
+  within d}| + #unverified - 1``: iterated from ``d = b - 1`` until it
+  stops shrinking. On shifted frames at b = 100 the plain ``b - 1``
+  withdrew 12 exact samples whose zero sets are within 99 rows of a
+  failing column's.
+  """
+  b = verified_b.shape[0]
+  outside = np.sum(zero_mxb[:, k, None] & ~zero_mxb, axis=0)
+  unverified = int(np.sum(~verified_b))
+  bound = b - 1
+  while True:
+    within = verified_b & (outside <= bound)
+    tighter = int(np.sum(within)) + unverified - 1
+    if tighter >= bound:
+      return within
+    bound = tighter
 
 
 def balance_twin_pairs(

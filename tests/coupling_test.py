@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from spear_jax import attack
+from spear_jax._selection import _pinned_partners
 from spear_jax._selection import coupled_flags
 from spear_jax._selection import reconstruct
 from spear_jax._selection import zero_mask
@@ -98,6 +99,35 @@ class CoupledFlagsTest(absltest.TestCase):
       # Samples that are not twins of the mixture keep their flags.
       np.testing.assert_array_equal(flags[2:], raw[2:])
     self.assertGreaterEqual(fooled, 1)
+
+  def test_pinned_partners_are_the_largest_consistent_set(self):
+    # Brute force over every verified subset V: the mixed set S = V plus
+    # the unverified samples is possible when each member of V misses at
+    # most |S| - 1 rows of the failing column's zero set. The partners are
+    # the union of the possible V's. Fresh random zero sets, near-twins
+    # made by flipping a few rows of the failing column's.
+    rng = np.random.default_rng()
+    for _ in range(200):
+      m, b = 40, int(rng.integers(3, 9))
+      zero = rng.random((m, b)) < 0.5
+      k = int(rng.integers(b))
+      for j in rng.choice(b, int(rng.integers(0, b)), replace=False):
+        flips = rng.choice(m, int(rng.integers(0, 8)), replace=False)
+        zero[:, j] = zero[:, k]
+        zero[flips, j] ^= True
+      verified = rng.random(b) < 0.8
+      verified[k] = False
+      miss = np.sum(zero[:, k, None] & ~zero, axis=0)
+      unverified = int(np.sum(~verified))
+      expected = np.zeros(b, bool)
+      members = np.flatnonzero(verified)
+      for mask in range(1 << members.size):
+        chosen = members[[(mask >> i) & 1 == 1 for i in range(members.size)]]
+        if np.all(miss[chosen] <= chosen.size + unverified - 1):
+          expected[chosen] = True
+      np.testing.assert_array_equal(
+        _pinned_partners(zero, k, verified), expected
+      )
 
   def test_a_failing_true_column_keeps_the_others(self):
     _, problem, result = _mixed_selection(5, 0.0)

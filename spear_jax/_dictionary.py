@@ -531,11 +531,46 @@ def complete_last_column(
   if bias_grad_m is None:
     return vectors[best], relative[best]
   target_b = jnp.dot(l_mxb.T, bias_grad_m, precision=_HI)
-  scaled, vector, exact = evaluate(1.0 / jnp.dot(r_b, target_b, precision=_HI))
+  alpha = 1.0 / jnp.dot(r_b, target_b, precision=_HI)
+  scaled, vector, exact = evaluate(alpha)
+  inactive = (alpha * u_m + bias_m <= 0) & alive_m
+  plane_vector, plane = _nested_twin_plane(l_mxb, inactive, r_b, found_bxk)
   return (
-    jnp.where(exact, vector, vectors[best]),
-    jnp.where(exact, scaled, relative[best]),
+    jnp.where(exact, vector, jnp.where(plane, plane_vector, vectors[best])),
+    jnp.where(exact, scaled, jnp.where(plane, 0.0, relative[best])),
   )
+
+
+def _nested_twin_plane(l_mxb, inactive_m, r_b, found_bxk):
+  """The last column when its sample's inactive set annihilates a plane.
+
+  A nested twin (no zeros of its own) shares its zero set with a found
+  twin: the kernel there is their plane, and any column in it other than
+  the twin's gives the missing sample its exact input (its row of
+  ``Q^{-1}`` is ``r`` whatever the column) while the twin's input is not
+  determined (:func:`spear_jax.attack.identifiable_inputs`). Returns the
+  plane's unit vector orthogonal to the twin (the projection of ``r``)
+  and whether the kernel is exactly a plane holding a found column.
+  """
+  b = l_mxb.shape[1]
+  eigvals, eigvecs = rows_gram_eigh(l_mxb, inactive_m)
+  relative = eigvals / jnp.maximum(eigvals[-1], 1e-300)
+  plane_bx2 = eigvecs[:, :2]
+  coords_2 = jnp.dot(plane_bx2.T, r_b, precision=_HI)
+  coords_2 = coords_2 / jnp.maximum(jnp.linalg.norm(coords_2), 1e-300)
+  vector_b = jnp.dot(plane_bx2, coords_2, precision=_HI)
+  twin_b = jnp.dot(plane_bx2, jnp.stack([-coords_2[1], coords_2[0]]))
+  found_bxk = found_bxk / jnp.maximum(
+    jnp.linalg.norm(found_bxk, axis=0, keepdims=True), 1e-300
+  )
+  holds_found = jnp.max(jnp.abs(jnp.dot(twin_b, found_bxk))) > 1 - 1e-9
+  plane = (
+    (jnp.sum(inactive_m) >= b + 3)
+    & (relative[1] <= _PLANE_RTOL)
+    & (relative[2] > _PLANE_RTOL)
+    & holds_found
+  )
+  return vector_b, plane
 
 
 @functools.partial(jax.jit, static_argnames=("tries", "grid"))

@@ -269,6 +269,51 @@ class CrossedTwinsTest(absltest.TestCase):
     self.assertLess(self._withheld_twin(720255338, 0, False), 0.1)
     self.assertGreater(self._withheld_twin(720255338, 0, True), 1 - 1e-12)
 
+  def test_a_nested_twin_s_column_comes_from_its_plane(self):
+    # Twin 0 has no zeros of its own: its zero set's kernel is the pair's
+    # plane. With twin 1 found, the completion is the plane's vector
+    # orthogonal to q_1 (float64: in the plane and orthogonal to 1e-12).
+    seed = int(np.random.default_rng().integers(1 << 30))
+    p = helpers.crossed_twin_problem(seed, m=200, n=40, b=8, own=(0, 2))
+    l_mxb, q_bxb = _factors(p["grad_z"], p["inputs"].T)
+    q_bxb = q_bxb / np.linalg.norm(q_bxb, axis=0)
+    args = [np.delete(q_bxb, 0, axis=1), l_mxb, l_mxb.T @ p["weight_grad"]]
+    args += [p["weight"], p["bias"], np.any(p["grad_z"] != 0, axis=1)]
+    args += [p["bias_grad"]]
+    direction, _ = _dictionary.complete_last_column(*map(jnp.asarray, args))
+    direction = np.asarray(direction)
+    plane = np.linalg.qr(q_bxb[:, :2])[0]
+    np.testing.assert_allclose(
+      np.linalg.norm(plane.T @ direction), 1.0, rtol=0, atol=1e-12
+    )
+    self.assertLess(abs(direction @ q_bxb[:, 1]), 1e-12, msg=f"seed {seed}")
+
+  def test_spearpp_on_nested_twins_verifies_what_is_determined(self):
+    # Twin 0's input is determined, twin 1's slides: 7 exact and verified
+    # samples, twin 1 flagged not identifiable and never verified. Stop
+    # 27's code stalled on 42 of 100 such problems (588 of 700 flags) and
+    # verified 10 wrong samples.
+    rng = np.random.default_rng()
+    p = helpers.crossed_twin_problem(
+      int(rng.integers(1 << 30)), m=200, n=40, b=8, own=(0, 2)
+    )
+    result = inversions.invert_layer(
+      p, rng, "spearpp", config=spear_jax.AttackConfig(time_budget_s=60.0)
+    )
+    truth = p["inputs"]
+    recovered = np.asarray(result.inputs)
+    error = np.linalg.norm(
+      recovered[:, None] - truth[None], axis=2
+    ) / np.linalg.norm(truth, axis=1)
+    verified = np.asarray(result.verified)
+    self.assertEqual(result.stats.stop_reason, "not_identifiable")
+    self.assertEqual(int(verified.sum()), 7)
+    np.testing.assert_array_less(error[verified].min(axis=1), 1e-9)
+    slider = np.flatnonzero(~verified)[0]
+    self.assertFalse(np.asarray(result.identifiable)[slider])
+    # The verified samples are all but twin 1 (each matched exactly).
+    self.assertNotIn(1, set(error[verified].argmin(axis=1).tolist()))
+
   def test_spearpp_recovers_and_certifies_the_pair(self):
     rng = np.random.default_rng()
     p = helpers.crossed_twin_problem(

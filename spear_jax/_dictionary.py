@@ -509,9 +509,11 @@ def complete_last_column(
   )
   mids = jnp.where(jnp.isfinite(mids), mids, last + 1.0 + jnp.abs(last))
 
-  def evaluate(alpha):
+  def kernel_at(alpha):
     inactive = (alpha * u_m + bias_m <= 0) & alive_m
-    eigvals, eigvecs = rows_gram_eigh(l_mxb, inactive)
+    return (inactive, *rows_gram_eigh(l_mxb, inactive))
+
+  def evaluate(inactive, eigvals, eigvecs):
     # The missing column has a component along r; a found column has none
     # (its twin's zero set holds an interval's inactive set too, and its
     # exact null vector used to win: a pair with one and two own zeros).
@@ -526,22 +528,27 @@ def complete_last_column(
     exact = enough & (relative[best] <= _PLANE_RTOL)
     return jnp.where(enough, scores[best], jnp.inf), eigvecs[:, best], exact
 
-  relative, vectors, _ = jax.lax.map(evaluate, mids, batch_size=32)
+  relative, vectors, _ = jax.lax.map(
+    lambda alpha: evaluate(*kernel_at(alpha)), mids, batch_size=32
+  )
   best = jnp.argmin(relative)
   if bias_grad_m is None:
     return vectors[best], relative[best]
   target_b = jnp.dot(l_mxb.T, bias_grad_m, precision=_HI)
-  alpha = 1.0 / jnp.dot(r_b, target_b, precision=_HI)
-  scaled, vector, exact = evaluate(alpha)
-  inactive = (alpha * u_m + bias_m <= 0) & alive_m
-  plane_vector, plane = _nested_twin_plane(l_mxb, inactive, r_b, found_bxk)
+  inactive, eigvals, eigvecs = kernel_at(
+    1.0 / jnp.dot(r_b, target_b, precision=_HI)
+  )
+  scaled, vector, exact = evaluate(inactive, eigvals, eigvecs)
+  plane_vector, plane = _nested_twin_plane(
+    inactive, eigvals, eigvecs, r_b, found_bxk
+  )
   return (
     jnp.where(exact, vector, jnp.where(plane, plane_vector, vectors[best])),
     jnp.where(exact, scaled, jnp.where(plane, 0.0, relative[best])),
   )
 
 
-def _nested_twin_plane(l_mxb, inactive_m, r_b, found_bxk):
+def _nested_twin_plane(inactive_m, eigvals, eigvecs, r_b, found_bxk):
   """The last column when its sample's inactive set annihilates a plane.
 
   A nested twin (no zeros of its own) shares its zero set with a found
@@ -550,10 +557,10 @@ def _nested_twin_plane(l_mxb, inactive_m, r_b, found_bxk):
   ``Q^{-1}`` is ``r`` whatever the column) while the twin's input is not
   determined (:func:`spear_jax.attack.identifiable_inputs`). Returns the
   plane's unit vector orthogonal to the twin (the projection of ``r``)
-  and whether the kernel is exactly a plane holding a found column.
+  and whether the kernel is exactly a plane holding a found column, from
+  the inactive set and the ascending eigenpairs of ``L_I^T L_I``.
   """
-  b = l_mxb.shape[1]
-  eigvals, eigvecs = rows_gram_eigh(l_mxb, inactive_m)
+  b = eigvecs.shape[0]
   relative = eigvals / jnp.maximum(eigvals[-1], 1e-300)
   plane_bx2 = eigvecs[:, :2]
   coords_2 = jnp.dot(plane_bx2.T, r_b, precision=_HI)

@@ -103,6 +103,13 @@ _DATA_DIR = flags.DEFINE_string(
   "data_dir", None, "tensorflow-datasets data directory."
 )
 _DEPTH = flags.DEFINE_integer("depth", 2, "Hidden layers of the client MLP.")
+_NEXT_LAYER_GRAD = flags.DEFINE_boolean(
+  "next_layer_grad",
+  False,
+  "FedSGD: also give the attack the next dense layer's weight gradient "
+  "(spear_jax.invert's next_weight_grad; the server receives it anyway), "
+  "which makes each found sample's input exact on its own.",
+)
 _WARMUP = flags.DEFINE_boolean(
   "warmup", True, "Compile with one untimed attack per shape first."
 )
@@ -586,6 +593,7 @@ def _plan(done):
       "learner": learner,
       "model": model,
       "layer": layer,
+      "next_layer_grad": _NEXT_LAYER_GRAD.value,
     }
     tasks += [
       (setting, t)
@@ -638,6 +646,7 @@ def _trial_runner(config, env):
       "client": client_config(setting["client_spec"]),
       "model": setting["model"],
       "layer": setting["layer"],
+      "next_layer_grad": setting["next_layer_grad"],
     }
     setting_id = json.dumps(setting, sort_keys=True)
     if _WARMUP.value and setting_id not in first_call:

@@ -10,7 +10,10 @@ ReLU certificate and a scalar ``noise_std`` (the known per-entry noise of a
 DP-SGD gradient, ``sigma C / b``), and ``next_weight`` (c, m): the weight of
 the dense layer that reads this layer's ReLU output (a classifier after the
 last hidden layer), which rules out mixed columns when c is small
-(:func:`spear_jax.invert`'s ``next_weight``). OUT.npz receives ``inputs`` (b, n),
+(:func:`spear_jax.invert`'s ``next_weight``), and ``next_weight_grad`` (c, m):
+that layer's weight gradient, whose rows (c >= b) span the batch's ReLU
+outputs and make every found sample's input exact on its own
+(``next_weight_grad``). OUT.npz receives ``inputs`` (b, n),
 ``verified`` (b,), ``grad_z`` (m, b) and ``success``. The last line printed
 is a JSON summary, with the certificate applied (``check``: relu, drift,
 none or noise) and the noise level.
@@ -110,7 +113,7 @@ _LABELS = flags.DEFINE_boolean(
 flags.mark_flags_as_required(["gradients", "output"])
 
 _REQUIRED = ("weight_grad", "bias_grad")
-_OPTIONAL = ("weight", "bias", "noise_std", "next_weight")
+_OPTIONAL = ("weight", "bias", "noise_std", "next_weight", "next_weight_grad")
 _LAYER_KEYS = ("weight", "bias", "weight_grad", "bias_grad")
 _BIG = ("weight_grad", "weight")  # m x n: moved to the device as read
 
@@ -363,6 +366,7 @@ def main(argv):
       checkpoint_fn=checkpoint_fn,
       noise_std=noise_std,
       next_weight=arrays.get("next_weight"),
+      next_weight_grad=arrays.get("next_weight_grad"),
     )
   except (InputError, ValueError, TypeError) as err:
     _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)

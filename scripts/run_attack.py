@@ -94,6 +94,13 @@ _CLIENT = flags.DEFINE_enum(
   ["fedsgd", "fedavg", "dpsgd"],
   "What the client sends: FedSGD gradient, FedAvg delta or DP-SGD gradient.",
 )
+_NEXT_LAYER_GRAD = flags.DEFINE_boolean(
+  "next_layer_grad",
+  False,
+  "FedSGD: also use the next dense layer's weight gradient (which the "
+  "server receives anyway): every found sample's input comes out exact on "
+  "its own.",
+)
 _LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "FedAvg epochs E.")
 _LOCAL_BATCH_SIZE = flags.DEFINE_integer(
   "local_batch_size", None, "FedAvg mini-batch size B (default: the batch)."
@@ -306,6 +313,7 @@ def main(argv):
         config=config,
         model=_MODEL.value,
         client=_client_config(),
+        next_layer_grad=_NEXT_LAYER_GRAD.value,
       )
     except KeyboardInterrupt:
       interrupted = True

@@ -15,6 +15,7 @@ import time
 from typing import NamedTuple
 
 from absl import logging
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,6 +25,9 @@ from spear_jax._distributed import agree
 from spear_jax._distributed import attack_devices
 from spear_jax._endgame import with_endgame
 from spear_jax._endgame import with_sampling_fallback
+from spear_jax._hidden import Peel
+from spear_jax._hidden import lift_directions
+from spear_jax._hidden import peel_found
 from spear_jax._pool import CandidatePool
 from spear_jax._pool import absorb
 from spear_jax._pool import empty_pool
@@ -102,6 +106,8 @@ class SearchState(NamedTuple):
     proposals: proposals drawn so far.
     blocks: blocks (SPEAR) or rounds (SPEAR++) completed.
     stop_reason: why the search stopped, or ``None`` while it runs.
+    peel: found samples taken out of the gradient (stop reason
+      ``"peel"``), whose rest :func:`_peeled_search` searches.
   """
 
   pool: CandidatePool
@@ -109,6 +115,7 @@ class SearchState(NamedTuple):
   proposals: int = 0
   blocks: int = 0
   stop_reason: str | None = None
+  peel: Peel | None = None
 
 
 def _update(problem, strategy, config, state, clock, directions, pinned=None):
@@ -169,6 +176,7 @@ def _search(
     config.num_devices, across_processes=config.across_processes
   )
   last_log = start
+  quiet = chosen = 0
   try:
     if initial is not None:
       state = _update(problem, strategy, config, state, clock, initial)
@@ -193,6 +201,17 @@ def _search(
         or out.stop_reason
         or _budget_stop(config, state, max_proposals, elapsed)
       )
+      quiet = quiet + 1 if state.selection.chosen.shape[0] <= chosen else 0
+      chosen = state.selection.chosen.shape[0]
+      if stop is None and _peel_due(problem, config, quiet):
+        with clock("peel"):
+          peel = peel_found(
+            problem, state.pool.directions[state.selection.chosen], config
+          )
+        quiet = 0  # nothing to take out: try again after the patience
+        stop, state = (
+          ("peel", state._replace(peel=peel)) if peel else (None, state)
+        )
       state = state._replace(stop_reason=stop)
       if now - last_log >= config.log_every_s:
         last_log = now
@@ -203,6 +222,85 @@ def _search(
     state = state._replace(stop_reason="interrupted")
     logging.warning("SPEAR interrupted; returning the best partial result.")
   return state
+
+
+def _search_and_peel(
+  key, problem, strategy, config, initial, checkpoint_fn, start, clock
+):
+  """:func:`_search`, then the rest of each peel (:func:`_peeled_search`)."""
+  state = _search(
+    key, problem, strategy, config, initial, checkpoint_fn, start, clock
+  )
+  return _peeled_search(
+    key, problem, strategy, config, state, checkpoint_fn, start, clock
+  )
+
+
+def _peel_due(problem, config, quiet):
+  return (
+    problem.hidden_span is not None
+    and config.peel_patience is not None
+    and quiet >= config.peel_patience
+  )
+
+
+def _peeled_search(
+  key, problem, strategy, config, state, checkpoint_fn, start, clock
+):
+  """Searches what each peel left and merges the finds back, innermost
+  first: the taken-out columns and the rest's pool, lifted, are absorbed
+  and selected in the outer problem as one pool (its certificate and
+  flags decide, as for any search)."""
+  chain = []
+  while state.peel is not None:
+    chain.append((problem, state))
+    problem, outer = state.peel.problem, problem
+    checkpoint_fn = checkpoint_fn and _lifted_checkpoint(
+      checkpoint_fn, outer, state.peel
+    )
+    state = (
+      _single_sample(problem)
+      if problem.b == 1
+      else _search(
+        jax.random.fold_in(key, problem.b),
+        problem,
+        strategy,
+        config,
+        None,
+        checkpoint_fn,
+        start,
+        clock,
+      )
+    )
+  for outer, peeled in reversed(chain):
+    directions = np.concatenate(
+      [
+        peeled.peel.columns,
+        lift_directions(outer, problem, state.pool.directions),
+      ]
+    )
+    merged = SearchState(
+      empty_pool(outer.b, outer.dtype),
+      empty_selection(outer),
+      proposals=peeled.proposals + state.proposals,
+      blocks=peeled.blocks + state.blocks,
+    )
+    merged = _update(outer, strategy, config, merged, clock, directions)
+    problem, state = (
+      outer,
+      merged._replace(stop_reason=merged.stop_reason or state.stop_reason),
+    )
+  return state
+
+
+def _lifted_checkpoint(checkpoint_fn, outer, peel):
+  """A peeled search's checkpoints in the outer problem's coordinates."""
+
+  def save(candidates, proposals):
+    lifted = lift_directions(outer, peel.problem, candidates)
+    checkpoint_fn(np.concatenate([peel.columns, lifted]), proposals)
+
+  return save
 
 
 def _single_sample(problem: Problem) -> SearchState:
@@ -342,6 +440,7 @@ def invert(
   checkpoint_fn: CheckpointFn | None = None,
   noise_std: float | None = None,
   next_weight: ArrayLike | None = None,
+  next_weight_grad: ArrayLike | None = None,
 ) -> InversionResult:
   r"""Recovers the private batch from one linear layer's gradients (SPEAR).
 
@@ -397,6 +496,15 @@ def invert(
       (:func:`spear_jax.attack.next_layer_residuals`): directions that
       fail never enter the pool and samples whose column fails are not
       verified. FedSGD only (ignored under the drift check and noise).
+    next_weight_grad: that layer's weight gradient ``Delta H^T`` (``c x
+      m``, paper layout), which a FedSGD server receives with this one.
+      With ``c >= b`` its rows span the batch's ReLU outputs ``H``, and
+      every found column then gives its sample's input exactly, without
+      the other columns (:func:`spear_jax.attack.hidden_span_rows`): the
+      deflated search restarts in the exact complement of the found
+      samples, and a partial result's found samples come out exact
+      (still unverified). Ignored (logged) when its rank is not ``b``, and
+      under the drift check and noise.
 
   Returns:
     An :class:`InversionResult`. ``success`` is ``True`` when ``b``
@@ -455,6 +563,7 @@ def invert(
         bias=bias,
         config=config,
         next_weight=next_weight,
+        next_weight_grad=next_weight_grad,
       )
   except FullRankError:
     if strategy.name not in ("SPEAR", "SPEAR++"):
@@ -466,7 +575,7 @@ def invert(
   else:
     if initial_candidates is not None:
       initial_candidates = np.asarray(initial_candidates, problem.dtype)
-    state = _search(
+    state = _search_and_peel(
       key,
       problem,
       strategy,

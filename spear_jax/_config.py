@@ -257,6 +257,12 @@ class AttackConfig:
       does, when that is at most this many (b <= 22 with one column
       missing for ``2^24`` and the default patience, about a minute on a
       2-core CPU); ``None`` (or ``endgame_patience=None``) stops at once.
+    peel_patience: with the hidden span (``invert``'s
+      ``next_weight_grad``), the search stops after this many steps
+      (SPEAR++ rounds, SPEAR blocks) without a new selected column, takes
+      out the found samples whose inputs the span fixes (their
+      ``d x^T`` leave the gradient) and searches the rest as a smaller
+      batch; ``None`` never peels.
     learner: settings of SPEAR++ (``method="spearpp"``, and SPEAR's
       endgame).
   """
@@ -287,6 +293,7 @@ class AttackConfig:
   drift_min_association: float = 0.3
   endgame_patience: float | None = 8.0
   stall_sampling_max: int | None = 2**24
+  peel_patience: int | None = 2
   learner: LearnerConfig = LearnerConfig()
 
   def __post_init__(self):
@@ -320,3 +327,5 @@ class AttackConfig:
       raise ValueError("endgame_patience must be positive or None.")
     if self.stall_sampling_max is not None and self.stall_sampling_max < 1:
       raise ValueError("stall_sampling_max must be positive or None.")
+    if self.peel_patience is not None and self.peel_patience < 1:
+      raise ValueError("peel_patience must be positive or None.")

@@ -47,6 +47,7 @@ def run_trial(
   client: _clients.ClientConfig | None = None,
   baseline: _baseline.BaselineConfig | None = None,
   with_labels: bool = True,
+  next_layer_grad: bool = False,
 ) -> dict[str, Any]:
   """Samples a real batch, simulates the client and inverts its gradient.
 
@@ -81,6 +82,10 @@ def run_trial(
     with_labels: after SPEAR or SPEAR++, read each sample's label off the
       classifier's update (:func:`spear_jax.attack.recover_labels`) from
       the recovered inputs and score it (``label_accuracy``).
+    next_layer_grad: under FedSGD, also hand the attack the weight gradient
+      of the dense layer after the attacked one (``invert``'s
+      ``next_weight_grad``: the server receives the whole model's
+      gradient).
 
   Returns:
     A JSON-friendly dict: the setting, the attack's stats, the per-batch
@@ -99,15 +104,9 @@ def run_trial(
   client = _clients.ClientConfig() if client is None else client
   if client.mode == "fedavg":
     config = dataclasses.replace(config, certificate="drift")
-  true_labels = labels
+  shape = (width, depth, layer, num_classes)
   update, spec = _simulate(
-    model,
-    model_key,
-    image_set,
-    inputs,
-    labels,
-    (width, depth, layer, num_classes),
-    client,
+    model, model_key, image_set, inputs, labels, shape, client
   )
   is_image = spec.features_fn is None and image_set.image_shape is not None
   if method == "baseline" and not is_image:
@@ -121,7 +120,9 @@ def run_trial(
       update, spec, image_set, inputs, true_labels, attack_key, baseline
     )
   else:
-    result = _invert_update(update, spec, client, attack_key, method, config)
+    result = _invert_update(
+      update, spec, client, attack_key, method, config, next_layer_grad
+    )
   jax.block_until_ready(result.inputs)
   seconds = time.perf_counter() - start
   scores, per_sample, arrays = _score(
@@ -141,6 +142,7 @@ def run_trial(
     "model": _model_name(model),
     **_client_record(client, batch_size),
     "method": method,
+    "next_layer_grad": next_layer_grad,
     "objective": config.learner.objective if method != "spear" else "none",
     "dtype": jnp.dtype(dtype).name,
     "success": bool(result.success),
@@ -164,15 +166,19 @@ def _stats_record(stats: InversionStats) -> dict:
   return record
 
 
-def _invert_update(update, spec, client, key, method, config):
+def _invert_update(update, spec, client, key, method, config, next_grad):
   """The attack; a gradient whose noise hides everything recovers nothing.
 
   Under FedSGD the layer after the attacked one (``spec.next_layer``) is
-  the server's to give: it rules out mixed columns (``next_weight``).
+  the server's to give: it rules out mixed columns (``next_weight``), and
+  with ``next_grad`` its weight gradient spans the hidden outputs
+  (``next_weight_grad``).
   """
-  next_weight = None
+  next_weight = next_weight_grad = None
   if spec.next_layer is not None and client.mode == "fedsgd":
     next_weight = dense_layer(spec.params, spec.next_layer)[0]
+    if next_grad:
+      next_weight_grad = dense_layer(update.update, spec.next_layer)[0]
   try:
     return invert(
       update.weight_grad,
@@ -183,6 +189,7 @@ def _invert_update(update, spec, client, key, method, config):
       bias=update.bias,
       config=config,
       next_weight=next_weight,
+      next_weight_grad=next_weight_grad,
     )
   except NoStructureError:
     # Not an input error here: the attacker gets nothing (NaN inputs score

@@ -54,11 +54,18 @@ TRIAL_KEY = (
   "learner",
   "model",
   "layer",
+  "next_layer_grad",
   "seed",
   "trial",
 )
 # Fields added later: records written before them read as the default.
-_DEFAULTS = {"client_spec": "fedsgd", "learner": "", "model": "mlp", "layer": 0}
+_DEFAULTS = {
+  "client_spec": "fedsgd",
+  "learner": "",
+  "model": "mlp",
+  "layer": 0,
+  "next_layer_grad": False,
+}
 # The grouping of the summary: a trial key without seed and trial.
 _GROUP_KEY = TRIAL_KEY[:-2]
 

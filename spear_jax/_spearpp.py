@@ -51,6 +51,7 @@ from spear_jax._linalg import BLOCKED_QR_FROM
 from spear_jax._pool import CandidatePool
 from spear_jax._pool import twin_spans
 from spear_jax._problem import Problem
+from spear_jax._problem import hidden_span_rows
 from spear_jax._selection import Selection
 from spear_jax._selection import complete_basis
 from spear_jax._selection import greedy_selection
@@ -169,10 +170,21 @@ def _pattern_layer(problem, found_kxb, learner):
 def _estimated_rows(problem, found_kxb, learner, layer=None):
   """The found samples' rows of ``Q^{-1}`` (:func:`estimate_found_rows`
   with ``learner``'s settings), one per found column; ``layer``: the
-  weight and bias (default :func:`_pattern_layer`)."""
+  weight and bias (default :func:`_pattern_layer`).
+
+  With the hidden span (:attr:`Problem.hidden_span`) the rows of columns
+  that fit it are exact (:func:`hidden_span_rows`); only the others are
+  estimated from their ReLU cells.
+  """
+  fits = np.zeros(found_kxb.shape[0], bool)
+  if problem.hidden_span is not None:
+    fitted = hidden_span_rows(problem, found_kxb)
+    exact, fits = fitted.rows, fitted.exact(problem.tol)
+    if fits.all():
+      return exact
   if layer is None:
     layer = _pattern_layer(problem, found_kxb, learner)
-  return np.asarray(
+  rows = np.asarray(
     estimate_found_rows(
       *_found_and_layer(problem, found_kxb, layer),
       steps=learner.row_estimate_steps,
@@ -183,6 +195,9 @@ def _estimated_rows(problem, found_kxb, learner, layer=None):
       ),
     )
   )[: found_kxb.shape[0]]
+  if fits.any():
+    rows[fits] = exact[fits]
+  return rows
 
 
 def fill_missing_columns(

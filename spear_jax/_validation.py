@@ -122,23 +122,26 @@ def check_inputs(
 
 
 def check_next_weight(
-  next_weight: ArrayLike | None, m: int, dtype
+  next_weight: ArrayLike | None, m: int, dtype, name: str = "next_weight"
 ) -> np.ndarray | None:
-  """Validates the next layer's weight (``c x m``); a host array or ``None``.
+  """Validates the next layer's weight or weight gradient (``c x m``).
+
+  Returns:
+    A host array, or ``None`` for ``None``.
 
   Raises:
     ValueError: with a one-line message (shape, non-finite values).
   """
   if next_weight is None:
     return None
-  array = _cast(_as_float_array(next_weight, "next_weight"), dtype)
+  array = _cast(_as_float_array(next_weight, name), dtype)
   if array.ndim != 2 or array.shape[1] != m:
     raise ValueError(
-      f"next_weight must have shape (c, {m}) (the next dense layer's W, "
-      f"reading this layer's {m} outputs), got {tuple(array.shape)} (flax "
-      "kernels are (m, c): transpose them)."
+      f"{name} must have shape (c, {m}) (the next dense layer's, reading "
+      f"this layer's {m} outputs, in the paper's layout), got "
+      f"{tuple(array.shape)} (flax kernels are (m, c): transpose them)."
     )
-  _check_finite(array, "next_weight")
+  _check_finite(array, name)
   return np.asarray(array)
 
 

@@ -48,7 +48,9 @@ from spear_jax._peel import peel_span as peel_span
 from spear_jax._pool import CandidatePool as CandidatePool
 from spear_jax._pool import absorb as absorb
 from spear_jax._pool import empty_pool as empty_pool
+from spear_jax._problem import HiddenFit as HiddenFit
 from spear_jax._problem import Problem as Problem
+from spear_jax._problem import hidden_span_rows as hidden_span_rows
 from spear_jax._problem import next_layer_residuals as next_layer_residuals
 from spear_jax._problem import prepare_problem as prepare_problem
 from spear_jax._problem import structure_floor as structure_floor
@@ -74,6 +76,7 @@ __all__ = [
   "BaselineConfig",
   "BaselineResult",
   "CandidatePool",
+  "HiddenFit",
   "InversionResult",
   "InversionStats",
   "LabelResult",
@@ -97,6 +100,7 @@ __all__ = [
   "empty_selection",
   "factorize",
   "gradient_matching",
+  "hidden_span_rows",
   "identifiable_inputs",
   "invert",
   "label_accuracy",

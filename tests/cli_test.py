@@ -123,6 +123,35 @@ class InvertCliTest(parameterized.TestCase):
     self.assertEqual(code, 2)
     self.assertIn("next_weight must have shape (c, 120)", stderr)
 
+  def test_next_weight_grad_key(self):
+    # MLP 30 -> 120 -> 40 -> 4: the second layer's gradient spans the
+    # first layer's 6 hidden outputs.
+    net = helpers.mlp_problem(1, (30, 120, 40, 4), np.arange(6) % 4)
+    layer = {
+      "weight_grad": net["weight_grad_0"],
+      "bias_grad": net["bias_grad_0"],
+      "weight": net["weight_0"],
+      "bias": net["bias_0"],
+    }
+    out = os.path.join(self.dir, "span_out.npz")
+    path = self._npz("span.npz", next_weight_grad=net["weight_grad_1"], **layer)
+    code, stdout, stderr = _run(
+      f"--gradients={path}", f"--output={out}", "--method=spearpp"
+    )
+    self.assertEqual(code, 0, stderr)
+    self.assertEqual(json.loads(stdout.strip().splitlines()[-1])["verified"], 6)
+    with np.load(out) as result:
+      order = helpers.match_rows(result["inputs"], net["inputs"])
+      np.testing.assert_allclose(
+        result["inputs"], net["inputs"][order], atol=1e-10
+      )
+    bad = self._npz(
+      "span_bad.npz", next_weight_grad=net["weight_grad_1"][:, :-1], **layer
+    )
+    code, _, stderr = _run(f"--gradients={bad}", f"--output={out}")
+    self.assertEqual(code, 2)
+    self.assertIn("next_weight_grad must have shape (c, 120)", stderr)
+
   def test_spearpp_method(self):
     p = helpers.relu_layer_problem(21, 300, 120, 20)
     path = self._npz(

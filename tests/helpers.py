@@ -55,20 +55,24 @@ def match_rows(recovered_bxn, truth_bxn):
   return np.argmax(np.abs(rec @ tru.T), axis=1)
 
 
-def mlp_problem(seed, sizes, labels, reduction="mean", scale_inputs=1.0):
+def mlp_problem(
+  seed, sizes, labels, reduction="mean", scale_inputs=1.0, inputs=None
+):
   """A ReLU MLP with softmax cross-entropy and its gradients, by hand.
 
   ``sizes = (n, m_0, ..., m_{K-2}, c)``; every layer but the last is
   followed by ReLU. Forward and backward passes are written out in numpy
   (paper layout: ``weight_k`` is ``m_k x n_k``), independently of JAX and
   the library. Returns the npz-style dict of ``weight_k``, ``bias_k``,
-  ``weight_grad_k``, ``bias_grad_k``, plus ``inputs``, ``labels``,
-  ``features`` (the classifier's inputs) and ``logits``.
+  ``weight_grad_k``, ``bias_grad_k``, ``grad_z_k`` (``m_k x b``, the
+  layer's ``dL/dZ``), plus ``inputs``, ``labels``, ``features`` (the
+  classifier's inputs) and ``logits``.
   """
   rng = np.random.default_rng(seed)
   labels = np.asarray(labels)
   b = labels.shape[0]
-  inputs = scale_inputs * rng.standard_normal((b, sizes[0]))
+  drawn = scale_inputs * rng.standard_normal((b, sizes[0]))
+  inputs = drawn if inputs is None else np.asarray(inputs, float)
   weights, biases = [], []
   for fan_in, fan_out in itertools.pairwise(sizes):
     bound = 1.0 / np.sqrt(fan_in)
@@ -88,6 +92,7 @@ def mlp_problem(seed, sizes, labels, reduction="mean", scale_inputs=1.0):
     grad = grad / b
   out = {}
   for k in reversed(range(len(weights))):
+    out[f"grad_z_{k}"] = grad.T
     out[f"weight_grad_{k}"] = grad.T @ activations[k]
     out[f"bias_grad_{k}"] = grad.sum(axis=0)
     if k:

@@ -117,7 +117,7 @@ def run_trial(
   start = time.perf_counter()
   if method == "baseline":
     result = _run_baseline(
-      update, spec, image_set, inputs, true_labels, attack_key, baseline
+      update, spec, image_set, inputs, labels, attack_key, baseline
     )
   else:
     result = _invert_update(
@@ -131,7 +131,7 @@ def run_trial(
   label_record = {}
   if with_labels and method != "baseline":
     label_record = _score_labels(
-      update, spec, result, per_sample, true_labels, client
+      update, spec, result, per_sample, labels, client
     )
   return {
     "dataset": image_set.name,
@@ -323,7 +323,7 @@ def _simulate(model, key, image_set, inputs, labels, shape, client):
   return update, spec
 
 
-def _score_labels(update, spec, result, per_sample, true_labels, client):
+def _score_labels(update, spec, result, per_sample, labels, client):
   """Labels of the recovered samples from the classifier's update, scored."""
   if spec.head is None or spec.tail_fn is None:
     return {"label_reason": "no classifier (head, tail_fn) given."}
@@ -332,7 +332,7 @@ def _score_labels(update, spec, result, per_sample, true_labels, client):
   weight_grad, bias_grad = dense_layer(update.update, spec.head)
   if client.mode == "fedavg" and client.sign == "client_minus_server":
     weight_grad, bias_grad = -weight_grad, -bias_grad
-  b = true_labels.shape[0]
+  b = labels.shape[0]
   scale = None
   if client.mode == "fedsgd":
     scale = 1.0 / b if client.reduction == "mean" else 1.0
@@ -344,7 +344,7 @@ def _score_labels(update, spec, result, per_sample, true_labels, client):
   has_match = matched >= 0
   labels = np.where(has_match, found.labels[matched], -1)
   verified = has_match & found.verified[matched]
-  truth = np.asarray(true_labels)
+  truth = np.asarray(labels)
   per_sample["label"] = labels
   per_sample["true_label"] = truth
   per_sample["label_verified"] = verified

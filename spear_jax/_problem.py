@@ -326,6 +326,8 @@ def hidden_span_rows(problem: Problem, found_kxb: np.ndarray) -> HiddenFit:
     A :class:`HiddenFit`.
   """
   span_mxb = problem.hidden_span
+  if span_mxb is None:
+    raise ValueError("hidden_span_rows needs the problem's hidden_span.")
   l_np = np.asarray(problem.l_mxb)
   basis_nxb, tri_bxb = np.linalg.qr(np.asarray(problem.r_bxn).T)
   a_mxb = np.asarray(problem.weight) @ basis_nxb
@@ -342,7 +344,7 @@ def hidden_span_rows(problem: Problem, found_kxb: np.ndarray) -> HiddenFit:
     coords[i], _, _, sv = np.linalg.lstsq(out_mxb, -out_m, rcond=None)
     fit = np.linalg.norm(out_mxb @ coords[i] + out_m)
     residual[i] = fit / max(np.linalg.norm(h_mxb @ coords[i] + h_m), 1e-300)
-    condition[i] = sv[-1] / max(sv[0], 1e-300)
+    condition[i] = float(sv[-1]) / max(float(sv[0]), 1e-300)
   # x = B^T u = R^T row with R^T = B T: row = T^{-1} u (least squares: a
   # zero input's row of R is zero).
   rows = np.linalg.lstsq(tri_bxb, coords.T, rcond=None)[0].T

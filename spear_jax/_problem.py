@@ -342,8 +342,9 @@ def hidden_span_rows(problem: Problem, found_kxb: np.ndarray) -> HiddenFit:
     out_mxb = h_mxb - span_mxb @ (span_mxb.T @ h_mxb)
     out_m = h_m - span_mxb @ (span_mxb.T @ h_m)
     coords[i], _, _, sv = np.linalg.lstsq(out_mxb, -out_m, rcond=None)
-    fit = np.linalg.norm(out_mxb @ coords[i] + out_m)
-    residual[i] = fit / max(np.linalg.norm(h_mxb @ coords[i] + h_m), 1e-300)
+    fit = float(np.linalg.norm(out_mxb @ coords[i] + out_m))
+    size = float(np.linalg.norm(h_mxb @ coords[i] + h_m))
+    residual[i] = fit / max(size, 1e-300)
     condition[i] = float(sv[-1]) / max(float(sv[0]), 1e-300)
   # x = B^T u = R^T row with R^T = B T: row = T^{-1} u (least squares: a
   # zero input's row of R is zero).

@@ -184,7 +184,7 @@ def _estimated_rows(problem, found_kxb, learner, layer=None):
       return exact
   if layer is None:
     layer = _pattern_layer(problem, found_kxb, learner)
-  rows = np.asarray(
+  rows = np.array(  # a writable copy
     estimate_found_rows(
       *_found_and_layer(problem, found_kxb, layer),
       steps=learner.row_estimate_steps,

@@ -115,6 +115,19 @@ class HiddenSpanRowsTest(absltest.TestCase):
     errors = _relative_errors(x_kxn, net["inputs"][found])
     self.assertLess(errors.max(), 1e-9, seed)
 
+  def test_a_mixture_among_the_found_columns_gets_an_estimated_row(self):
+    seed = int(np.random.default_rng().integers(1 << 31))
+    b = 16
+    net, problem = _two_hidden_layers(seed, b=b)
+    q_bxb = helpers.true_columns(problem.l_mxb, net["grad_z_0"])
+    mixture = q_bxb[:, 0] + q_bxb[:, 1]
+    found = np.concatenate([q_bxb[:, 2:12].T, mixture[None] / 2**0.5])
+    basis = fill_missing_columns(problem, found, LearnerConfig())
+    # A basis of Q: the ten true columns, the mixture and five fillers.
+    self.assertEqual(basis.shape, (b, b))
+    self.assertGreater(np.linalg.svd(basis, compute_uv=False)[-1], 1e-8)
+    np.testing.assert_allclose(basis[:, :11], found.T, atol=1e-15)
+
 
 class HiddenSpanInputsTest(absltest.TestCase):
   def test_too_few_next_outputs_are_ignored(self):

@@ -177,6 +177,7 @@ def _search(
   )
   last_log = start
   quiet = chosen = 0
+  tried = -1  # the selection size at a peel that took nothing out
   try:
     if initial is not None:
       state = _update(problem, strategy, config, state, clock, initial)
@@ -203,12 +204,12 @@ def _search(
       )
       quiet = quiet + 1 if state.selection.chosen.shape[0] <= chosen else 0
       chosen = state.selection.chosen.shape[0]
-      if stop is None and _peel_due(problem, config, quiet):
+      if stop is None and chosen != tried and _peel_due(problem, config, quiet):
         with clock("peel"):
           peel = peel_found(
             problem, state.pool.directions[state.selection.chosen], config
           )
-        quiet = 0  # nothing to take out: try again after the patience
+        tried = -1 if peel else chosen  # retried once the selection changes
         stop, state = (
           ("peel", state._replace(peel=peel)) if peel else (None, state)
         )

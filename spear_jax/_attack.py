@@ -26,6 +26,7 @@ from spear_jax._distributed import attack_devices
 from spear_jax._endgame import with_endgame
 from spear_jax._endgame import with_sampling_fallback
 from spear_jax._hidden import Peel
+from spear_jax._hidden import hidden_partial_result
 from spear_jax._hidden import lift_directions
 from spear_jax._hidden import peel_found
 from spear_jax._pool import CandidatePool
@@ -287,9 +288,12 @@ def _peeled_search(
       blocks=peeled.blocks + state.blocks,
     )
     merged = _update(outer, strategy, config, merged, clock, directions)
+    inner = state.stop_reason
+    if inner in ("certified", "recovered", "not_identifiable"):
+      inner = "not_certified"  # the rest's success, not the whole batch's
     problem, state = (
       outer,
-      merged._replace(stop_reason=merged.stop_reason or state.stop_reason),
+      merged._replace(stop_reason=merged.stop_reason or inner),
     )
   return state
 
@@ -345,18 +349,19 @@ def _finalize(
     # corrupts every x_i (a filler column enters every row of Q^-1); at a
     # small width such an x_i can still pass the ReLU certificate by chance
     # (found by the property test), so nothing of an incomplete selection
-    # is verified.
-    result = result._replace(verified=jnp.zeros_like(result.verified))
-  identifiable = (
-    identified_samples(problem, result)
-    if recovered
-    else np.ones((problem.b,), bool)
-  )
-  if recovered and not identifiable.all():
-    result = balance_twin_pairs(problem, result, identifiable)
-  verified = coupled_flags(
-    problem, result, np.asarray(result.verified) & identifiable, identifiable
-  )
+    # is verified, except samples the hidden span fixes on their own.
+    result = hidden_partial_result(
+      problem, result, pool.directions[selection.chosen]
+    )
+    identifiable = np.ones((problem.b,), bool)
+    verified = np.asarray(result.verified)
+  else:
+    identifiable = identified_samples(problem, result)
+    if not identifiable.all():
+      result = balance_twin_pairs(problem, result, identifiable)
+    verified = coupled_flags(
+      problem, result, np.asarray(result.verified) & identifiable, identifiable
+    )
   result = result._replace(verified=jnp.asarray(verified))
   stop_reason = str(state.stop_reason)
   if recovered and not verified.all() and np.all(verified | ~identifiable):

@@ -15,14 +15,17 @@ certified in 18 s.
 from typing import NamedTuple
 
 from absl import logging
+import jax.numpy as jnp
 import numpy as np
 
+from spear_jax._certificate import relu_certificate
 from spear_jax._config import AttackConfig
 from spear_jax._problem import Problem
 from spear_jax._problem import hidden_span_rows
 from spear_jax._problem import prepare_problem
+from spear_jax._selection import Reconstruction
 
-__all__ = ["Peel", "lift_directions", "peel_found"]
+__all__ = ["Peel", "hidden_partial_result", "lift_directions", "peel_found"]
 
 
 class Peel(NamedTuple):
@@ -95,3 +98,44 @@ def lift_directions(
   lifted = (np.asarray(problem.l_mxb).T @ columns_mxk).T
   norms = np.maximum(np.linalg.norm(lifted, axis=1, keepdims=True), 1e-300)
   return lifted / norms
+
+
+def hidden_partial_result(
+  problem: Problem, result: Reconstruction, found_kxb: np.ndarray
+) -> Reconstruction:
+  """A partial reconstruction's found samples, from the hidden span.
+
+  ``result`` rebuilds ``k < b`` found columns (its first ``k``) and
+  fillers. ``X^T = Q^{-1} R`` puts every filler into every sample, so
+  nothing of it is verified; but a found column that fits the hidden span
+  and fixes one input (:func:`~spear_jax.attack.hidden_span_rows`) gives
+  that sample's input and scaled column on its own. Those replace the
+  rebuilt ones and are verified by the ReLU certificate, sample by
+  sample (no other column enters them). Without the span nothing is
+  verified.
+  """
+  k = found_kxb.shape[0]
+  verified = np.zeros(problem.b, bool)
+  if problem.hidden_span is None or not k:
+    return result._replace(verified=jnp.asarray(verified))
+  fit = hidden_span_rows(problem, found_kxb)
+  exact = np.flatnonzero(fit.exact(problem.tol))
+  rows = fit.rows[exact]
+  q_kxb = found_kxb[exact] / np.sum(found_kxb[exact] * rows, axis=1)[:, None]
+  inputs, grad_z = np.array(result.inputs), np.array(result.grad_z)
+  inputs[exact] = rows @ np.asarray(problem.r_bxn)
+  grad_z[:, exact] = np.asarray(problem.l_mxb) @ q_kxb.T
+  flags = relu_certificate(
+    jnp.asarray(inputs),
+    jnp.asarray(grad_z),
+    problem.weight,
+    problem.bias,
+    problem.scalar(problem.tol.zero),
+    problem.scalar(problem.tol.certificate),
+  )
+  verified[exact] = np.asarray(flags)[exact]
+  return result._replace(
+    inputs=jnp.asarray(inputs),
+    grad_z=jnp.asarray(grad_z),
+    verified=jnp.asarray(verified),
+  )

@@ -264,6 +264,10 @@ def _hidden_span(
     reason = "it holds for FedSGD's relu check only"
   elif next_weight_grad.shape[0] < b:
     reason = f"its {next_weight_grad.shape[0]} rows cannot span {b} outputs"
+  elif next_weight_grad.shape[1] <= 2 * b:
+    # A column's fit has m - b equations beyond the span for b unknowns: a
+    # wrong column fits by chance unless they outnumber the unknowns.
+    reason = f"a width of {next_weight_grad.shape[1]} <= 2 b leaves no check"
   if reason is None:
     probes = np.random.default_rng(0).standard_normal(
       (next_weight_grad.shape[0], min(b + 8, next_weight_grad.shape[0]))

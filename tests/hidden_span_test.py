@@ -15,6 +15,7 @@ import spear_jax
 from spear_jax import LearnerConfig
 from spear_jax import _attack
 from spear_jax import attack
+from spear_jax._hidden import hidden_partial_result
 from spear_jax._hidden import lift_directions
 from spear_jax._hidden import peel_found
 from spear_jax._spearpp import fill_missing_columns
@@ -127,6 +128,24 @@ class HiddenSpanRowsTest(absltest.TestCase):
     self.assertEqual(basis.shape, (b, b))
     self.assertGreater(np.linalg.svd(basis, compute_uv=False)[-1], 1e-8)
     np.testing.assert_allclose(basis[:, :11], found.T, atol=1e-15)
+    # Each fitted sample gets its own input and flag; the mixture and the
+    # fillers none.
+    result = hidden_partial_result(
+      problem, attack.reconstruct(problem, basis), found
+    )
+    np.testing.assert_array_equal(
+      np.asarray(result.verified), np.arange(b) < 10, err_msg=str(seed)
+    )
+    errors = _relative_errors(
+      np.asarray(result.inputs)[:10], net["inputs"][2:12]
+    )
+    self.assertLess(errors.max(), 1e-10, seed)
+    np.testing.assert_allclose(
+      np.asarray(result.grad_z)[:, :10],
+      net["grad_z_0"][:, 2:12],
+      rtol=0,
+      atol=1e-10 * np.abs(net["grad_z_0"]).max(),
+    )
 
 
 class HiddenSpanInputsTest(absltest.TestCase):

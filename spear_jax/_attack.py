@@ -27,6 +27,7 @@ from spear_jax._endgame import with_endgame
 from spear_jax._endgame import with_sampling_fallback
 from spear_jax._hidden import Peel
 from spear_jax._hidden import hidden_partial_result
+from spear_jax._hidden import hidden_refit
 from spear_jax._hidden import lift_directions
 from spear_jax._hidden import peel_found
 from spear_jax._pool import CandidatePool
@@ -356,6 +357,7 @@ def _finalize(
     identifiable = np.ones((problem.b,), bool)
     verified = np.asarray(result.verified)
   else:
+    result = hidden_refit(problem, result)
     identifiable = identified_samples(problem, result)
     if not identifiable.all():
       result = balance_twin_pairs(problem, result, identifiable)

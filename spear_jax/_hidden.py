@@ -25,7 +25,13 @@ from spear_jax._problem import hidden_span_rows
 from spear_jax._problem import prepare_problem
 from spear_jax._selection import Reconstruction
 
-__all__ = ["Peel", "hidden_partial_result", "lift_directions", "peel_found"]
+__all__ = [
+  "Peel",
+  "hidden_partial_result",
+  "hidden_refit",
+  "lift_directions",
+  "peel_found",
+]
 
 
 class Peel(NamedTuple):
@@ -100,6 +106,36 @@ def lift_directions(
   return lifted / norms
 
 
+def _fitted_samples(problem, result, columns_kxb):
+  """The columns (of the first ``k``) the span fixes, and ``result`` with
+  their inputs and ``D`` columns taken from the fit."""
+  fit = hidden_span_rows(problem, columns_kxb)
+  exact = np.flatnonzero(fit.exact(problem.tol))
+  rows = fit.rows[exact]
+  q_kxb = (
+    columns_kxb[exact] / np.sum(columns_kxb[exact] * rows, axis=1)[:, None]
+  )
+  inputs, grad_z = np.array(result.inputs), np.array(result.grad_z)
+  inputs[exact] = rows @ np.asarray(problem.r_bxn)
+  grad_z[:, exact] = np.asarray(problem.l_mxb) @ q_kxb.T
+  return exact, result._replace(
+    inputs=jnp.asarray(inputs), grad_z=jnp.asarray(grad_z)
+  )
+
+
+def _relu_flags(problem, result):
+  return np.asarray(
+    relu_certificate(
+      result.inputs,
+      result.grad_z,
+      problem.weight,
+      problem.bias,
+      problem.scalar(problem.tol.zero),
+      problem.scalar(problem.tol.certificate),
+    )
+  )
+
+
 def hidden_partial_result(
   problem: Problem, result: Reconstruction, found_kxb: np.ndarray
 ) -> Reconstruction:
@@ -114,28 +150,26 @@ def hidden_partial_result(
   sample (no other column enters them). Without the span nothing is
   verified.
   """
-  k = found_kxb.shape[0]
   verified = np.zeros(problem.b, bool)
-  if problem.hidden_span is None or not k:
+  if problem.hidden_span is None or not found_kxb.shape[0]:
     return result._replace(verified=jnp.asarray(verified))
-  fit = hidden_span_rows(problem, found_kxb)
-  exact = np.flatnonzero(fit.exact(problem.tol))
-  rows = fit.rows[exact]
-  q_kxb = found_kxb[exact] / np.sum(found_kxb[exact] * rows, axis=1)[:, None]
-  inputs, grad_z = np.array(result.inputs), np.array(result.grad_z)
-  inputs[exact] = rows @ np.asarray(problem.r_bxn)
-  grad_z[:, exact] = np.asarray(problem.l_mxb) @ q_kxb.T
-  flags = relu_certificate(
-    jnp.asarray(inputs),
-    jnp.asarray(grad_z),
-    problem.weight,
-    problem.bias,
-    problem.scalar(problem.tol.zero),
-    problem.scalar(problem.tol.certificate),
-  )
-  verified[exact] = np.asarray(flags)[exact]
-  return result._replace(
-    inputs=jnp.asarray(inputs),
-    grad_z=jnp.asarray(grad_z),
-    verified=jnp.asarray(verified),
-  )
+  exact, result = _fitted_samples(problem, result, found_kxb)
+  verified[exact] = _relu_flags(problem, result)[exact]
+  return result._replace(verified=jnp.asarray(verified))
+
+
+def hidden_refit(problem: Problem, result: Reconstruction) -> Reconstruction:
+  """A full reconstruction's inputs from the hidden span where it fixes
+  them, certified again.
+
+  ``X^T = Q^{-1} R`` inherits the conditioning of ``R``: nearly dependent
+  inputs (shifted frames) come out to about ``eps s_1 / s_b``, 1e-8 on a
+  b = 100 batch. The span's fit solves in orthonormal input coordinates
+  from the sample's own pattern (condition 6e-3 on such a batch). A flag
+  stays only if the refitted sample passes the ReLU certificate too.
+  """
+  if problem.hidden_span is None:
+    return result
+  _, result = _fitted_samples(problem, result, np.asarray(result.q).T)
+  verified = np.asarray(result.verified) & _relu_flags(problem, result)
+  return result._replace(verified=jnp.asarray(verified))

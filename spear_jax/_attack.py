@@ -357,19 +357,24 @@ def _finalize(
     identifiable = np.ones((problem.b,), bool)
     verified = np.asarray(result.verified)
   else:
-    result = hidden_refit(problem, result)
     identifiable = identified_samples(problem, result)
     if not identifiable.all():
       result = balance_twin_pairs(problem, result, identifiable)
     verified = coupled_flags(
       problem, result, np.asarray(result.verified) & identifiable, identifiable
     )
+    # Inputs the span fixes are their own (no other column enters them).
+    result, refitted, certified = hidden_refit(problem, result)
+    verified = np.where(refitted, certified, verified)
+    identifiable = identifiable | certified
   result = result._replace(verified=jnp.asarray(verified))
   stop_reason = str(state.stop_reason)
   if recovered and not verified.all() and np.all(verified | ~identifiable):
     # Everything the gradient determines is certified; the rest cannot be.
     stop_reason = "not_identifiable"
   success = bool(recovered and (not problem.certifiable or verified.all()))
+  if success and stop_reason == "not_identifiable":
+    stop_reason = "certified"  # the hidden span fixed what zero sets did not
   # On the host: eager jnp ops here would compile eight tiny programs.
   zero = zero_mask(problem, np.asarray(result.grad_z))
   sparsity = jnp.asarray(np.sum(zero, axis=0).astype(np.int32))

@@ -14,6 +14,7 @@ import numpy as np
 import spear_jax
 from spear_jax import LearnerConfig
 from spear_jax import _attack
+from spear_jax import _hidden
 from spear_jax import attack
 from spear_jax._hidden import hidden_partial_result
 from spear_jax._hidden import lift_directions
@@ -286,3 +287,59 @@ class RefitTest(absltest.TestCase):
     # 2.5e-10 to 3.5e-10 over four seeds; the span's fit 2e-15 to 6e-15.
     self.assertGreater(errors[0], 1e-12, seed)
     self.assertLess(errors[1], 1e-12, seed)
+
+
+def _nested_pair_net(seed, b=12, sizes=(40, 200, 60, 4)):
+  """Inputs where sample 1 is sample 0 moved just across one neuron's
+  hyperplane: their patterns differ in exactly that row (nested zero
+  sets); ``None`` when a second neuron flips too."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, sizes[-1], b)
+  net = helpers.mlp_problem(seed, sizes, labels)
+  w, beta = net["weight_0"], net["bias_0"]
+  inputs = net["inputs"].copy()
+  z0 = w @ inputs[0] + beta
+  j = int(np.argmin(np.abs(z0)))
+  inputs[1] = inputs[0] - 1.01 * z0[j] * w[j] / (w[j] @ w[j])
+  net = helpers.mlp_problem(seed, sizes, labels, inputs=inputs)
+  pattern = net["grad_z_0"] != 0
+  if np.sum(pattern[:, 0] != pattern[:, 1]) != 1:
+    return None
+  return net
+
+
+class NestedPairTest(absltest.TestCase):
+  def _net(self):
+    for _ in range(20):
+      seed = int(np.random.default_rng().integers(1 << 31))
+      net = _nested_pair_net(seed)
+      if net is not None:
+        return seed, net
+    self.fail("no nested pair in 20 draws")
+
+  def test_two_mixtures_of_a_nested_pair_split(self):
+    seed, net = self._net()
+    problem = attack.prepare_problem(
+      net["weight_grad_0"],
+      net["bias_grad_0"],
+      weight=net["weight_0"],
+      bias=net["bias_0"],
+      next_weight_grad=net["weight_grad_1"],
+    )
+    q_bxb = helpers.true_columns(problem.l_mxb, net["grad_z_0"])
+    # Every mixture of the pair has the larger pattern.
+    mixtures = np.stack(
+      [q_bxb[:, 0] + 0.8 * q_bxb[:, 1], q_bxb[:, 0] - 1.7 * q_bxb[:, 1]]
+    )
+    mixtures /= np.linalg.norm(mixtures, axis=1, keepdims=True)
+    columns = np.concatenate([mixtures, q_bxb[:, 2:].T])
+    split = _hidden._split_shared_patterns(problem, columns)  # pylint: disable=protected-access
+    cosines = np.abs(split @ q_bxb)
+    # The nested sample's column is one of the two; the other stays.
+    nested = (
+      0
+      if np.sum(net["grad_z_0"][:, 0] == 0) > np.sum(net["grad_z_0"][:, 1] == 0)
+      else 1
+    )
+    self.assertGreater(cosines[1, nested], 1 - 1e-10, seed)
+    np.testing.assert_allclose(split[0], mixtures[0], atol=1e-15)

@@ -8,6 +8,9 @@ import time
 
 from absl.testing import absltest
 import helpers
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import jax
 import numpy as np
 
@@ -343,3 +346,45 @@ class NestedPairTest(absltest.TestCase):
     )
     self.assertGreater(cosines[1, nested], 1 - 1e-10, seed)
     np.testing.assert_allclose(split[0], mixtures[0], atol=1e-15)
+
+
+class NoWrongFlagTest(absltest.TestCase):
+  # Alike inputs, exact and jittered twins, short budgets (partial
+  # results): with the span's flags, no wrong sample is ever verified.
+  @settings(max_examples=6, deadline=None, derandomize=True)
+  @given(
+    b=st.integers(3, 12),
+    width=st.sampled_from([80, 150]),
+    twins=st.integers(0, 3),
+    jitter=st.sampled_from([0.0, 1e-4, 1e-2]),
+    budget=st.sampled_from([0.5, 5.0]),
+    seed=st.integers(0, 2**16),
+  )
+  def test_no_wrong_sample_is_verified(
+    self, b, width, twins, jitter, budget, seed
+  ):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, 1)) + 0.5 * rng.normal(size=(b, 24))  # alike
+    for i in range(min(twins, b - 1)):
+      x[i + 1] = x[i] + jitter * rng.normal(size=24)
+    net = helpers.mlp_problem(
+      seed, (24, width, 30, 3), rng.integers(0, 3, b), inputs=x
+    )
+    result = spear_jax.invert(
+      net["weight_grad_0"],
+      net["bias_grad_0"],
+      key=jax.random.key(seed),
+      method="spearpp",
+      weight=net["weight_0"],
+      bias=net["bias_0"],
+      next_weight_grad=net["weight_grad_1"],
+      config=spear_jax.AttackConfig(time_budget_s=budget),
+    )
+    inputs = np.asarray(result.inputs)
+    verified = np.asarray(result.verified)
+    if not verified.any():
+      return
+    # The nearest true input of each verified sample (duplicates allowed).
+    distance = np.linalg.norm(inputs[verified][:, None] - x[None], axis=2)
+    relative = distance.min(axis=1) / np.linalg.norm(x, axis=1).max()
+    self.assertLess(relative.max(), 1e-8, (b, width, twins, jitter, seed))

@@ -18,13 +18,13 @@ from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
-from spear_jax._certificate import relu_certificate
 from spear_jax._config import AttackConfig
 from spear_jax._problem import Problem
+from spear_jax._problem import active_mask
 from spear_jax._problem import hidden_span_rows
 from spear_jax._problem import prepare_problem
-from spear_jax._problem import zero_mask
 from spear_jax._selection import Reconstruction
+from spear_jax._selection import relu_flags
 
 __all__ = [
   "Peel",
@@ -140,8 +140,7 @@ def _fitted_samples(problem, result, columns_kxb):
 
 
 def _active(problem, columns_kxb):
-  active = ~zero_mask(problem, np.asarray(problem.l_mxb) @ columns_kxb.T)
-  return active & np.asarray(problem.alive)[:, None]
+  return active_mask(problem, np.asarray(problem.l_mxb) @ columns_kxb.T)
 
 
 def _split_shared_patterns(problem, columns_kxb):
@@ -181,19 +180,6 @@ def _split_shared_patterns(problem, columns_kxb):
   return columns_kxb
 
 
-def _relu_flags(problem, result):
-  return np.asarray(
-    relu_certificate(
-      result.inputs,
-      result.grad_z,
-      problem.weight,
-      problem.bias,
-      problem.scalar(problem.tol.zero),
-      problem.scalar(problem.tol.certificate),
-    )
-  )
-
-
 def hidden_partial_result(
   problem: Problem, result: Reconstruction, found_kxb: np.ndarray
 ) -> Reconstruction:
@@ -212,7 +198,9 @@ def hidden_partial_result(
   if problem.hidden_span is None or not found_kxb.shape[0]:
     return result._replace(verified=jnp.asarray(verified))
   exact, result = _fitted_samples(problem, result, found_kxb)
-  verified[exact] = _relu_flags(problem, result)[exact]
+  verified[exact] = np.asarray(
+    relu_flags(problem, result.inputs, result.grad_z)
+  )[exact]
   return result._replace(verified=jnp.asarray(verified))
 
 
@@ -240,4 +228,8 @@ def hidden_refit(
     return result, refitted, refitted
   exact, result = _fitted_samples(problem, result, np.asarray(result.q).T)
   refitted[exact] = True
-  return result, refitted, refitted & _relu_flags(problem, result)
+  return (
+    result,
+    refitted,
+    refitted & np.asarray(relu_flags(problem, result.inputs, result.grad_z)),
+  )

@@ -336,8 +336,7 @@ def hidden_span_rows(problem: Problem, found_kxb: np.ndarray) -> HiddenFit:
   basis_nxb, tri_bxb = np.linalg.qr(np.asarray(problem.r_bxn).T)
   a_mxb = np.asarray(problem.weight) @ basis_nxb
   bias = np.asarray(problem.bias)
-  active_mxk = ~zero_mask(problem, l_np @ found_kxb.T)
-  active_mxk &= np.asarray(problem.alive)[:, None]
+  active_mxk = active_mask(problem, l_np @ found_kxb.T)
   k = found_kxb.shape[0]
   coords, residual, condition = np.zeros((k, l_np.shape[1])), *np.zeros((2, k))
   for i in range(k):
@@ -362,6 +361,12 @@ def zero_mask(problem: Problem, grad_z_mxb: np.ndarray) -> np.ndarray:
   column_norm = np.linalg.norm(grad_z_mxb, axis=0)
   zero = np.abs(grad_z_mxb) <= problem.tol.zero * column_norm[None, :]
   return zero & np.asarray(problem.alive)[:, None]
+
+
+def active_mask(problem: Problem, grad_z_mxk: np.ndarray) -> np.ndarray:
+  """The nonzeros of recovered ``D`` columns over alive rows (on the host):
+  where each column's sample is active (:func:`zero_mask`'s complement)."""
+  return ~zero_mask(problem, grad_z_mxk) & np.asarray(problem.alive)[:, None]
 
 
 def next_layer_residuals(
@@ -392,7 +397,7 @@ def next_layer_residuals(
     ``|N| <= c`` (the span holds anything there).
   """
   v_cxm = np.asarray(problem.next_weight)
-  nonzero = ~zero_mask(problem, grad_z_mxk) & np.asarray(problem.alive)[:, None]
+  nonzero = active_mask(problem, grad_z_mxk)
   out = np.zeros(grad_z_mxk.shape[1])
   for k in range(grad_z_mxk.shape[1]):
     rows = np.flatnonzero(nonzero[:, k])

@@ -168,18 +168,28 @@ def reconstruct(problem: Problem, directions_bxb: ArrayLike) -> Reconstruction:
       problem.bias_grad,
     )
   else:
-    verified = relu_certificate(
-      inputs,
-      grad_z,
-      problem.weight,
-      problem.bias,
-      problem.scalar(problem.tol.zero),
-      problem.scalar(problem.tol.certificate),
-    )
+    verified = relu_flags(problem, inputs, grad_z)
   if problem.next_weight is not None:
     fits = fits_next_layer(problem, np.asarray(grad_z))
     verified = jnp.asarray(np.asarray(verified) & fits)
   return Reconstruction(inputs, grad_z, q, verified)
+
+
+def relu_flags(
+  problem: Problem,
+  inputs_bxn: Float[Array, "b n"],
+  grad_z_mxb: Float[Array, "m b"],
+) -> Bool[Array, " b"]:
+  """The ReLU certificate (:func:`relu_certificate`) at the problem's
+  weights and tolerances."""
+  return relu_certificate(
+    inputs_bxn,
+    grad_z_mxb,
+    problem.weight,
+    problem.bias,
+    problem.scalar(problem.tol.zero),
+    problem.scalar(problem.tol.certificate),
+  )
 
 
 class Selection(NamedTuple):

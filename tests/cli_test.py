@@ -27,6 +27,16 @@ def _run(*args):
   return proc.returncode, proc.stdout, proc.stderr
 
 
+def _first_layer_keys(net):
+  """The npz keys of a hand-written net's first layer."""
+  return {
+    "weight_grad": net["weight_grad_0"],
+    "bias_grad": net["bias_grad_0"],
+    "weight": net["weight_0"],
+    "bias": net["bias_0"],
+  }
+
+
 class InvertCliTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
@@ -102,12 +112,7 @@ class InvertCliTest(parameterized.TestCase):
   def test_next_weight_key(self):
     # The hidden layer of an MLP 30 -> 120 -> 4 feeds the head directly.
     net = helpers.mlp_problem(0, (30, 120, 4), np.arange(6) % 4)
-    layer = {
-      "weight_grad": net["weight_grad_0"],
-      "bias_grad": net["bias_grad_0"],
-      "weight": net["weight_0"],
-      "bias": net["bias_0"],
-    }
+    layer = _first_layer_keys(net)
     out = os.path.join(self.dir, "next_out.npz")
     path = self._npz("next.npz", next_weight=net["weight_1"], **layer)
     code, stdout, stderr = _run(f"--gradients={path}", f"--output={out}")
@@ -127,12 +132,7 @@ class InvertCliTest(parameterized.TestCase):
     # MLP 30 -> 120 -> 40 -> 4: the second layer's gradient spans the
     # first layer's 6 hidden outputs.
     net = helpers.mlp_problem(1, (30, 120, 40, 4), np.arange(6) % 4)
-    layer = {
-      "weight_grad": net["weight_grad_0"],
-      "bias_grad": net["bias_grad_0"],
-      "weight": net["weight_0"],
-      "bias": net["bias_0"],
-    }
+    layer = _first_layer_keys(net)
     out = os.path.join(self.dir, "span_out.npz")
     path = self._npz("span.npz", next_weight_grad=net["weight_grad_1"], **layer)
     code, stdout, stderr = _run(

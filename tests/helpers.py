@@ -159,3 +159,12 @@ def crossed_twin_problem(seed, m, n, b, own=(1, 2)):
   t = 0.5 * (crossing[order[k - 1]] + crossing[order[k]])
   x_nxb[:, 1] = x_nxb[:, 0] + t * delta
   return _layer_gradients(rng, x_nxb, w_mxn, beta_m)
+
+
+def alike_inputs(rng, b, n, twins=0, jitter=0.0):
+  """``b`` alike inputs (a shared offset plus half-size noise); the first
+  ``twins`` follow their predecessor up to ``jitter`` noise."""
+  x = rng.normal(size=(b, 1)) + 0.5 * rng.normal(size=(b, n))
+  for i in range(min(twins, b - 1)):
+    x[i + 1] = x[i] + jitter * rng.normal(size=n)
+  return x

@@ -33,14 +33,19 @@ def _two_hidden_layers(seed, b, sizes=(40, 200, 60, 4)):
   second layer's weight gradient (``c x m``), and the hand-written net."""
   rng = np.random.default_rng(seed)
   net = helpers.mlp_problem(seed, sizes, rng.integers(0, sizes[-1], b))
-  problem = attack.prepare_problem(
+  return net, _first_layer(net)
+
+
+def _first_layer(net):
+  """The first layer's problem of a hand-written net, with the second
+  layer's weight gradient."""
+  return attack.prepare_problem(
     net["weight_grad_0"],
     net["bias_grad_0"],
     weight=net["weight_0"],
     bias=net["bias_0"],
     next_weight_grad=net["weight_grad_1"],
   )
-  return net, problem
 
 
 def _relative_errors(x_kxn, truth_kxn):
@@ -91,13 +96,7 @@ class HiddenSpanRowsTest(absltest.TestCase):
     )
     pattern = net["grad_z_0"] != 0
     self.assertTrue(np.all(pattern[:, 0] == pattern[:, 1]), seed)
-    problem = attack.prepare_problem(
-      net["weight_grad_0"],
-      net["bias_grad_0"],
-      weight=net["weight_0"],
-      bias=net["bias_0"],
-      next_weight_grad=net["weight_grad_1"],
-    )
+    problem = _first_layer(net)
     q_bxb = helpers.true_columns(problem.l_mxb, net["grad_z_0"])
     fit = attack.hidden_span_rows(problem, q_bxb.T)
     # Any input between the twins fits their shared pattern: the fit is
@@ -322,13 +321,7 @@ class NestedPairTest(absltest.TestCase):
 
   def test_two_mixtures_of_a_nested_pair_split(self):
     seed, net = self._net()
-    problem = attack.prepare_problem(
-      net["weight_grad_0"],
-      net["bias_grad_0"],
-      weight=net["weight_0"],
-      bias=net["bias_0"],
-      next_weight_grad=net["weight_grad_1"],
-    )
+    problem = _first_layer(net)
     q_bxb = helpers.true_columns(problem.l_mxb, net["grad_z_0"])
     # Every mixture of the pair has the larger pattern.
     mixtures = np.stack(
@@ -364,9 +357,7 @@ class NoWrongFlagTest(absltest.TestCase):
     self, b, width, twins, jitter, budget, seed
   ):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(b, 1)) + 0.5 * rng.normal(size=(b, 24))  # alike
-    for i in range(min(twins, b - 1)):
-      x[i + 1] = x[i] + jitter * rng.normal(size=24)
+    x = helpers.alike_inputs(rng, b, 24, twins, jitter)
     net = helpers.mlp_problem(
       seed, (24, width, 30, 3), rng.integers(0, 3, b), inputs=x
     )

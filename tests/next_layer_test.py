@@ -142,9 +142,7 @@ class NoWrongFlagTest(absltest.TestCase):
     self, b, width, classes, twins, jitter, seed
   ):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(b, 1)) + 0.5 * rng.normal(size=(b, 24))  # alike
-    for i in range(min(twins, b - 1)):
-      x[i + 1] = x[i] + jitter * rng.normal(size=24)
+    x = helpers.alike_inputs(rng, b, 24, twins, jitter)
     model = fl.MLP(widths=(width,), num_classes=classes)
     params = fl.init_mlp(jax.random.key(seed), model, 24, jnp.float64)
     update = fl.simulate_client(

@@ -39,6 +39,7 @@ from spear_jax._config import AttackConfig
 from spear_jax._dictionary import learn_directions
 from spear_jax._linalg import null_vector
 from spear_jax._linalg import rows_gram_eigh
+from spear_jax._noisy_swap import swap_by_pattern
 from spear_jax._problem import structure_floor
 from spear_jax._sampling import sample_rows
 from spear_jax._selection import complete_basis
@@ -804,13 +805,29 @@ def invert_noisy_with_report(
   (m, n), dtype = grad.shape, grad.dtype
   if noise_std is not None and not noise_std > 0:
     raise ValueError(f"noise_std must be positive, got {noise_std}.")
-  u, sv, _ = _svd(grad)
+  u, sv, vt = _svd(grad)
   estimate = _estimate_from_values(np.asarray(sv), m, n, noise_std, batch_size)
   b = estimate.rank
   sv_b = sv[:b]
   setup = _setup(u[:, :b] * sv_b[None, :], jnp.asarray(estimate.noise_std))
   search = _search(key, setup, config, method, sv_b, start)
   chosen = _select(search.pool, setup)
+  if weight is not None and chosen.shape[0] == b:
+    chosen, before, after = swap_by_pattern(
+      chosen,
+      search.pool.directions,
+      setup.m_np,
+      np.asarray(vt[:b]),
+      np.asarray(sv_b),
+      np.asarray(bias_grad),
+      np.asarray(weight),
+      np.asarray(bias),
+      float(setup.noise_std),
+      NEAR_ZERO,
+    )
+    logging.info(
+      "noisy: pattern mismatch of the selection %d -> %d", before, after
+    )
   stop = "noisy" if chosen.shape[0] == b else "no_directions"
   if search.interrupted:
     stop = "interrupted"

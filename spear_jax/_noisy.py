@@ -410,6 +410,13 @@ def _merge(pool, refined, m_np, floor, same=0.99):
   return _Pool(*(np.stack(a) for a in zip(*rows, strict=True))), added
 
 
+def _threshold(pool, setup):
+  """Fewest near zeros a selected column may have: the structure floor,
+  or half the median count of the ``b`` sparsest pooled directions."""
+  top = np.sort(pool.near_zeros)[::-1][: setup.b]
+  return max(setup.floor, int(np.ceil(0.5 * np.median(top))))
+
+
 def _select(pool, setup):
   """Most near zeros first; keep the columns independent beyond the noise.
 
@@ -418,11 +425,10 @@ def _select(pool, setup):
   columns: a mixture of kept columns has only the noise ``N y`` there
   (norm about ``s sqrt(m)``), so noise cannot make it look independent.
   """
-  b, floor = setup.b, setup.floor
+  b = setup.b
   if pool.near_zeros.shape[0] == 0:
     return np.zeros((0,), int)
-  top = np.sort(pool.near_zeros)[::-1][:b]
-  tau = max(floor, int(np.ceil(0.5 * np.median(top))))
+  tau = _threshold(pool, setup)
   m = setup.m_np.shape[0]
   cutoff = 4.0 * float(setup.noise_std) * np.sqrt(m)
   basis, chosen = np.zeros((m, 0)), []
@@ -741,6 +747,34 @@ def _spearpp_search(key, setup, config, start, sv_b):
   return _Search(pool, rounds * count, rounds)
 
 
+def _swap(chosen, pool, setup, vt_bxn, sv_b, bias_grad, weight, bias):
+  """:func:`swap_by_pattern` over the pooled directions that the selection
+  threshold admits; returns the new selection (pool indices)."""
+  start = time.perf_counter()
+  eligible = np.flatnonzero(pool.near_zeros >= _threshold(pool, setup))
+  local = np.searchsorted(eligible, chosen)
+  local, before, after = swap_by_pattern(
+    local,
+    pool.directions[eligible],
+    setup.m_np,
+    np.asarray(vt_bxn),
+    np.asarray(sv_b),
+    np.asarray(bias_grad),
+    np.asarray(weight),
+    np.asarray(bias),
+    float(setup.noise_std),
+    NEAR_ZERO,
+  )
+  logging.info(
+    "noisy: pattern mismatch of the selection %d -> %d (%d eligible, %.1f s)",
+    before,
+    after,
+    eligible.size,
+    time.perf_counter() - start,
+  )
+  return eligible[local]
+
+
 def _check(weight_grad, bias_grad, weight, bias, method):
   """Validates the inputs; returns them as arrays of one dtype."""
   if method not in _METHODS:
@@ -813,20 +847,8 @@ def invert_noisy_with_report(
   search = _search(key, setup, config, method, sv_b, start)
   chosen = _select(search.pool, setup)
   if weight is not None and chosen.shape[0] == b:
-    chosen, before, after = swap_by_pattern(
-      chosen,
-      search.pool.directions,
-      setup.m_np,
-      np.asarray(vt[:b]),
-      np.asarray(sv_b),
-      np.asarray(bias_grad),
-      np.asarray(weight),
-      np.asarray(bias),
-      float(setup.noise_std),
-      NEAR_ZERO,
-    )
-    logging.info(
-      "noisy: pattern mismatch of the selection %d -> %d", before, after
+    chosen = _swap(
+      chosen, search.pool, setup, vt[:b], sv_b, bias_grad, weight, bias
     )
   stop = "noisy" if chosen.shape[0] == b else "no_directions"
   if search.interrupted:

@@ -39,7 +39,7 @@ _CHUNK_ENTRIES = 4_000_000
 class _Model(NamedTuple):
   """What every candidate set shares (host arrays)."""
 
-  near_mxk: np.ndarray  # near-zero rows of each pooled direction
+  near_kxm: np.ndarray  # near-zero rows of each pooled direction
   a_mxb: np.ndarray  # W V_b
   gamma_b: np.ndarray  # M^+ g
   bias_m: np.ndarray
@@ -79,10 +79,10 @@ def _evaluate_chunk(model, sets_txb, directions_kxb, pos):
     # Residual of the column off the others' span: 1 / |row of (M Y)^+|.
     residual = 1.0 / np.linalg.norm(p_txbxb[:, pos] * model.inv_sv_b, axis=1)
     valid &= residual >= model.cutoff
-  z_txmxb = np.einsum("mc,tbc->tmb", model.a_mxb, p_txbxb)
-  z_txmxb = z_txmxb / alpha_txb[:, None, :] + model.bias_m[None, :, None]
-  near_txmxb = np.swapaxes(model.near_mxk[:, sets_txb[ok]], 0, 1)
-  mismatch = np.sum(near_txmxb != (z_txmxb <= 0), axis=1)
+  z_txbxm = p_txbxb @ model.a_mxb.T  # batched BLAS, not an einsum loop
+  z_txbxm = z_txbxm / alpha_txb[:, :, None] + model.bias_m[None, None, :]
+  near_txbxm = model.near_kxm[sets_txb[ok]]
+  mismatch = np.sum(near_txbxm != (z_txbxm <= 0), axis=2)
   rows = np.flatnonzero(ok)
   out[rows[valid]] = mismatch[valid]
   return out
@@ -140,7 +140,7 @@ def swap_by_pattern(
   """
   units = directions_kxb / np.linalg.norm(directions_kxb, axis=1)[:, None]
   model = _Model(
-    near_mxk=np.abs(m_mxb @ units.T) < near_zero * noise_std,
+    near_kxm=np.abs(units @ m_mxb.T) < near_zero * noise_std,
     a_mxb=weight_mxn @ vt_bxn.T,
     gamma_b=(m_mxb.T @ bias_grad_m) / sv_b**2,
     bias_m=bias_m,

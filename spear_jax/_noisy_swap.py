@@ -47,44 +47,61 @@ class _Model(NamedTuple):
   cutoff: float  # independence beyond the noise, as in _select
 
 
-def _evaluate(model, sets_txb, directions_kxb, pos=None):
-  """Per set: the per-column mismatch (``t x b``; ``-1`` rows: invalid).
+def _evaluate(model, y_bxb, near_bxm):
+  """Per-column mismatch of one set (``None`` when it is singular or a
+  scale vanishes): ``Z = A Y^{-T} diag(1/alpha) + beta``."""
+  try:
+    p_bxb = np.linalg.inv(y_bxb)
+  except np.linalg.LinAlgError:
+    return None
+  alpha_b = p_bxb @ model.gamma_b
+  if np.any(np.abs(alpha_b) <= 1e-9 * np.abs(alpha_b).max()):
+    return None
+  z_bxm = (p_bxb @ model.a_mxb.T) / alpha_b[:, None] + model.bias_m[None]
+  return np.sum(near_bxm != (z_bxm <= 0), axis=1)
 
-  With ``pos`` the column there must be independent of the others beyond
-  the noise. In chunks of about ``_CHUNK_ENTRIES`` pre-activations.
+
+def _swap_scores(model, chosen_b, pos, cands_t, units_kxb):
+  """Per-column mismatch (``t x b``; ``-1`` rows: invalid) of the sets
+  with ``cands_t`` at ``pos``, by rank-one updates of ``P = Y^{-1}``.
+
+  With ``u = y_c - y_pos`` and ``w = P u``: ``P' = P - w P_pos / (1 +
+  w_pos)``, so the pre-activations and scales move along one direction
+  each, and ``P'_pos = P_pos / (1 + w_pos)`` gives the new column's
+  residual off the others' span, ``|1 + w_pos| / |P_pos S^{-1}|``, which
+  must exceed the noise cutoff. In chunks of ``_CHUNK_ENTRIES``.
   """
-  m, b = model.a_mxb.shape
-  step = max(1, _CHUNK_ENTRIES // (m * b))
-  return np.concatenate(
-    [
-      _evaluate_chunk(model, sets_txb[i : i + step], directions_kxb, pos)
-      for i in range(0, sets_txb.shape[0], step)
-    ]
-  )
-
-
-def _evaluate_chunk(model, sets_txb, directions_kxb, pos):
-  y_txbxb = np.swapaxes(directions_kxb[sets_txb], 1, 2)
-  t, b = sets_txb.shape
+  y_bxb = units_kxb[chosen_b].T
+  t, b = cands_t.shape[0], y_bxb.shape[0]
   out = np.full((t, b), -1, np.int64)
-  sv_t = np.linalg.svd(y_txbxb, compute_uv=False)
-  ok = sv_t[:, -1] > 1e-12 * sv_t[:, 0]
-  if not ok.any():
+  try:
+    p_bxb = np.linalg.inv(y_bxb)
+  except np.linalg.LinAlgError:
     return out
-  p_txbxb = np.linalg.inv(y_txbxb[ok])
-  alpha_txb = p_txbxb @ model.gamma_b
-  scale = np.abs(alpha_txb).max(axis=1, keepdims=True)
-  valid = np.all(np.abs(alpha_txb) > 1e-9 * scale, axis=1)
-  if pos is not None:
-    # Residual of the column off the others' span: 1 / |row of (M Y)^+|.
-    residual = 1.0 / np.linalg.norm(p_txbxb[:, pos] * model.inv_sv_b, axis=1)
-    valid &= residual >= model.cutoff
-  z_txbxm = p_txbxb @ model.a_mxb.T  # batched BLAS, not an einsum loop
-  z_txbxm = z_txbxm / alpha_txb[:, :, None] + model.bias_m[None, None, :]
-  near_txbxm = model.near_kxm[sets_txb[ok]]
-  mismatch = np.sum(near_txbxm != (z_txbxm <= 0), axis=2)
-  rows = np.flatnonzero(ok)
-  out[rows[valid]] = mismatch[valid]
+  zp_bxm = p_bxb @ model.a_mxb.T
+  alpha_b = p_bxb @ model.gamma_b
+  row_b = p_bxb[pos]
+  w_txb = (units_kxb[cands_t] - y_bxb[:, pos][None]) @ p_bxb.T
+  denom_t = 1.0 + w_txb[:, pos]
+  residual_t = np.abs(denom_t) / np.linalg.norm(row_b * model.inv_sv_b)
+  near_bxm = model.near_kxm[chosen_b]
+  step = max(1, _CHUNK_ENTRIES // zp_bxm.size)
+  for i in range(0, t, step):
+    sl = slice(i, i + step)
+    f_txb = w_txb[sl] / np.where(denom_t[sl] == 0, np.inf, denom_t[sl])[:, None]
+    alpha_txb = alpha_b[None] - f_txb * (row_b @ model.gamma_b)
+    z_txbxm = zp_bxm[None] - f_txb[:, :, None] * zp_bxm[pos][None, None]
+    z_txbxm = z_txbxm / alpha_txb[:, :, None] + model.bias_m[None, None]
+    near_txbxm = np.repeat(near_bxm[None], f_txb.shape[0], axis=0)
+    near_txbxm[:, pos] = model.near_kxm[cands_t[sl]]
+    mismatch = np.sum(near_txbxm != (z_txbxm <= 0), axis=2)
+    scale = np.abs(alpha_txb).max(axis=1, keepdims=True)
+    valid = (
+      (residual_t[sl] >= model.cutoff)
+      & (denom_t[sl] != 0)
+      & np.all(np.abs(alpha_txb) > 1e-9 * scale, axis=1)
+    )
+    out[sl][valid] = mismatch[valid]
   return out
 
 
@@ -98,13 +115,13 @@ def _best_swap(model, chosen_b, current_b, units_kxb):
   for pos in np.argsort(-current_b, kind="stable")[:_POSITIONS]:
     if current_b[pos] == 0:
       continue
-    sets = np.repeat(chosen_b[None], others.size, axis=0)
-    sets[:, pos] = others
-    scores = _evaluate(model, sets, units_kxb, pos)
+    scores = _swap_scores(model, chosen_b, pos, others, units_kxb)
     sums = np.where(scores.min(axis=1) >= 0, scores.sum(axis=1), np.inf)
     i = int(np.argmin(sums))
     if np.isfinite(sums[i]) and (best is None or sums[i] < best[0]):
-      best = (int(sums[i]), sets[i], scores[i])
+      chosen = chosen_b.copy()
+      chosen[pos] = others[i]
+      best = (int(sums[i]), chosen, scores[i])
   return best
 
 
@@ -148,10 +165,10 @@ def swap_by_pattern(
     cutoff=4.0 * noise_std * np.sqrt(m_mxb.shape[0]),
   )
   chosen = np.asarray(chosen_b, np.int64).copy()
-  current = _evaluate(model, chosen[None], units)[0]
-  before = int(current.sum()) if current.min() >= 0 else -1
-  if before < 0:
-    return chosen, before, before
+  current = _evaluate(model, units[chosen].T, model.near_kxm[chosen])
+  if current is None:
+    return chosen, -1, -1
+  before = int(current.sum())
   total = before
   for _ in range(_MAX_SWEEPS):
     swap = _best_swap(model, chosen, current, units)

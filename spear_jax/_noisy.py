@@ -519,9 +519,43 @@ class _Fit(NamedTuple):
   gap: np.ndarray
 
 
+def _keep_independent(refined, y_kxb, m_mxb, s):
+  """Undoes refits that made a column dependent on the others.
+
+  Two refits can settle on one column (twins' zero sets nearly agree);
+  the coupled solve then has no inverse (NaN inputs, a low-contrast b =
+  16 gradient at sigma = 1e-4). A refined column whose residual off the
+  others' span is under the selection's cutoff ``4 s sqrt(m)`` gets its
+  input direction back when that one lies farther from the span, with
+  ``chi2 = NaN`` and ``gap = 0`` (reported as not consistent).
+  """
+  m_np = np.asarray(m_mxb)
+  y_np = np.array(refined.direction)
+  chi2, gap = np.array(refined.chi2), np.array(refined.gap)
+  cutoff = 4.0 * float(s) * np.sqrt(m_np.shape[0])
+
+  def residual(i, y_b):
+    others = m_np @ np.delete(y_np, i, axis=0).T
+    col = m_np @ y_b
+    return np.linalg.norm(col - others @ np.linalg.lstsq(others, col)[0])
+
+  for i in range(y_np.shape[0]):
+    before = np.asarray(y_kxb[i]) / np.linalg.norm(np.asarray(y_kxb[i]))
+    now = residual(i, y_np[i])
+    if now < cutoff and residual(i, before) > now:
+      y_np[i] = before
+      chi2[i], gap[i] = np.nan, 0.0
+  return refined._replace(
+    direction=jnp.asarray(y_np),
+    chi2=jnp.asarray(chi2),
+    gap=jnp.asarray(gap),
+  )
+
+
 def _fit(y_kxb, m_mxb, s, grad, bias_grad, allowed_bxm, zero_of):
   """Refits the ``b`` directions on their (allowed) zero sets and solves."""
   refined = _refine_many(y_kxb, m_mxb, s, allowed_bxm, iterations=3)
+  refined = _keep_independent(refined, y_kxb, m_mxb, s)
   y_kxb = refined.direction
   zero_mxb = zero_of(jnp.dot(m_mxb, y_kxb.T, precision=_HI)) & allowed_bxm.T
   inputs, grad_z = _scale_and_solve(y_kxb.T, zero_mxb, m_mxb, grad, bias_grad)
@@ -545,6 +579,8 @@ def _finish(y_kxb, m_mxb, s, grad, bias_grad, weight, bias, steps=3):
         jnp.asarray(fit.directions), m_mxb, s, grad, bias_grad, allowed, zero_of
       )
   inputs, grad_z = _alternate(fit.grad_z, ~zero_mxb, grad, bias_grad, steps=10)
+  if not np.isfinite(np.asarray(inputs)).all():
+    return fit  # a singular masked row solve: keep the refit's answer
   return fit._replace(inputs=inputs, grad_z=grad_z)
 
 

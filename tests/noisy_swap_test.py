@@ -9,6 +9,7 @@ twin, the ReLU pattern does not.
 from absl.testing import absltest
 import numpy as np
 
+from spear_jax import _noisy
 from spear_jax import _noisy_swap
 from spear_jax._noisy import NEAR_ZERO
 
@@ -117,6 +118,32 @@ class SwapByPatternTest(absltest.TestCase):
     chosen, before, after = _swap(p, np.arange(b), pool)
     np.testing.assert_array_equal(chosen, np.arange(b))
     self.assertEqual(before, after)
+
+
+class KeepIndependentTest(absltest.TestCase):
+  def test_a_refit_onto_another_column_is_undone(self):
+    # A refit that lands column 3 on column 2 would make the coupled solve
+    # singular (NaN inputs); column 3 keeps its input direction instead.
+    p = _twin_problem(3)
+    truth = p["truth_kxb"]
+    refined = _noisy.Refined(
+      direction=truth.copy(),
+      near_zeros=np.full(truth.shape[0], 100),
+      chi2=np.ones(truth.shape[0]),
+      gap=np.full(truth.shape[0], 1e3),
+    )
+    collapsed = refined._replace(
+      direction=np.r_[truth[:3], truth[2:3], truth[4:]]
+    )
+    kept = _noisy._keep_independent(
+      collapsed, truth, p["m_mxb"], p["noise_std"]
+    )
+    np.testing.assert_allclose(np.asarray(kept.direction), truth, atol=1e-12)
+    self.assertTrue(np.isnan(np.asarray(kept.chi2)[2:4]).any())
+    untouched = _noisy._keep_independent(
+      refined, truth, p["m_mxb"], p["noise_std"]
+    )
+    np.testing.assert_array_equal(np.asarray(untouched.chi2), refined.chi2)
 
 
 if __name__ == "__main__":

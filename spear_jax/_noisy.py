@@ -39,6 +39,7 @@ from spear_jax._config import AttackConfig
 from spear_jax._dictionary import learn_directions
 from spear_jax._linalg import null_vector
 from spear_jax._linalg import rows_gram_eigh
+from spear_jax._noisy_swap import independence_cutoff
 from spear_jax._noisy_swap import swap_by_pattern
 from spear_jax._problem import structure_floor
 from spear_jax._sampling import sample_rows
@@ -430,7 +431,7 @@ def _select(pool, setup):
     return np.zeros((0,), int)
   tau = _threshold(pool, setup)
   m = setup.m_np.shape[0]
-  cutoff = 4.0 * float(setup.noise_std) * np.sqrt(m)
+  cutoff = independence_cutoff(float(setup.noise_std), m)
   basis, chosen = np.zeros((m, 0)), []
   for i in np.argsort(-pool.near_zeros, kind="stable"):
     if pool.near_zeros[i] < tau or len(chosen) == b:
@@ -532,7 +533,7 @@ def _keep_independent(refined, y_kxb, m_mxb, s):
   m_np = np.asarray(m_mxb)
   y_np = np.array(refined.direction)
   chi2, gap = np.array(refined.chi2), np.array(refined.gap)
-  cutoff = 4.0 * float(s) * np.sqrt(m_np.shape[0])
+  cutoff = independence_cutoff(float(s), m_np.shape[0])
 
   def residual(i, y_b):
     others = m_np @ np.delete(y_np, i, axis=0).T

@@ -41,6 +41,13 @@ _TIME_LIMIT_S = 60.0
 _CHUNK_ENTRIES = 4_000_000
 
 
+def independence_cutoff(noise_std: float, m: int) -> float:
+  """Residual a column needs off the others' span to count as independent
+  beyond the noise: a mixture's residual is the noise alone, about
+  ``s sqrt(m)``."""
+  return 4.0 * noise_std * np.sqrt(m)
+
+
 class _Model(NamedTuple):
   """What every candidate set shares (host arrays)."""
 
@@ -167,7 +174,7 @@ def swap_by_pattern(
     gamma_b=(m_mxb.T @ bias_grad_m) / sv_b**2,
     bias_m=bias_m,
     inv_sv_b=1.0 / sv_b,
-    cutoff=4.0 * noise_std * np.sqrt(m_mxb.shape[0]),
+    cutoff=independence_cutoff(noise_std, m_mxb.shape[0]),
   )
   chosen = np.asarray(chosen_b, np.int64).copy()
   current = _evaluate(model, units[chosen].T, model.near_kxm[chosen])

@@ -1,5 +1,8 @@
 """End-to-end tests of ``spear_jax.invert`` against independent ground truth."""
 
+import contextlib
+import logging
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -37,6 +40,26 @@ def _certified(p, key, config=None, method="spear"):
     config=config,
     method=method,
   )
+
+
+@contextlib.contextmanager
+def _compiles():
+  """Collects ``(function, argument shapes)`` of every XLA compilation."""
+  compiled = []
+
+  class _Handler(logging.Handler):
+    def emit(self, record):
+      if record.msg.startswith("Compiling %s with global shapes"):
+        compiled.append(tuple(str(a) for a in record.args[:2]))
+
+  logger = logging.getLogger("jax._src.interpreters.pxla")
+  handler = _Handler(level=logging.WARNING)
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      yield compiled
+  finally:
+    logger.removeHandler(handler)
 
 
 class ExactRecoveryTest(parameterized.TestCase):
@@ -135,24 +158,23 @@ class ExactRecoveryTest(parameterized.TestCase):
     shapes = (70, 30, 5)
     for method in ("spear", "spearpp"):
       p = helpers.relu_layer_problem(30, *shapes)
-      result = _certified(p, 0, _SMALL, method=method)
-      self.assertTrue(result.success)
-      # A new gradient of the same shapes traces (and compiles) nothing.
-      traced = []
-
-      def listener(event, duration, traced=traced, **kwargs):
-        del duration, kwargs
-        if event == "/jax/core/compile/jaxpr_trace_duration":
-          traced.append(event)
-
-      jax.monitoring.register_event_duration_secs_listener(listener)
-      try:
-        q = helpers.relu_layer_problem(31, *shapes)
-        result = _certified(q, 1, _SMALL, method=method)
-      finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-      self.assertTrue(result.success)
-      self.assertEqual(traced, [], msg=method)
+      with _compiles() as first:
+        self.assertTrue(_certified(p, 0, _SMALL, method=method).success)
+      # The same gradient times two: new values that take the very same
+      # branches (exact in floating point), so nothing may compile.
+      doubled = dict(p, weight_grad=2 * p["weight_grad"])
+      doubled["bias_grad"] = 2 * p["bias_grad"]
+      with _compiles() as again:
+        self.assertTrue(_certified(doubled, 0, _SMALL, method=method).success)
+      self.assertEqual(again, [], msg=method)
+      # A new gradient may take a data-dependent branch the first never
+      # needed (a twin split, say), but never compiles a function again for
+      # shapes it was compiled for.
+      q = helpers.relu_layer_problem(31, *shapes)
+      with _compiles() as new:
+        self.assertTrue(_certified(q, 1, _SMALL, method=method).success)
+      self.assertEqual(set(new) & set(first), set(), msg=method)
+      self.assertEqual(len(new), len(set(new)), msg=method)
 
 
 class ResumeTest(parameterized.TestCase):

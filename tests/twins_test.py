@@ -36,6 +36,36 @@ def _identifiable(d_mxb, x_nxb):
   )
 
 
+def _well_pinned_crossed_twins(rng, own=(1, 2)):
+  """A ``crossed_twin_problem`` whose own zeros pin each twin with margin.
+
+  A twin is pinned by its own zeros only through the *other* twin's value
+  there; when that is tiny, the row nearly annihilates the pair's plane.
+  The attack then treats it as absent (leverage within ``eps^(1/3)`` of
+  one) and reports the pair not identifiable, and inverting it amplifies
+  round-off. Measured over 623 draws (seeds 1000-1313 and 2000-2308): the
+  three with a ratio (the other twin's smallest value on the own zeros
+  over its norm) under 1.5e-4 were not certified, all others were. These
+  tests are about well-posed pairs, so they redraw below 1e-3 (14 of 623).
+  """
+  while True:
+    p = helpers.crossed_twin_problem(
+      int(rng.integers(1 << 30)), m=200, n=40, b=8, own=own
+    )
+    d_mxb = p["grad_z"]
+    zero_mxb = d_mxb == 0
+    ratios = [
+      np.min(
+        np.abs(d_mxb[zero_mxb[:, a] & ~zero_mxb[:, o], o])
+        / np.linalg.norm(d_mxb[:, o]),
+        initial=1.0,
+      )
+      for a, o in ((0, 1), (1, 0))
+    ]
+    if min(ratios) >= 1e-3:
+      return p
+
+
 class IdentifiableInputsTest(absltest.TestCase):
   def test_nested_twin_slides_and_nothing_else(self):
     # Independent check of the claim: with u = e_j (j the twin with the
@@ -293,10 +323,9 @@ class CrossedTwinsTest(absltest.TestCase):
     # samples, twin 1 flagged not identifiable and never verified. Stop
     # 27's code stalled on 42 of 100 such problems (588 of 700 flags) and
     # verified 10 wrong samples.
-    rng = np.random.default_rng()
-    p = helpers.crossed_twin_problem(
-      int(rng.integers(1 << 30)), m=200, n=40, b=8, own=(0, 2)
-    )
+    seed = int(np.random.default_rng().integers(1 << 30))
+    rng = np.random.default_rng(seed)  # a failure names its seed
+    p = _well_pinned_crossed_twins(rng, own=(0, 2))
     result = inversions.invert_layer(
       p, rng, "spearpp", config=spear_jax.AttackConfig(time_budget_s=60.0)
     )
@@ -306,8 +335,8 @@ class CrossedTwinsTest(absltest.TestCase):
       recovered[:, None] - truth[None], axis=2
     ) / np.linalg.norm(truth, axis=1)
     verified = np.asarray(result.verified)
-    self.assertEqual(result.stats.stop_reason, "not_identifiable")
-    self.assertEqual(int(verified.sum()), 7)
+    self.assertEqual(result.stats.stop_reason, "not_identifiable", seed)
+    self.assertEqual(int(verified.sum()), 7, seed)
     np.testing.assert_array_less(error[verified].min(axis=1), 1e-9)
     slider = np.flatnonzero(~verified)[0]
     self.assertFalse(np.asarray(result.identifiable)[slider])
@@ -315,10 +344,9 @@ class CrossedTwinsTest(absltest.TestCase):
     self.assertNotIn(1, set(error[verified].argmin(axis=1).tolist()))
 
   def test_spearpp_recovers_and_certifies_the_pair(self):
-    rng = np.random.default_rng()
-    p = helpers.crossed_twin_problem(
-      int(rng.integers(1 << 30)), m=200, n=40, b=8
-    )
+    seed = int(np.random.default_rng().integers(1 << 30))
+    rng = np.random.default_rng(seed)  # a failure names its seed
+    p = _well_pinned_crossed_twins(rng)
     result = inversions.invert_layer(
       p, rng, "spearpp", config=spear_jax.AttackConfig(time_budget_s=60.0)
     )
@@ -328,6 +356,6 @@ class CrossedTwinsTest(absltest.TestCase):
     error = np.linalg.norm(recovered - truth[order], axis=1) / np.linalg.norm(
       truth[order], axis=1
     )
-    self.assertEqual(result.stats.stop_reason, "certified")
-    self.assertEqual(sorted(order), list(range(8)))
-    self.assertLess(error.max(), 1e-9)  # float64, relative
+    self.assertEqual(result.stats.stop_reason, "certified", seed)
+    self.assertEqual(sorted(order), list(range(8)), seed)
+    self.assertLess(error.max(), 1e-9, seed)  # float64, relative

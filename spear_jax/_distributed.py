@@ -165,6 +165,9 @@ def _wrap_keys(fn: Callable[..., Any], is_key: tuple[bool, ...], impl: Any):
     )
     return fn(rows, shared)
 
+  # Compile logs and profiles name the jitted function after this wrapper.
+  inner = getattr(fn, "func", fn)  # a functools.partial names its function
+  wrapped.__name__ = wrapped.__qualname__ = getattr(inner, "__name__", "fn")
   return wrapped
 
 

@@ -87,16 +87,21 @@ class HiddenSpanRowsTest(absltest.TestCase):
     self.assertFalse(fit.exact(problem.tol).any(), seed)
 
   def test_twins_with_one_pattern_are_not_fixed(self):
-    seed = int(np.random.default_rng().integers(1 << 31))
-    rng = np.random.default_rng(seed)
-    inputs = rng.standard_normal((10, 40))
-    inputs[1] = inputs[0] + 1e-7 * rng.standard_normal(40)
-    net = helpers.mlp_problem(
-      seed, (40, 200, 60, 4), rng.integers(0, 4, 10), inputs=inputs
-    )
+    # Twins 1e-7 apart are sometimes numerically dependent in the gradient
+    # (rank 9: seeds 28 and 425192417 of 41 tried); the span then sees one
+    # sample, which is another test's case. Redraw until the rank is 10.
+    problem = None
+    while problem is None or problem.b != 10:
+      seed = int(np.random.default_rng().integers(1 << 31))
+      rng = np.random.default_rng(seed)
+      inputs = rng.standard_normal((10, 40))
+      inputs[1] = inputs[0] + 1e-7 * rng.standard_normal(40)
+      net = helpers.mlp_problem(
+        seed, (40, 200, 60, 4), rng.integers(0, 4, 10), inputs=inputs
+      )
+      problem = _first_layer(net)
     pattern = net["grad_z_0"] != 0
     self.assertTrue(np.all(pattern[:, 0] == pattern[:, 1]), seed)
-    problem = _first_layer(net)
     q_bxb = helpers.true_columns(problem.l_mxb, net["grad_z_0"])
     fit = attack.hidden_span_rows(problem, q_bxb.T)
     # Any input between the twins fits their shared pattern: the fit is
